@@ -1,0 +1,25 @@
+"""mmkernels: the device layer of the multimodal embedding assembler.
+
+Tensors and segments only: one fused Triton gather/scatter launch per batch, its
+pure-torch twins (the reference semantics), and the backend choice.
+"""
+
+from mmkernels.backend import BackendUnavailableError, kernels_interpreted, resolve_backend
+from mmkernels.ops import embed_and_gather, gather_rows, launch_config
+from mmkernels.reference import embed_and_gather_ref, gather_rows_ref
+from mmkernels.segments import prepare_segments
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "embed_and_gather",
+    "embed_and_gather_ref",
+    "gather_rows",
+    "gather_rows_ref",
+    "kernels_interpreted",
+    "launch_config",
+    "prepare_segments",
+    "resolve_backend",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""Triton JIT kernels only: no torch logic, no validation (see ``mmkernels.ops``)."""

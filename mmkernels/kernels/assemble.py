@@ -1,0 +1,172 @@
+"""The fused gather/scatter kernel that assembles an input-embedding buffer.
+
+One launch covers a whole batch. The output is cut into *segments* of consecutive
+rows that share one source: a multimodal source read in place through its base address
+(no staging ``torch.cat``), or, in fused mode, the token-embedding table for a run of
+text rows. Segments are cut into tiles of at most ``BLOCK_R`` rows; a program owns one
+tile and one ``BLOCK_H`` column block, finds its segment by a scalar binary search over
+the tiles' prefix sums, and so reads all its metadata as scalars.
+
+Metadata table: int64, shape ``[NUM_FIELDS, num_segments]``, one column per segment,
+sorted by ``TILE_START``; the field rows are named by the constants below.
+"""
+
+import triton
+import triton.language as tl
+
+# Field rows of the metadata table (the launcher in mmkernels/ops.py fills them); constexpr
+# globals so the kernels can read them.
+TILE_START = tl.constexpr(0)  # first tile of the segment (exclusive prefix sum of tiles)
+OUT_ROW = tl.constexpr(1)  # first output row of the segment
+ROWS = tl.constexpr(2)  # rows in the segment
+SRC_OFF = tl.constexpr(3)  # first source row, in elements from the anchor of its dtype
+SRC_STRIDE = tl.constexpr(4)  # source row stride, in elements
+SRC_KIND = tl.constexpr(5)  # KIND_F32 / KIND_F16 / KIND_BF16 source, or KIND_TEXT
+SRC_COLS = tl.constexpr(6)  # source columns (hidden, or hidden + deepstack columns)
+NUM_FIELDS = tl.constexpr(7)
+
+KIND_F32 = tl.constexpr(0)
+KIND_F16 = tl.constexpr(1)
+KIND_BF16 = tl.constexpr(2)
+KIND_TEXT = tl.constexpr(3)  # fused mode: rows come from weight[clamp(input_ids)]
+
+
+@triton.jit
+def _f32_to_bf16_rne(x):
+    """fp32 -> bf16, round to nearest even, NaN -> 0x7FC0, in integer ops.
+
+    Used only under the Triton interpreter, whose own fp32 -> bf16 cast truncates.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    half = tl.where(x != x, 0x7FC0, rounded & 0xFFFF)
+    return half.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _convert(x, OUT_DTYPE: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr):
+    """Convert a loaded block to the output dtype (a no-op when it already is)."""
+    if x.dtype == OUT_DTYPE:
+        y = x
+    elif OUT_DTYPE == tl.bfloat16 and EMULATE_BF16_RNE:
+        y = _f32_to_bf16_rne(x.to(tl.float32))
+    else:
+        y = x.to(OUT_DTYPE)
+    return y
+
+
+@triton.jit
+def _copy_tile(dst, dst_rows_ok, anchor_ptr, src_off, src_stride, src_col, src_has_cols, r,
+               col_ok, VEC: tl.constexpr, ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr,
+               EMULATE_BF16_RNE: tl.constexpr):
+    """Copy a tile of rows from a source (converted on load) to ``dst``.
+
+    The source is addressed as ``anchor_ptr + src_off``: a typed pointer argument keeps
+    the alignment the compiler needs for 16-byte loads, which a raw address cast to a
+    pointer loses. ``VEC`` elements make 16 bytes; with ``ALIGNED`` the offset and stride
+    arrive divided by ``VEC``, so the multiplication proves their alignment to the compiler
+    (a ``tl.multiple_of`` hint on a loaded scalar is not enough).
+    """
+    if ALIGNED:  # the table holds offset and stride in units of VEC elements
+        ptr = anchor_ptr + src_off * VEC + r * (src_stride * VEC) + src_col
+    else:
+        ptr = anchor_ptr + src_off + r * src_stride + src_col
+    # src_has_cols is a scalar: a per-column bound would stop 16-byte vector loads
+    vals = tl.load(ptr, mask=dst_rows_ok & col_ok & src_has_cols, other=0.0)
+    tl.store(dst, _convert(vals, OUT_DTYPE, EMULATE_BF16_RNE), mask=dst_rows_ok & col_ok)
+
+
+@triton.jit
+def _assemble_kernel(
+    out_ptr, out_row_stride,  # main output [num_out_rows, HIDDEN]
+    ds_ptr, ds_row_stride,  # deepstack output [num_out_rows, DS_COLS]; out_ptr when DS_COLS == 0
+    ids_ptr, weight_ptr, weight_row_stride, vocab_size,  # text segments (fused mode) only
+    f32_ptr, f16_ptr, bf16_ptr,  # anchors: sources are read at anchor + SRC_OFF of their dtype
+    meta_ptr, num_segments,  # metadata table [NUM_FIELDS, num_segments], sorted
+    HIDDEN: tl.constexpr,
+    DS_COLS: tl.constexpr,  # 0 when there is no deepstack buffer
+    MAIN_COL_BLOCKS: tl.constexpr,  # cdiv(HIDDEN, BLOCK_H); later column blocks are deepstack
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,  # >= ceil(log2(num_segments + 1)); extra steps are no-ops
+    HAS_TEXT: tl.constexpr,  # constexpr so absent segment kinds are optimized out
+    HAS_F32: tl.constexpr,
+    HAS_F16: tl.constexpr,
+    HAS_BF16: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every source row and column offset the kernel reads is 16-byte aligned
+    EMULATE_BF16_RNE: tl.constexpr,  # interpreter only: its fp32 -> bf16 cast truncates
+):
+    """Copy one tile of one segment into the output (and the deepstack buffer).
+
+    For a segment ``(out_row o, rows n)`` and ``0 <= i < n``::
+
+        out[o + i] = src[src_row + i, :HIDDEN]                   (multimodal segment)
+        out[o + i] = weight[clamp(ids[o + i], 0, vocab - 1)]     (text segment)
+        ds[o + i]  = src[src_row + i, HIDDEN:]   (zeros for text, or a source without them)
+
+    Rows outside every segment are not touched (scatter mode).
+    """
+    OUT_DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    tile = tl.program_id(0)
+    pid_c = tl.program_id(1)
+
+    # Scalar binary search: seg = the last segment whose first tile is <= tile.
+    lo = num_segments * 0
+    hi = num_segments
+    for _ in tl.static_range(SEARCH_STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        start = tl.load(meta_ptr + TILE_START * num_segments + mid, mask=active, other=0)
+        go_right = active & (start <= tile)
+        hi = tl.where(active & (start > tile), mid, hi)
+        lo = tl.where(go_right, mid + 1, lo)
+    # convert it to int64 to avoid overflow: rows * stride exceeds 2**31 on large batches
+    seg = (lo - 1).to(tl.int64)
+
+    first = (tile - tl.load(meta_ptr + TILE_START * num_segments + seg)) * BLOCK_R
+    n = tl.load(meta_ptr + ROWS * num_segments + seg) - first
+    out_row = tl.load(meta_ptr + OUT_ROW * num_segments + seg) + first
+    kind = tl.load(meta_ptr + SRC_KIND * num_segments + seg)
+    src_stride = tl.load(meta_ptr + SRC_STRIDE * num_segments + seg)
+    src_off = tl.load(meta_ptr + SRC_OFF * num_segments + seg)
+    src_cols = tl.load(meta_ptr + SRC_COLS * num_segments + seg)
+
+    r = tl.arange(0, BLOCK_R).to(tl.int64)[:, None]
+    rows_ok = r < n
+    src_r = first + r
+    if DS_COLS == 0:
+        cols = (pid_c * BLOCK_H + tl.arange(0, BLOCK_H))[None, :]
+        col_ok = cols < HIDDEN
+        src_col = cols
+        dst = out_ptr + (out_row + r) * out_row_stride + cols
+        text_col_ok = col_ok
+        src_has_cols = True
+    else:
+        is_ds = pid_c >= MAIN_COL_BLOCKS
+        cols = (tl.where(is_ds, pid_c - MAIN_COL_BLOCKS, pid_c) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :]
+        col_ok = cols < tl.where(is_ds, DS_COLS, HIDDEN)
+        src_col = cols + tl.where(is_ds, HIDDEN, 0)
+        dst = tl.where(is_ds, ds_ptr + (out_row + r) * ds_row_stride + cols,
+                       out_ptr + (out_row + r) * out_row_stride + cols)
+        text_col_ok = col_ok & (pid_c < MAIN_COL_BLOCKS)  # deepstack columns of text rows are zero
+        src_has_cols = (pid_c < MAIN_COL_BLOCKS) | (src_cols > HIDDEN)  # else zeros
+
+    if HAS_TEXT:
+        if kind == KIND_TEXT:
+            tok = tl.load(ids_ptr + out_row + r, mask=rows_ok, other=0).to(tl.int64)
+            tok = tl.minimum(tl.maximum(tok, 0), vocab_size - 1)
+            w = tl.load(weight_ptr + tok * weight_row_stride + cols, mask=rows_ok & text_col_ok,
+                        other=0.0)
+            tl.store(dst, _convert(w, OUT_DTYPE, EMULATE_BF16_RNE), mask=rows_ok & col_ok)
+    if HAS_F32:
+        if kind == KIND_F32:
+            _copy_tile(dst, rows_ok, f32_ptr, src_off, src_stride, src_col, src_has_cols, src_r,
+                       col_ok, 4, ALIGNED, OUT_DTYPE, EMULATE_BF16_RNE)
+    if HAS_F16:
+        if kind == KIND_F16:
+            _copy_tile(dst, rows_ok, f16_ptr, src_off, src_stride, src_col, src_has_cols, src_r,
+                       col_ok, 8, ALIGNED, OUT_DTYPE, EMULATE_BF16_RNE)
+    if HAS_BF16:
+        if kind == KIND_BF16:
+            _copy_tile(dst, rows_ok, bf16_ptr, src_off, src_stride, src_col, src_has_cols, src_r,
+                       col_ok, 8, ALIGNED, OUT_DTYPE, EMULATE_BF16_RNE)
