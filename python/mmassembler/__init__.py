@@ -1,0 +1,25 @@
+"""mmassembler: the host layer of the multimodal embedding assembler.
+
+Requests and items in, the batch's input embeddings out: plan, encode (once per
+modality, split by what the encoder returned), check every count, one kernel launch.
+"""
+
+from mmkernels import BackendUnavailableError, resolve_backend
+from mmassembler.api import assemble
+from mmassembler.batch import Item, ItemLayout, Request
+from mmassembler.cache import CacheStats, EmbeddingCache
+from mmassembler.encode import Encoder
+from mmassembler.errors import (AssemblyError, BatchShapeError, ChunkWindowError, EmbedMaskError,
+                                EmbeddingFormatError, EncoderOutputError, MissingEncoderError,
+                                RowCountError, SpanError)
+from mmassembler.oracle import assemble_oracle
+from mmassembler.planner import Plan, plan_batch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AssemblyError", "BackendUnavailableError", "BatchShapeError", "CacheStats", "ChunkWindowError",
+    "EmbedMaskError", "EmbeddingCache", "EmbeddingFormatError", "Encoder", "EncoderOutputError",
+    "Item", "ItemLayout", "MissingEncoderError", "Plan", "Request", "RowCountError", "SpanError",
+    "assemble", "assemble_oracle", "plan_batch", "resolve_backend", "__version__",
+]

@@ -1,0 +1,223 @@
+"""Encoder batching: one call per modality for the whole batch, split by what it returned.
+
+The items of a batch that overlap their chunk and have neither a precomputed embedding
+nor a cache entry are deduped by key and passed to their modality's encoder together
+(optionally in budgeted micro-batches). The output is split by the rows the encoder
+actually returned -- never by placeholder counts -- and every count is checked against
+the rows the item's placeholders take before anything is cached or written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mmassembler.batch import Item
+from mmassembler.cache import EmbeddingCache
+from mmassembler.errors import (EmbeddingFormatError, EncoderOutputError, MissingEncoderError,
+                                RowCountError)
+from mmassembler.planner import Plan
+
+logger = logging.getLogger(__name__)
+
+EncoderOutput = Sequence[torch.Tensor] | tuple[torch.Tensor, Sequence[int]]
+EncoderFn = Callable[[list[Item]], EncoderOutput]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """An encoder callable with optional per-call budgets.
+
+    ``fn(items)`` returns one tensor per item, or ``(tensor, rows_per_item)`` with the
+    items' rows concatenated. ``max_items`` / ``max_rows`` cap one call; more calls
+    are made when the batch needs more.
+    """
+
+    fn: EncoderFn
+    max_items: int | None = None
+    max_rows: int | None = None
+
+    def batches(self, needs: list["_Need"]) -> list[list["_Need"]]:
+        """Split ``needs`` into calls that respect the budgets (an item is never split)."""
+        calls, cur, cur_rows = [], [], 0
+        for need in needs:
+            full = (self.max_items is not None and len(cur) >= self.max_items) or (
+                self.max_rows is not None and cur and cur_rows + need.rows > self.max_rows)
+            if full:
+                calls.append(cur)
+                cur, cur_rows = [], 0
+            cur.append(need)
+            cur_rows += need.rows
+        if cur:
+            calls.append(cur)
+        return calls
+
+
+@dataclass
+class _Need:
+    """One distinct key to encode and the planned items waiting for it."""
+
+    key: int
+    item: Item
+    rows: int
+    waiting: list[int] = field(default_factory=list)  # indices into plan.items
+    requests: list[int] = field(default_factory=list)
+
+
+def as_rows(t, widths: Sequence[int], *, request: int, key: int, what: str) -> torch.Tensor:
+    """View an embedding as 2-D ``[rows, width]`` (higher rank read as ``reshape(-1, width)``)."""
+    if not isinstance(t, torch.Tensor):
+        raise EmbeddingFormatError(f"{what} is a {type(t).__name__}, not a torch.Tensor",
+                                   request=request, item_key=key)
+    if t.dtype not in _FLOATS:
+        raise EmbeddingFormatError(f"{what} has dtype {t.dtype}; expected one of "
+                                   f"{[str(d) for d in _FLOATS]}", request=request, item_key=key)
+    if t.dim() < 2 or t.shape[-1] not in widths:
+        raise EmbeddingFormatError(f"{what} has shape {list(t.shape)}; its last dimension must be "
+                                   f"the hidden size {sorted(set(widths))[0]}"
+                                   + (f" or {max(widths)} (with deepstack)" if len(set(widths)) > 1
+                                      else ""), request=request, item_key=key)
+    if t.dim() > 2:
+        t = t.reshape(-1, t.shape[-1])
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        t = t.contiguous()  # the kernel reads rows with unit column stride
+    return t
+
+
+def _check_rows(t: torch.Tensor, need: _Need, modality: str) -> None:
+    if t.shape[0] != need.rows:
+        raise RowCountError(
+            f"the {modality} encoder returned {t.shape[0]} rows but the item's placeholders take "
+            f"{need.rows} (requests {sorted(set(need.requests))}); nothing was written or cached",
+            request=need.requests[0], item_key=need.key, expected=need.rows, returned=t.shape[0])
+
+
+def _split(result, call: list[_Need], modality: str, widths: Sequence[int]) -> list[torch.Tensor]:
+    """Split one encoder call's output into per-item tensors, checking every count."""
+    first = call[0]
+    if (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.Tensor)
+            and not (isinstance(result[1], torch.Tensor) and result[1].is_floating_point())):
+        tensor, rows_per_item = result
+        if isinstance(rows_per_item, torch.Tensor):
+            rows_per_item = rows_per_item.tolist()
+        rows_per_item = [int(n) for n in rows_per_item]
+        if len(rows_per_item) != len(call):
+            raise EncoderOutputError(
+                f"the {modality} encoder returned rows for {len(rows_per_item)} items, "
+                f"but was given {len(call)}", request=first.requests[0], item_key=first.key,
+                expected=len(call), returned=len(rows_per_item))
+        tensor = as_rows(tensor, widths, request=first.requests[0], key=first.key,
+                         what=f"the {modality} encoder's output")
+        if sum(rows_per_item) != tensor.shape[0] or min(rows_per_item) < 0:
+            raise EncoderOutputError(
+                f"the {modality} encoder returned {tensor.shape[0]} rows but rows_per_item "
+                f"{rows_per_item} add up to {sum(rows_per_item)}", request=first.requests[0],
+                item_key=first.key, expected=sum(rows_per_item), returned=tensor.shape[0])
+        parts = list(torch.split(tensor, rows_per_item))
+    elif isinstance(result, (list, tuple)):
+        if len(result) != len(call):
+            missing = call[len(result)] if len(result) < len(call) else call[-1]
+            raise EncoderOutputError(
+                f"the {modality} encoder returned {len(result)} tensors for {len(call)} items",
+                request=missing.requests[0], item_key=missing.key, expected=len(call),
+                returned=len(result))
+        parts = [as_rows(t, widths, request=n.requests[0], key=n.key,
+                         what=f"the {modality} encoder's output") for t, n in zip(result, call)]
+    else:
+        raise EncoderOutputError(
+            f"the {modality} encoder returned a {type(result).__name__}; expected a list with one "
+            "tensor per item or (tensor, rows_per_item)", request=first.requests[0],
+            item_key=first.key)
+    for t, need in zip(parts, call):
+        _check_rows(t, need, modality)
+    return parts
+
+
+def resolve_sources(
+    plan: Plan,
+    *,
+    encoders: Mapping[str, EncoderFn | Encoder] | None,
+    cache: EmbeddingCache | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    widths: Sequence[int],
+    stream=None,
+) -> list[torch.Tensor]:
+    """One source tensor per planned item, encoding what is neither given nor cached.
+
+    ``stream`` is the CUDA stream the launch will use (``None`` on CPU). Raises before
+    any change to the cache when anything is off.
+    """
+    sources: list[torch.Tensor | None] = [None] * len(plan.items)
+    pending: dict[str, dict[int, _Need]] = {}
+    lookups: list[tuple[int, int]] = []
+    for i, p in enumerate(plan.items):
+        item, rows = p.item, p.layout.num_rows
+        if item.embedding is not None:
+            t = as_rows(item.embedding, widths, request=p.request, key=item.key,
+                        what="the precomputed embedding")
+            if t.device != device:
+                raise EmbeddingFormatError(f"the precomputed embedding is on {t.device}, the output "
+                                           f"on {device}", request=p.request, item_key=item.key)
+            if t.shape[0] != rows:
+                raise RowCountError(f"the precomputed embedding has {t.shape[0]} rows but the item's "
+                                    f"placeholders take {rows}", request=p.request,
+                                    item_key=item.key, expected=rows, returned=t.shape[0])
+            sources[i] = t
+            continue
+        by_key = pending.setdefault(item.modality, {})
+        need = by_key.get(item.key)
+        if need is None and cache is not None:
+            # peek: the cache's recency, counters and collision drops wait for the checks
+            lookups.append((item.key, rows))
+            hit = cache.peek(item.key)
+            if hit is not None and hit.shape[0] == rows:
+                sources[i] = hit
+                continue
+        if need is None:
+            need = by_key[item.key] = _Need(item.key, item, rows)
+        elif need.rows != rows:
+            raise RowCountError(f"two items share key {item.key} but take {need.rows} rows "
+                                f"(request {need.requests[0]}) and {rows} rows (request "
+                                f"{p.request})", request=p.request, item_key=item.key,
+                                expected=need.rows, returned=rows)
+        need.waiting.append(i)
+        need.requests.append(p.request)
+
+    pending = {m: needs for m, needs in pending.items() if needs}
+    for modality, needs in pending.items():
+        if encoders is None or modality not in encoders:
+            need = next(iter(needs.values()))
+            raise MissingEncoderError(f"no embedding, no cache entry and no encoder for modality "
+                                      f"{modality!r}", request=need.requests[0], item_key=need.key)
+
+    encoded: list[tuple[_Need, torch.Tensor]] = []
+    for modality, needs in pending.items():
+        enc = encoders[modality]
+        if not isinstance(enc, Encoder):
+            enc = Encoder(enc)
+        for call in enc.batches(list(needs.values())):
+            result = enc.fn([n.item for n in call])
+            encoded.extend(zip(call, _split(result, call, modality, widths)))
+        logger.debug("encoded %d %s items", len(needs), modality)
+
+    # Every count is checked: now the cache may change. Lookups count, refresh recency and
+    # drop collided entries; uses are recorded before puts so an entry this batch reads
+    # and a put evicts is not reused by the allocator before the launch's stream gets there.
+    if cache is not None:
+        for key, rows in lookups:
+            if cache.get(key, rows=rows) is not None and stream is not None:
+                cache.record_use(key, stream)
+    for need, t in encoded:
+        if t.device != device:
+            t = t.to(device=device, dtype=dtype)  # convert once, on the way into the cache
+        for i in need.waiting:
+            sources[i] = t
+        if cache is not None and cache.put(need.key, t) and stream is not None:
+            cache.record_use(need.key, stream)
+    return sources
