@@ -6,7 +6,10 @@ errors that the interpreter misses (it is looser than the compiler).
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import itertools
+import sys
 from collections.abc import Iterator
 
 
@@ -21,13 +24,38 @@ def kernel_variants() -> Iterator[dict]:
                    ALIGNED=aligned, EMULATE_BF16_RNE=False)
 
 
+@functools.lru_cache(maxsize=None)
+def _compilable_kernel():
+    """``_assemble_kernel`` as a JITFunction, even where the package's copy is interpreted.
+
+    Tests set ``TRITON_INTERPRET=1`` before import; compiling needs the compiled form, so
+    the kernel file is loaded again, under another module name, with the interpreter off.
+    """
+    import triton
+
+    from mmkernels.kernels import assemble
+
+    if isinstance(assemble._assemble_kernel, triton.runtime.JITFunction):
+        return assemble._assemble_kernel
+    previous = triton.knobs.runtime.interpret
+    triton.knobs.runtime.interpret = False
+    try:
+        spec = importlib.util.spec_from_file_location("mmkernels.kernels._assemble_aot",
+                                                      assemble.__file__)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    finally:
+        triton.knobs.runtime.interpret = previous
+    return module._assemble_kernel
+
+
 def compile_variant(constexprs: dict, target, out_dtype: str = "bf16"):
     """Compile ``_assemble_kernel`` for ``target`` (a ``triton.backends.compiler.GPUTarget``)."""
     import triton
     from triton.compiler import ASTSource
 
-    from mmkernels.kernels.assemble import _assemble_kernel
-
+    _assemble_kernel = _compilable_kernel()
     sig = {
         "out_ptr": f"*{out_dtype}", "out_row_stride": "i64", "ds_ptr": f"*{out_dtype}",
         "ds_row_stride": "i64", "ids_ptr": "*i64", "weight_ptr": f"*{out_dtype}",
