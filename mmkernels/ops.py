@@ -149,27 +149,48 @@ def build_plan(
     return KernelPlan(meta, n, int(tiles.sum()), anchors, set(np.unique(f_kind).tolist()), aligned)
 
 
-def _launch(
+@dataclass
+class PreparedLaunch:
+    """A launch whose host work is done and whose metadata is on the device.
+
+    ``run()`` only enqueues the kernel, so benchmarks can time (or graph-capture) the
+    device work alone. The sources must stay alive until the kernel has run.
+    """
+
+    kernel_args: tuple
+    constexprs: dict
+    grid: tuple
+    sources: Sequence[torch.Tensor]
+    meta: torch.Tensor
+
+    def run(self) -> None:
+        if self.grid[0]:
+            _kernel_module()._assemble_kernel[self.grid](*self.kernel_args, **self.constexprs)
+
+
+def prepare_launch(
     out: torch.Tensor,
     deepstack_out: torch.Tensor | None,
     sources: Sequence[torch.Tensor],
     segs: np.ndarray,
-    input_ids: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    interpreted: bool,
-    block_rows: int | None,
-) -> None:
-    """Build the metadata, send it up in one non-blocking copy and launch the kernel once."""
+    input_ids: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    *,
+    interpreted: bool = False,
+    config: LaunchConfig | None = None,
+) -> PreparedLaunch:
+    """Build the metadata and send it up in one non-blocking copy from pinned memory.
+
+    ``segs`` must come from ``prepare_segments``; fused mode when ``weight`` is given.
+    """
     import triton
 
     k = _kernel_module()
     fused = weight is not None
     hidden = out.shape[1]
     ds_cols = deepstack_out.shape[1] if deepstack_out is not None else 0
-    cfg = launch_config(hidden, ds_cols, interpreted, block_rows)
+    cfg = config or launch_config(hidden, ds_cols, interpreted)
     plan = build_plan(segs, sources, cfg.block_rows, hidden, out.shape[0] if fused else None)
-    if plan.num_tiles == 0:
-        return
     meta = torch.from_numpy(plan.meta)
     if out.is_cuda:
         meta = meta.pin_memory().to(out.device, non_blocking=True)
@@ -177,13 +198,15 @@ def _launch(
     grid = (plan.num_tiles, main_blocks + triton.cdiv(ds_cols, cfg.block_cols))
     ds = deepstack_out if deepstack_out is not None else out
     anchor = [plan.anchors.get(int(c), out) for c in (k.KIND_F32, k.KIND_F16, k.KIND_BF16)]
-    k._assemble_kernel[grid](
+    args = (
         out, out.stride(0),
         ds, ds.stride(0),
         input_ids if fused else out, weight if fused else out,
         weight.stride(0) if fused else 0, weight.shape[0] if fused else 0,
         *anchor,
         meta, plan.num_segments,
+    )
+    constexprs = dict(
         HIDDEN=hidden,
         DS_COLS=ds_cols,
         MAIN_COL_BLOCKS=main_blocks,
@@ -198,6 +221,16 @@ def _launch(
         EMULATE_BF16_RNE=interpreted,
         num_warps=cfg.num_warps,
     )
+    return PreparedLaunch(args, constexprs, grid, sources, meta)
+
+
+def _launch(out, deepstack_out, sources, segs, input_ids, weight, interpreted, block_rows) -> None:
+    """Prepare and run one launch (the path every public op takes)."""
+    hidden = out.shape[1]
+    ds_cols = deepstack_out.shape[1] if deepstack_out is not None else 0
+    cfg = launch_config(hidden, ds_cols, interpreted, block_rows)
+    prepare_launch(out, deepstack_out, sources, segs, input_ids, weight, interpreted=interpreted,
+                   config=cfg).run()
 
 
 def _check_deepstack(deepstack_out: torch.Tensor | None, out: torch.Tensor) -> int:

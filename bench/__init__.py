@@ -1,0 +1,1 @@
+"""Benchmarks: scenarios, the engines' usual paths as baselines, the copy floor, the runner."""

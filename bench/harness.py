@@ -1,0 +1,66 @@
+"""Measurement pieces: the copy floor, GPU time of device work alone, synchronized wall time.
+
+GPU time: the device work (no host planning) captured in a CUDA graph and replayed
+(``triton.testing.do_bench_cudagraph``, median), so launch gaps do not count.
+Wall time: the whole call -- host planning, metadata copy, launch, kernel -- followed by a
+synchronize, median over repeats after warm-up.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def gpu_time_us(fn: Callable[[], object], rep_ms: int = 200) -> float:
+    """Median GPU time of ``fn``'s device work, from CUDA-graph replays (µs)."""
+    import triton.testing
+
+    try:
+        return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+    except Exception:  # noqa: BLE001 - an op that cannot be captured: events around eager calls
+        return 1e3 * triton.testing.do_bench(fn, rep=rep_ms, return_mode="median")
+
+
+def wall_time_us(fn: Callable[[], object], repeat: int = 100, warmup: int = 10,
+                 device: str = "cuda") -> float:
+    """Median wall time of ``fn`` + synchronize (µs)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(samples)
+
+
+def host_time_us(fn: Callable[[], object], repeat: int = 200, warmup: int = 20) -> float:
+    """Median host time of ``fn`` with no synchronisation (µs)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(samples)
+
+
+def copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    if device != "cuda":
+        t = host_time_us(lambda: dst.copy_(src), repeat=5, warmup=1) / 1e6
+        return 2 * nbytes / t
+    import triton.testing
+
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), rep=300, return_mode="median")
+    return 2 * nbytes / (ms / 1e3)

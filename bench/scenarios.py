@@ -1,0 +1,85 @@
+"""Benchmark scenarios: realistic chunked-prefill batches with precomputed embeddings.
+
+A scenario is requests x items x tokens per item, with ``text`` tokens before each item
+and after the last, a hidden size, and an optional chunk window (``chunk`` tokens from
+``start``; whole prompts otherwise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmassembler import Item, Request
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    requests: int
+    items: int
+    tokens: int  # placeholder tokens per item
+    text: int  # text tokens before each item and after the last
+    hidden: int
+    chunk: int | None = None
+    start: int = 0
+
+    @property
+    def prompt_len(self) -> int:
+        return self.items * (self.tokens + self.text) + self.text
+
+
+# The kernel issue's scenarios (requests x items x tokens, text, hidden, chunk).
+SCENARIOS = [
+    Scenario("16x2x1296 t100 H3584", 16, 2, 1296, 100, 3584),
+    Scenario("1x128x256 t2 H3584 c8192@4000", 1, 128, 256, 2, 3584, chunk=8192, start=4000),
+    Scenario("64x4x64 t20 H4096", 64, 4, 64, 20, 4096),
+    Scenario("4x1x4096 t50 H8192", 4, 1, 4096, 50, 8192),
+    Scenario("1x1x256 t30 H2048", 1, 1, 256, 30, 2048),
+    Scenario("8x3x1024 t64 H3584 c2048@1500", 8, 3, 1024, 64, 3584, chunk=2048, start=1500),
+]
+
+PLANNING_256 = Scenario("1x256x64 t4 H4096 (planning)", 1, 256, 64, 4, 4096)
+
+
+@dataclass
+class Built:
+    """A scenario made concrete on a device."""
+
+    scenario: Scenario
+    requests: list
+    input_ids: torch.Tensor
+    weight: torch.Tensor
+    out: torch.Tensor  # scatter-mode buffer, text rows already looked up
+    num_mm_rows: int
+    num_tokens: int
+
+
+def build(sc: Scenario, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+          vocab: int = 32000, seed: int = 0) -> Built:
+    """Items carry precomputed embeddings (each its own tensor); placeholders hold
+    out-of-vocabulary ids, as engines' hashes do."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, sc.hidden, generator=gen).to(device=device, dtype=dtype)
+    lo = sc.start if sc.chunk is not None else 0
+    hi = min(sc.prompt_len, lo + sc.chunk) if sc.chunk is not None else sc.prompt_len
+    requests, ids, key = [], [], 0
+    for _ in range(sc.requests):
+        items, pos = [], 0
+        prompt = torch.randint(0, vocab, (sc.prompt_len,), generator=gen)
+        for _ in range(sc.items):
+            pos += sc.text
+            key += 1
+            emb = torch.randn(sc.tokens, sc.hidden, generator=gen).to(device=device, dtype=dtype)
+            items.append(Item(key, [(pos, pos + sc.tokens - 1)], embedding=emb))
+            prompt[pos:pos + sc.tokens] = vocab + key  # an out-of-vocabulary placeholder id
+            pos += sc.tokens
+        requests.append(Request(items, lo, hi - lo, prompt_len=sc.prompt_len))
+        ids.append(prompt[lo:hi])
+    input_ids = torch.cat(ids).to(device)
+    out = weight[input_ids.clamp(0, vocab - 1)]
+    from mmassembler import plan_batch
+
+    plan = plan_batch(requests)
+    return Built(sc, requests, input_ids, weight, out, plan.num_mm_rows, plan.num_tokens)
