@@ -15,13 +15,13 @@ from collections.abc import Iterator
 
 def kernel_variants() -> Iterator[dict]:
     """Constexpr sets covering every branch: text segments or not, deepstack, each source dtype."""
-    for text, ds_cols, (f32, f16, bf16), aligned in itertools.product(
-        (True, False), (0, 7168), ((True, False, False), (False, True, False),
+    for text, ds, (f32, f16, bf16), aligned in itertools.product(
+        (True, False), (False, True), ((True, False, False), (False, True, False),
                                    (False, False, True), (True, True, True)), (True, False)
     ):
-        yield dict(HIDDEN=3584, DS_COLS=ds_cols, MAIN_COL_BLOCKS=4, BLOCK_R=8, BLOCK_H=1024,
-                   SEARCH_STEPS=8, HAS_TEXT=text, HAS_F32=f32, HAS_F16=f16, HAS_BF16=bf16,
-                   ALIGNED=aligned, EMULATE_BF16_RNE=False)
+        yield dict(HAS_DS=ds, BLOCK_R=8, BLOCK_H=1024, SEARCH_STEPS=8, HAS_TEXT=text,
+                   HAS_F32=f32, HAS_F16=f16, HAS_BF16=bf16, ALIGNED=aligned,
+                   EMULATE_BF16_RNE=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,11 +61,12 @@ def compile_variant(constexprs: dict, target, out_dtype: str = "bf16"):
         "ds_row_stride": "i64", "ids_ptr": "*i64", "weight_ptr": f"*{out_dtype}",
         "weight_row_stride": "i64", "vocab_size": "i64",
         "f32_ptr": "*fp32", "f16_ptr": "*fp16", "bf16_ptr": "*bf16", "meta_ptr": "*i64",
-        "num_segments": "i32",
+        "num_segments": "i32", "hidden": "i32", "ds_cols": "i32", "main_col_blocks": "i32",
     }
     sig.update({name: "constexpr" for name in constexprs})
     # What the launcher's specialisation sees for aligned buffers with hidden % 16 == 0.
     aligned = [["tt.divisibility", 16]]
-    attrs = {(i,): aligned for i in (0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11)}
+    # hidden (13) and ds_cols (14) divisible by 16, as for every model width in use
+    attrs = {(i,): aligned for i in (0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 13, 14)}
     src = ASTSource(fn=_assemble_kernel, signature=sig, constexprs=dict(constexprs), attrs=attrs)
     return triton.compile(src, target=target)

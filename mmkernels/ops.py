@@ -47,6 +47,13 @@ def launch_config(
     return LaunchConfig(block_rows or 8, cols, 4)
 
 
+def search_steps(num_segments: int) -> int:
+    """Binary-search steps for ``num_segments``, rounded up to a multiple of 4 so that
+    batches of similar size share one compiled kernel (extra steps are no-ops)."""
+    need = max(1, math.ceil(math.log2(num_segments + 1)))
+    return -(-need // 4) * 4
+
+
 def triton_next_pow2(n: int) -> int:
     """Smallest power of two >= n (n >= 1)."""
     return 1 << (max(n, 1) - 1).bit_length()
@@ -129,7 +136,7 @@ def build_plan(
     # units of 16 bytes' worth of elements, which lets the compiler vectorise the loads.
     vec = 16 // f_esize
     aligned = bool(
-        hidden % 8 == 0  # deepstack columns start at column HIDDEN
+        hidden % 8 == 0  # deepstack columns start at column hidden
         and (anchor_addr[list(anchors)] % 16 == 0).all()
         and (f_off % vec == 0).all() and (f_stride % vec == 0).all()
     )
@@ -205,14 +212,13 @@ def prepare_launch(
         weight.stride(0) if fused else 0, weight.shape[0] if fused else 0,
         *anchor,
         meta, plan.num_segments,
+        hidden, ds_cols, main_blocks,
     )
     constexprs = dict(
-        HIDDEN=hidden,
-        DS_COLS=ds_cols,
-        MAIN_COL_BLOCKS=main_blocks,
+        HAS_DS=ds_cols > 0,
         BLOCK_R=cfg.block_rows,
         BLOCK_H=cfg.block_cols,
-        SEARCH_STEPS=max(1, math.ceil(math.log2(plan.num_segments + 1))),
+        SEARCH_STEPS=search_steps(plan.num_segments),
         HAS_TEXT=int(k.KIND_TEXT) in plan.kinds,
         HAS_F32=int(k.KIND_F32) in plan.kinds,
         HAS_F16=int(k.KIND_F16) in plan.kinds,

@@ -22,7 +22,7 @@ CUDA90 = GPUTarget("cuda", 90, 32)
 def _vid(v):
     kinds = "".join(k for k, f in (("t", "HAS_TEXT"), ("32", "HAS_F32"), ("16", "HAS_F16"),
                                    ("b", "HAS_BF16")) if v[f])
-    return f"{kinds}-ds{v['DS_COLS']}-{'al' if v['ALIGNED'] else 'un'}"
+    return f"{kinds}-{'ds' if v['HAS_DS'] else 'nods'}-{'al' if v['ALIGNED'] else 'un'}"
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_vid)

@@ -78,14 +78,15 @@ def _copy_tile(dst, dst_rows_ok, anchor_ptr, src_off, src_stride, src_col, src_h
 
 @triton.jit
 def _assemble_kernel(
-    out_ptr, out_row_stride,  # main output [num_out_rows, HIDDEN]
-    ds_ptr, ds_row_stride,  # deepstack output [num_out_rows, DS_COLS]; out_ptr when DS_COLS == 0
+    out_ptr, out_row_stride,  # main output [num_out_rows, hidden]
+    ds_ptr, ds_row_stride,  # deepstack output [num_out_rows, ds_cols]; out_ptr without one
     ids_ptr, weight_ptr, weight_row_stride, vocab_size,  # text segments (fused mode) only
     f32_ptr, f16_ptr, bf16_ptr,  # anchors: sources are read at anchor + SRC_OFF of their dtype
     meta_ptr, num_segments,  # metadata table [NUM_FIELDS, num_segments], sorted
-    HIDDEN: tl.constexpr,
-    DS_COLS: tl.constexpr,  # 0 when there is no deepstack buffer
-    MAIN_COL_BLOCKS: tl.constexpr,  # cdiv(HIDDEN, BLOCK_H); later column blocks are deepstack
+    hidden,  # runtime ints: Triton specialises them on divisibility by 16, which keeps
+    ds_cols,  # 16-byte accesses without a recompile for every model width
+    main_col_blocks,  # cdiv(hidden, BLOCK_H); later column blocks are deepstack
+    HAS_DS: tl.constexpr,  # a deepstack buffer is written
     BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,  # >= ceil(log2(num_segments + 1)); extra steps are no-ops
@@ -100,9 +101,9 @@ def _assemble_kernel(
 
     For a segment ``(out_row o, rows n)`` and ``0 <= i < n``::
 
-        out[o + i] = src[src_row + i, :HIDDEN]                   (multimodal segment)
+        out[o + i] = src[src_row + i, :hidden]                   (multimodal segment)
         out[o + i] = weight[clamp(ids[o + i], 0, vocab - 1)]     (text segment)
-        ds[o + i]  = src[src_row + i, HIDDEN:]   (zeros for text, or a source without them)
+        ds[o + i]  = src[src_row + i, hidden:]   (zeros for text, or a source without them)
 
     Rows outside every segment are not touched (scatter mode).
     """
@@ -134,22 +135,23 @@ def _assemble_kernel(
     r = tl.arange(0, BLOCK_R).to(tl.int64)[:, None]
     rows_ok = r < n
     src_r = first + r
-    if DS_COLS == 0:
+    if not HAS_DS:
         cols = (pid_c * BLOCK_H + tl.arange(0, BLOCK_H))[None, :]
-        col_ok = cols < HIDDEN
+        col_ok = cols < hidden
         src_col = cols
         dst = out_ptr + (out_row + r) * out_row_stride + cols
         text_col_ok = col_ok
         src_has_cols = True
     else:
-        is_ds = pid_c >= MAIN_COL_BLOCKS
-        cols = (tl.where(is_ds, pid_c - MAIN_COL_BLOCKS, pid_c) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :]
-        col_ok = cols < tl.where(is_ds, DS_COLS, HIDDEN)
-        src_col = cols + tl.where(is_ds, HIDDEN, 0)
+        is_ds = pid_c >= main_col_blocks
+        cols = (tl.where(is_ds, pid_c - main_col_blocks, pid_c) * BLOCK_H
+                + tl.arange(0, BLOCK_H))[None, :]
+        col_ok = cols < tl.where(is_ds, ds_cols, hidden)
+        src_col = cols + tl.where(is_ds, hidden, 0)
         dst = tl.where(is_ds, ds_ptr + (out_row + r) * ds_row_stride + cols,
                        out_ptr + (out_row + r) * out_row_stride + cols)
-        text_col_ok = col_ok & (pid_c < MAIN_COL_BLOCKS)  # deepstack columns of text rows are zero
-        src_has_cols = (pid_c < MAIN_COL_BLOCKS) | (src_cols > HIDDEN)  # else zeros
+        text_col_ok = col_ok & (pid_c < main_col_blocks)  # deepstack columns of text rows are zero
+        src_has_cols = (pid_c < main_col_blocks) | (src_cols > hidden)  # else zeros
 
     if HAS_TEXT:
         if kind == KIND_TEXT:
