@@ -18,7 +18,7 @@ _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
                                                      HealthCheck.filter_too_much])
 settings.register_profile("ci", max_examples=60, derandomize=True, print_blob=True, **_COMMON)
 settings.register_profile("dev", max_examples=30, **_COMMON)
-settings.register_profile("gpu", max_examples=300, derandomize=True, print_blob=True, **_COMMON)
+settings.register_profile("gpu", max_examples=200, derandomize=True, print_blob=True, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
