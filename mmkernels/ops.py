@@ -59,23 +59,11 @@ def triton_next_pow2(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
 
-def _source_table(sources: Sequence[torch.Tensor]):
-    """Per-source address, row stride (elements), element size, kind code, columns."""
-    n = len(sources)
-    addr = np.fromiter((t.data_ptr() for t in sources), np.int64, n)
-    stride = np.fromiter((t.stride(0) for t in sources), np.int64, n)
-    esize = np.fromiter((t.element_size() for t in sources), np.int64, n)
-    kind = np.fromiter((_KIND_CODE[t.dtype] for t in sources), np.int64, n)
-    cols = np.fromiter((t.shape[1] for t in sources), np.int64, n)
-    return addr, stride, esize, kind, cols
-
-
-def text_gaps(segs: np.ndarray, num_out_rows: int) -> np.ndarray:
-    """The ``[G, 2]`` (first row, rows) runs of output rows that no segment covers."""
-    starts = np.concatenate(([0], segs[:, 2] + segs[:, 3]))
-    ends = np.concatenate((segs[:, 2], [num_out_rows]))
-    keep = ends > starts
-    return np.stack((starts[keep], (ends - starts)[keep]), axis=1)
+def _source_info(sources: Sequence[torch.Tensor]) -> np.ndarray:
+    """``[n, 5]`` int64: address, row stride (elements), element size, kind code, columns."""
+    rows = [(t.data_ptr(), t.stride(0), t.element_size(), _KIND_CODE[t.dtype], t.shape[1])
+            for t in sources]
+    return np.array(rows, dtype=np.int64).reshape(len(rows), 5)
 
 
 @dataclass
@@ -90,70 +78,116 @@ class KernelPlan:
     aligned: bool
 
 
+SMALL_SEGMENTS = 32  # up to this many segments, plain Python beats numpy's fixed costs
+
+
 def build_plan(
+    segs: np.ndarray, sources: Sequence[torch.Tensor], block_rows: int, hidden: int,
+    num_out_rows: int | None = None, *, small: int = SMALL_SEGMENTS,
+) -> KernelPlan:
+    """The kernel's metadata from checked, sorted segments (see ``_build_plan_numpy``).
+
+    Small tables are built in plain Python, large ones with numpy; both give the same
+    table (a property test holds them to it), ``small`` picks the crossover.
+    """
+    if len(segs) <= small:
+        return _build_plan_python(segs, sources, block_rows, hidden, num_out_rows)
+    return _build_plan_numpy(segs, sources, block_rows, hidden, num_out_rows)
+
+
+def _build_plan_python(segs, sources, block_rows, hidden, num_out_rows) -> KernelPlan:
+    """``_build_plan_numpy`` for a few segments, one Python pass and one array at the end."""
+    k = _kernel_module()
+    text = int(k.KIND_TEXT)
+    anchors, anchor_addr, info = {}, {}, []
+    for t in sources:
+        addr, kind = t.data_ptr(), _KIND_CODE[t.dtype]
+        if kind not in anchors:
+            anchors[kind], anchor_addr[kind] = t, addr
+        esize = t.element_size()
+        delta = addr - anchor_addr[kind]
+        if delta % esize:
+            raise ValueError("Invalid sources: a source address is not aligned to its element size")
+        info.append((delta // esize, t.stride(0), esize, kind, t.shape[1]))
+    fused = num_out_rows is not None
+    table, end = [], 0  # entries: (out row, rows, offset, stride, kind, cols, element size)
+    for src, src_row, out_row, rows in segs.tolist():
+        off, stride, esize, kind, cols = info[src]
+        if fused and out_row > end:
+            table.append((end, out_row - end, 0, 0, text, 0, 16))
+        table.append((out_row, rows, off + src_row * stride, stride, kind, cols, esize))
+        end = out_row + rows
+    if fused and num_out_rows > end:
+        table.append((end, num_out_rows - end, 0, 0, text, 0, 16))
+    aligned = (hidden % 8 == 0 and all(a % 16 == 0 for a in anchor_addr.values())
+               and all(e[2] % (16 // e[6]) == 0 and e[3] % (16 // e[6]) == 0 for e in table))
+    cols, tile = [], 0
+    for out_row, rows, off, stride, kind, ncols, esize in table:
+        if aligned:
+            off, stride = off // (16 // esize), stride // (16 // esize)
+        cols.append((tile, out_row, rows, off, stride, kind, ncols))
+        tile += -(-rows // block_rows)
+    meta = np.zeros((int(k.NUM_FIELDS), max(len(cols), 1)), dtype=np.int64)
+    if cols:
+        meta[:, :len(cols)] = np.array(cols, dtype=np.int64).T
+    present = set(anchors) | ({text} if fused else set())
+    return KernelPlan(meta, len(cols), tile, anchors, present, aligned)
+
+
+def _build_plan_numpy(
     segs: np.ndarray, sources: Sequence[torch.Tensor], block_rows: int, hidden: int,
     num_out_rows: int | None = None,
 ) -> KernelPlan:
     """Build the kernel's metadata from checked, sorted segments.
 
-    With ``num_out_rows`` (fused mode) the uncovered output rows become text segments, so
-    the tiles cover the output. Each source is addressed in elements from an *anchor*:
-    the first source of its dtype. O(segments) numpy work; nothing grows with tokens.
+    With ``num_out_rows`` (fused mode) the output rows between segments become text
+    segments, so the tiles cover the output. Each source is addressed in elements from an
+    *anchor*: the first source of its dtype. A fixed number of numpy operations on
+    O(segments) data; nothing grows with tokens.
     """
     k = _kernel_module()
     text = int(k.KIND_TEXT)
-    addr, stride, esize, kind, cols = _source_table(sources)
-    anchors, anchor_addr = {}, np.zeros(text + 1, np.int64)
-    for i, t in enumerate(sources):
-        if int(kind[i]) not in anchors:
-            anchors[int(kind[i])] = t
-            anchor_addr[kind[i]] = addr[i]
+    info = _source_info(sources)
+    kinds, first = np.unique(info[:, 3], return_index=True)
+    anchors = {c: sources[i] for c, i in zip(kinds.tolist(), first.tolist())}
+    anchor_addr = np.zeros(text + 1, np.int64)
+    anchor_addr[kinds] = info[first, 0]
     # element offset of each source from its anchor (allocations are element-aligned)
-    delta = addr - anchor_addr[kind]
-    if (delta % esize).any():
+    delta = info[:, 0] - anchor_addr[info[:, 3]]
+    if (delta % info[:, 2]).any():
         raise ValueError("Invalid sources: a source address is not aligned to its element size")
-    src_off = delta // esize
 
-    src, src_row, out_row, rows = segs.T
-    f_out, f_rows = out_row, rows
-    f_off = src_off[src] + src_row * stride[src]
-    f_stride, f_kind, f_cols, f_esize = stride[src], kind[src], cols[src], esize[src]
-    if num_out_rows is not None:
-        gaps = text_gaps(segs, num_out_rows)
-        zeros = np.zeros(len(gaps), np.int64)
-        f_out = np.concatenate((f_out, gaps[:, 0]))
-        f_rows = np.concatenate((f_rows, gaps[:, 1]))
-        f_off = np.concatenate((f_off, zeros))
-        f_stride = np.concatenate((f_stride, zeros))
-        f_kind = np.concatenate((f_kind, zeros + text))
-        f_cols = np.concatenate((f_cols, zeros))
-        f_esize = np.concatenate((f_esize, zeros + 16))
-        order = np.argsort(f_out, kind="stable")
-        f_out, f_rows, f_off, f_stride, f_kind, f_cols, f_esize = (
-            a[order] for a in (f_out, f_rows, f_off, f_stride, f_kind, f_cols, f_esize))
-
+    s = len(segs)
+    per = info[segs[:, 0]]
+    # rows: OUT_ROW, ROWS, SRC_OFF, SRC_STRIDE, SRC_KIND, SRC_COLS, element size
+    fields = np.stack((segs[:, 2], segs[:, 3], delta[segs[:, 0]] // per[:, 2] + segs[:, 1] * per[:, 1],
+                       per[:, 1], per[:, 3], per[:, 4], per[:, 2]))
+    if num_out_rows is None:
+        table = fields
+    else:  # interleave: gap 0, segment 0, gap 1, ..., segment S-1, gap S; drop empty gaps
+        table = np.zeros((7, 2 * s + 1), np.int64)
+        table[:, 1::2] = fields
+        table[0, 2::2] = segs[:, 2] + segs[:, 3]
+        table[1, 0::2] = np.append(segs[:, 2], num_out_rows) - table[0, 0::2]
+        table[4, 0::2] = text
+        table[6, 0::2] = 16
+        table = table[:, table[1] > 0]
     # 16-byte alignment of every row the kernel reads: offsets and strides then travel in
     # units of 16 bytes' worth of elements, which lets the compiler vectorise the loads.
-    vec = 16 // f_esize
-    aligned = bool(
-        hidden % 8 == 0  # deepstack columns start at column hidden
-        and (anchor_addr[list(anchors)] % 16 == 0).all()
-        and (f_off % vec == 0).all() and (f_stride % vec == 0).all()
-    )
+    vec = 16 // table[6]
+    aligned = bool(hidden % 8 == 0  # deepstack columns start at column hidden
+                   and not (anchor_addr[kinds] % 16).any()
+                   and not ((table[2] % vec) | (table[3] % vec)).any())
     if aligned:
-        f_off, f_stride = f_off // vec, f_stride // vec
-
-    n = len(f_rows)
-    tiles = -(-f_rows // block_rows)
+        table[2:4] //= vec
+    n = table.shape[1]
+    tiles = -(-table[1] // block_rows)
     meta = np.zeros((int(k.NUM_FIELDS), max(n, 1)), dtype=np.int64)
     meta[k.TILE_START, :n] = np.cumsum(tiles) - tiles
-    meta[k.OUT_ROW, :n] = f_out
-    meta[k.ROWS, :n] = f_rows
-    meta[k.SRC_OFF, :n] = f_off
-    meta[k.SRC_STRIDE, :n] = f_stride
-    meta[k.SRC_KIND, :n] = f_kind
-    meta[k.SRC_COLS, :n] = f_cols
-    return KernelPlan(meta, n, int(tiles.sum()), anchors, set(np.unique(f_kind).tolist()), aligned)
+    meta[k.OUT_ROW:k.SRC_COLS + 1, :n] = table[:6]
+    # a kind flagged but unused only compiles a branch that never runs: no need to scan
+    present = set(anchors) | ({text} if num_out_rows is not None else set())
+    return KernelPlan(meta, n, int(tiles.sum()), anchors, present, aligned)
 
 
 @dataclass
@@ -257,6 +291,7 @@ def gather_rows(
     deepstack_out: torch.Tensor | None = None,
     backend: str = "auto",
     block_rows: int | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Scatter mode: copy each segment's rows from its source into ``out``, in place.
 
@@ -279,6 +314,9 @@ def gather_rows(
         ``"auto"``, ``"torch"`` or ``"triton"`` (see ``mmkernels.resolve_backend``).
     block_rows : int, optional
         rows per program (tests draw 1, 4, 16, 64).
+    validate : bool
+        check sources and segments (default). The host layer passes False: it has
+        checked the same things itself and hands over segments sorted by output row.
 
     Example
     -------
@@ -286,15 +324,15 @@ def gather_rows(
     >>> gather_rows(out, [torch.ones(3, 2)], [(0, 1, 2, 2)], backend="torch")[:, 0]
     tensor([0., 0., 1., 1.])
     """
-    check_output("out", out)
-    ds_cols = _check_deepstack(deepstack_out, out)
-    check_sources(sources, out.device, out.shape[1], ds_cols)
-    segs = prepare_segments(segments, sources, out.shape[0])
-    which = resolve_backend(backend, out.device)
-    if which == "torch":
-        return gather_rows_ref(out, sources, segs, deepstack_out=deepstack_out)
-    _launch(out, deepstack_out, sources, segs, None, None, which == "interpreter", block_rows)
-    return out
+    if validate:
+        check_output("out", out)
+        ds_cols = _check_deepstack(deepstack_out, out)
+        check_sources(sources, out.device, out.shape[1], ds_cols)
+        segs = prepare_segments(segments, sources, out.shape[0])
+    else:
+        segs = segments
+    return _run(resolve_backend(backend, out.device), out, deepstack_out, sources, segs, None, None,
+                block_rows)
 
 
 def embed_and_gather(
@@ -307,6 +345,7 @@ def embed_and_gather(
     deepstack_out: torch.Tensor | None = None,
     backend: str = "auto",
     block_rows: int | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Fused mode: token lookup for text rows and segment rows, one pass over the output.
 
@@ -332,13 +371,18 @@ def embed_and_gather(
     ...                  backend="torch")[:, 0]
     tensor([ 4., -1.,  4.])
     """
+    n, hidden = input_ids.shape[0], weight.shape[1]
+    if not validate:
+        if out is None:
+            out = torch.empty((n, hidden), dtype=weight.dtype, device=weight.device)
+        return _run(resolve_backend(backend, out.device), out, deepstack_out, sources, segments,
+                    input_ids, weight, block_rows)
     if input_ids.dim() != 1 or input_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"Invalid input_ids: expected a 1-D int32/int64 tensor, got "
                          f"{input_ids.dtype} of shape {list(input_ids.shape)}")
     check_output("weight", weight)
     if weight.shape[0] == 0:
         raise ValueError("Invalid shape of weight: expected at least one vocabulary row, got 0")
-    n, hidden = input_ids.shape[0], weight.shape[1]
     if out is None:
         out = torch.empty((n, hidden), dtype=weight.dtype, device=weight.device)
     check_output("out", out, rows=n)
@@ -350,8 +394,15 @@ def embed_and_gather(
     ds_cols = _check_deepstack(deepstack_out, out)
     check_sources(sources, out.device, hidden, ds_cols)
     segs = prepare_segments(segments, sources, n)
-    which = resolve_backend(backend, out.device)
+    return _run(resolve_backend(backend, out.device), out, deepstack_out, sources, segs, input_ids,
+                weight, block_rows)
+
+
+def _run(which, out, deepstack_out, sources, segs, input_ids, weight, block_rows) -> torch.Tensor:
+    """Run checked, sorted segments on the chosen backend; fused mode when ``weight`` is set."""
     if which == "torch":
+        if weight is None:
+            return gather_rows_ref(out, sources, segs, deepstack_out=deepstack_out)
         return embed_and_gather_ref(input_ids, weight, sources, segs, out=out,
                                     deepstack_out=deepstack_out)
     _launch(out, deepstack_out, sources, segs, input_ids, weight, which == "interpreter", block_rows)

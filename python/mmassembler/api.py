@@ -120,9 +120,10 @@ def assemble(
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     sources = resolve_sources(plan, encoders=encoders, cache=cache, device=device, dtype=dtype,
                               widths=widths, stream=stream)
+    # Everything the device layer would check is checked: skip its second pass.
     if weight is not None:
         return mmkernels.embed_and_gather(input_ids, weight, sources, plan.segments,
                                           deepstack_out=deepstack_out, backend=backend,
-                                          block_rows=block_rows)
+                                          block_rows=block_rows, validate=False)
     return mmkernels.gather_rows(out, sources, plan.segments, deepstack_out=deepstack_out,
-                                 backend=backend, block_rows=block_rows)
+                                 backend=backend, block_rows=block_rows, validate=False)

@@ -25,6 +25,7 @@ class ItemLayout:
     """
 
     runs: np.ndarray
+    runs_list: tuple  # the same runs as Python ints, for the planner's small-batch path
     num_positions: int
     num_rows: int
     first: int  # first placeholder position
@@ -59,6 +60,8 @@ class Item:
     data: Any = None
     embed_mask: Any = None
     _layout: ItemLayout | None = field(default=None, init=False, repr=False, compare=False)
+    # (widths, device, 2-D view) of ``embedding`` once checked, so later batches skip the checks
+    _checked_embedding: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def layout(self, request: int | None = None) -> ItemLayout:
         """The item's runs, computed and checked once (errors name ``request``)."""
@@ -152,4 +155,5 @@ def _build_layout(item: Item, request: int | None) -> ItemLayout:
             last_rows = np.concatenate((breaks, [num_rows])).astype(np.int64)
             runs = np.stack((embedded[first_rows], embedded[last_rows - 1] + 1, first_rows), axis=1)
     runs.setflags(write=False)
-    return ItemLayout(runs, num_positions, num_rows, starts[0], ends[-1] - 1)
+    return ItemLayout(runs, tuple(map(tuple, runs.tolist())), num_positions, num_rows, starts[0],
+                      ends[-1] - 1)

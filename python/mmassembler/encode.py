@@ -159,11 +159,17 @@ def resolve_sources(
     for i, p in enumerate(plan.items):
         item, rows = p.item, p.layout.num_rows
         if item.embedding is not None:
-            t = as_rows(item.embedding, widths, request=p.request, key=item.key,
-                        what="the precomputed embedding")
-            if t.device != device:
-                raise EmbeddingFormatError(f"the precomputed embedding is on {t.device}, the output "
-                                           f"on {device}", request=p.request, item_key=item.key)
+            memo = item._checked_embedding
+            if memo is not None and memo[0] == widths and memo[1] == device:
+                t = memo[2]
+            else:
+                t = as_rows(item.embedding, widths, request=p.request, key=item.key,
+                            what="the precomputed embedding")
+                if t.device != device:
+                    raise EmbeddingFormatError(f"the precomputed embedding is on {t.device}, the "
+                                               f"output on {device}", request=p.request,
+                                               item_key=item.key)
+                object.__setattr__(item, "_checked_embedding", (widths, device, t))
             if t.shape[0] != rows:
                 raise RowCountError(f"the precomputed embedding has {t.shape[0]} rows but the item's "
                                     f"placeholders take {rows}", request=p.request,

@@ -56,13 +56,13 @@ def _check_window(r: int, req: Request) -> tuple[int, int]:
 
 def check_request_items(r: int, req: Request) -> list[ItemLayout]:
     """Check every item's spans and that items of the request never share a position."""
-    layouts = [item.layout(r) for item in req.items]
+    layouts = [item._layout or item.layout(r) for item in req.items]
     if req.prompt_len is not None:
         for item, lay in zip(req.items, layouts):
             if lay.last >= req.prompt_len:
                 raise SpanError(f"span ends at {lay.last}, past the prompt of {req.prompt_len} "
                                 "positions", request=r, item_key=item.key)
-    if len(layouts) > 1:
+    if len(layouts) > 1 and not all(a.last < b.first for a, b in zip(layouts, layouts[1:])):
         order = sorted(range(len(layouts)), key=lambda i: layouts[i].first)
         disjoint = all(layouts[order[i]].last < layouts[order[i + 1]].first
                        for i in range(len(order) - 1))
@@ -80,11 +80,15 @@ def _check_interleaved(r: int, req: Request) -> None:
                             request=r, item_key=k1)
 
 
-def plan_batch(requests: Sequence[Request]) -> Plan:
+SMALL_RUNS = 32  # up to this many runs, plain Python clips faster than numpy's fixed costs
+
+
+def plan_batch(requests: Sequence[Request], *, small_runs: int = SMALL_RUNS) -> Plan:
     """Check the requests and cut every item's rows to its request's chunk.
 
     Items wholly in the prefix or the future, and items whose positions in the chunk
     all keep their text embedding, are not planned (so never read nor encoded).
+    ``small_runs`` picks the plain-Python path for small batches (tests force both).
     """
     planned_items: list[PlannedItem] = []
     run_blocks: list[np.ndarray] = []
@@ -106,7 +110,33 @@ def plan_batch(requests: Sequence[Request]) -> Plan:
         row += hi - lo
     if not planned_items:
         return Plan([], np.zeros((0, 4), np.int64), row, starts)
+    if sum(len(p.layout.runs_list) for p in planned_items) <= small_runs:
+        segments, planned_items = _clip_small(planned_items, win_lo, win_hi, base)
+    else:
+        segments, planned_items = _clip_vectorised(planned_items, run_blocks, win_lo, win_hi, base)
+    return Plan(planned_items, segments, row, starts)
 
+
+def _clip_small(planned_items, win_lo, win_hi, base):
+    """Clip runs to their windows in plain Python: a few runs cost less than numpy's calls."""
+    segs = []
+    for idx, (p, lo, hi, b) in enumerate(zip(planned_items, win_lo, win_hi, base)):
+        for s, e, r0 in p.layout.runs_list:
+            a = s if s > lo else lo
+            z = e if e < hi else hi
+            if z > a:
+                segs.append((idx, r0 + a - s, b + a - lo, z - a))
+    used = sorted({seg[0] for seg in segs})
+    if len(used) != len(planned_items):
+        remap = {old: new for new, old in enumerate(used)}
+        segs = [(remap[i], r, o, n) for i, r, o, n in segs]
+        planned_items = [planned_items[i] for i in used]
+    segs.sort(key=lambda seg: seg[2])
+    return np.array(segs, dtype=np.int64).reshape(len(segs), 4), planned_items
+
+
+def _clip_vectorised(planned_items, run_blocks, win_lo, win_hi, base):
+    """Clip runs to their windows with a fixed number of numpy operations."""
     counts = np.fromiter((len(b) for b in run_blocks), np.int64, len(run_blocks))
     owner = np.repeat(np.arange(len(run_blocks)), counts)
     runs = np.concatenate(run_blocks)
@@ -123,12 +153,11 @@ def plan_batch(requests: Sequence[Request]) -> Plan:
         clip_hi - clip_lo,
     ), axis=1)
 
-    # Items whose runs all fell outside the chunk (only positions with mask False inside).
-    used = np.unique(owner)
-    if len(used) != len(planned_items):
+    # Items whose runs all fell outside the chunk (a gap between spans, or mask-False rows).
+    used = None if keep.all() else np.unique(owner)
+    if used is not None and len(used) != len(planned_items):
         remap = np.full(len(planned_items), -1, np.int64)
         remap[used] = np.arange(len(used))
         segments[:, 0] = remap[segments[:, 0]]
         planned_items = [planned_items[i] for i in used.tolist()]
-    segments = segments[np.argsort(segments[:, 2], kind="stable")]
-    return Plan(planned_items, segments, row, starts)
+    return segments[np.argsort(segments[:, 2], kind="stable")], planned_items
