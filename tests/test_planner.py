@@ -94,3 +94,12 @@ def test_planning_work_grows_with_items_not_tokens(n_items):
     plan = plan_batch([Request(items, 0, n_items * 5000)])
     assert plan.segments.shape == (n_items, 4)
     assert np.array_equal(plan.segments[:, 3], np.full(n_items, 4096))
+
+
+@given(batch=batches(max_requests=6))
+def test_small_and_vectorised_planning_agree(batch):
+    small = plan_batch(batch.requests, small_runs=10**9)
+    vectorised = plan_batch(batch.requests, small_runs=-1)
+    assert np.array_equal(small.segments, vectorised.segments)
+    assert [(p.request, p.item.key) for p in small.items] == [
+        (p.request, p.item.key) for p in vectorised.items]

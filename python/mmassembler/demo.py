@@ -44,11 +44,14 @@ class TinyVisionEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = self.embed(image[None])  # [1, C, gh, gw]
-        _, c, gh, gw = x.shape
-        x = self.blocks(x.flatten(2).transpose(1, 2))  # [1, gh*gw, C]
-        x = x.reshape(gh // 2, 2, gw // 2, 2, c).permute(0, 2, 1, 3, 4).reshape(-1, 4 * c)
-        return self.merge(x)
+        """``[3, h, w]`` -> ``[rows, hidden]``; a same-size batch ``[B, 3, h, w]`` -> ``[B, rows, hidden]``."""
+        single = image.dim() == 3
+        x = self.embed(image[None] if single else image)  # [B, C, gh, gw]
+        b, c, gh, gw = x.shape
+        x = self.blocks(x.flatten(2).transpose(1, 2))  # [B, gh*gw, C]
+        x = x.reshape(b, gh // 2, 2, gw // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, 4 * c)
+        x = self.merge(x)
+        return x[0] if single else x
 
 
 @dataclass

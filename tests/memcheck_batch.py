@@ -1,0 +1,43 @@
+"""A test batch for ``compute-sanitizer --tool memcheck`` (not collected by pytest).
+
+Largest hidden size, ragged tails (rows and columns that do not fill a block), strided and
+mixed-dtype sources, fused and scatter mode, deepstack; each checked against the reference.
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python3 tests/memcheck_batch.py
+"""
+
+import torch
+
+from mmkernels import embed_and_gather, embed_and_gather_ref, gather_rows, gather_rows_ref, prepare_segments
+
+
+def main() -> None:
+    dev = "cuda"
+    g = torch.Generator().manual_seed(0)
+    for hidden, ds in ((8192, 0), (3584, 7168), (1000, 0), (17, 34)):
+        srcs = [torch.randn(37, hidden + ds + 3, generator=g).bfloat16().to(dev)[:, : hidden + ds],
+                torch.randn(300, hidden + ds, generator=g).to(dev),
+                torch.randn(5, hidden, generator=g).half().to(dev)]
+        segs = [(0, 1, 3, 36), (1, 0, 41, 299), (2, 4, 345, 1), (1, 299, 400, 1)]
+        n = 403
+        w = torch.randn(77, hidden, generator=g).bfloat16().to(dev)
+        ids = torch.randint(-3, 90, (n,), generator=g).to(dev)
+        for block_rows in (None, 1, 64):
+            dso = torch.zeros(n, ds, device=dev).bfloat16() if ds else None
+            dsr = torch.zeros(n, ds, device=dev).bfloat16() if ds else None
+            got = embed_and_gather(ids, w, srcs, segs, deepstack_out=dso, block_rows=block_rows,
+                                   backend="triton")
+            want = embed_and_gather_ref(ids, w, srcs, prepare_segments(segs, srcs, n),
+                                        deepstack_out=dsr)
+            assert torch.equal(got, want) and (ds == 0 or torch.equal(dso, dsr))
+            out = torch.randn(n, hidden, generator=g).bfloat16().to(dev)
+            ref = out.clone()
+            gather_rows(out, srcs, segs, deepstack_out=dso, block_rows=block_rows, backend="triton")
+            gather_rows_ref(ref, srcs, prepare_segments(segs, srcs, n), deepstack_out=dsr)
+            assert torch.equal(out, ref) and (ds == 0 or torch.equal(dso, dsr))
+    torch.cuda.synchronize()
+    print("memcheck batch: all launches matched the reference")
+
+
+if __name__ == "__main__":
+    main()
