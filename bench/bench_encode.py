@@ -34,7 +34,8 @@ def build(device: str, requests: int = 16, images: int = 2, seed: int = 0):
             h, w = SIZES[int(torch.randint(len(SIZES), (1,), generator=g))]
             rows = TinyVisionEncoder.rows_for(h, w, patch=14)
             key += 1
-            items.append(Item(key, [(pos, pos + rows - 1)], data=torch.randn(3, h, w, generator=g).to(device)))
+            pixels = torch.randn(3, h, w, generator=g).to(device)
+            items.append(Item(key, [(pos, pos + rows - 1)], data=pixels))
             pos += rows
         reqs.append(Request(items, 0, pos + 20))
     n = sum(r.extend_len for r in reqs)

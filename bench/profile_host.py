@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-import mmkernels
 from bench.harness import host_time_us, wall_time_us
 from bench.scenarios import PLANNING_256, SCENARIOS, build
 from mmassembler import assemble, plan_batch

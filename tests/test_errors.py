@@ -33,6 +33,7 @@ CASES = [
      SpanError, 1, 8),
     ("embed_mask length", Request([_item(embed_mask=[True, False])], 0, 8), EmbedMaskError, 1, 7),
     ("negative prefix", Request([_item()], -1, 8), ChunkWindowError, 1, None),
+    ("negative extend", Request([_item()], 0, -2), ChunkWindowError, 1, None),
     ("window past the prompt", Request([_item()], 4, 8, prompt_len=10), ChunkWindowError, 1, None),
     ("precomputed rows", Request([_item(embedding=torch.ones(2, H))], 0, 8), RowCountError, 1, 7),
     ("hidden size", Request([_item(embedding=torch.ones(3, H + 1))], 0, 8),

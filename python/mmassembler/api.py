@@ -82,12 +82,11 @@ def assemble(
     """
     if (weight is None) == (out is None):
         raise BatchShapeError("pass exactly one of weight (fused mode) and out (scatter mode)")
-    num_tokens = 0
     for r, req in enumerate(requests):
         if not isinstance(req, Request):
             raise BatchShapeError(f"requests[{r}] is a {type(req).__name__}, not a Request")
-        if isinstance(req.extend_len, int) and req.extend_len > 0:
-            num_tokens += req.extend_len
+    plan = plan_batch(requests)  # checks windows and spans
+    num_tokens = plan.num_tokens
     if weight is not None:
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] == 0:
             raise BatchShapeError("weight must be a 2-D [vocab, hidden] tensor with vocab >= 1")
@@ -105,7 +104,6 @@ def assemble(
             raise BatchShapeError("input_ids must be a 1-D int32/int64 tensor")
         if input_ids.device != device:
             raise BatchShapeError(f"input_ids are on {input_ids.device}, the embeddings on {device}")
-    plan = plan_batch(requests)  # checks windows and spans
     if input_ids is not None and input_ids.shape[0] != plan.num_tokens:
         raise BatchShapeError(f"input_ids has {input_ids.shape[0]} tokens but the requests' "
                               f"extend lengths add up to {plan.num_tokens}")

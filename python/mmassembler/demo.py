@@ -44,7 +44,7 @@ class TinyVisionEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """``[3, h, w]`` -> ``[rows, hidden]``; a same-size batch ``[B, 3, h, w]`` -> ``[B, rows, hidden]``."""
+        """``[3, h, w]`` -> ``[rows, hidden]``; a same-size batch ``[B, 3, h, w]`` -> ``[B, rows, H]``."""
         single = image.dim() == 3
         x = self.embed(image[None] if single else image)  # [B, C, gh, gw]
         b, c, gh, gw = x.shape
