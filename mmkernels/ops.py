@@ -219,11 +219,13 @@ def prepare_launch(
     weight: torch.Tensor | None = None,
     *,
     interpreted: bool = False,
+    block_rows: int | None = None,
     config: LaunchConfig | None = None,
 ) -> PreparedLaunch:
     """Build the metadata and send it up in one non-blocking copy from pinned memory.
 
     ``segs`` must come from ``prepare_segments``; fused mode when ``weight`` is given.
+    ``config`` (benchmarks' sweeps) overrides the heuristic and ``block_rows``.
     """
     import triton
 
@@ -231,7 +233,7 @@ def prepare_launch(
     fused = weight is not None
     hidden = out.shape[1]
     ds_cols = deepstack_out.shape[1] if deepstack_out is not None else 0
-    cfg = config or launch_config(hidden, ds_cols, interpreted)
+    cfg = config or launch_config(hidden, ds_cols, interpreted, block_rows)
     plan = build_plan(segs, sources, cfg.block_rows, hidden, out.shape[0] if fused else None)
     meta = torch.from_numpy(plan.meta)
     if out.is_cuda:
@@ -263,15 +265,6 @@ def prepare_launch(
         num_warps=cfg.num_warps,
     )
     return PreparedLaunch(args, constexprs, grid, sources, meta)
-
-
-def _launch(out, deepstack_out, sources, segs, input_ids, weight, interpreted, block_rows) -> None:
-    """Prepare and run one launch (the path every public op takes)."""
-    hidden = out.shape[1]
-    ds_cols = deepstack_out.shape[1] if deepstack_out is not None else 0
-    cfg = launch_config(hidden, ds_cols, interpreted, block_rows)
-    prepare_launch(out, deepstack_out, sources, segs, input_ids, weight, interpreted=interpreted,
-                   config=cfg).run()
 
 
 def _check_deepstack(deepstack_out: torch.Tensor | None, out: torch.Tensor) -> int:
@@ -406,5 +399,6 @@ def _run(which, out, deepstack_out, sources, segs, input_ids, weight, block_rows
             return gather_rows_ref(out, sources, segs, deepstack_out=deepstack_out)
         return embed_and_gather_ref(input_ids, weight, sources, segs, out=out,
                                     deepstack_out=deepstack_out)
-    _launch(out, deepstack_out, sources, segs, input_ids, weight, which == "interpreter", block_rows)
+    prepare_launch(out, deepstack_out, sources, segs, input_ids, weight,
+                   interpreted=which == "interpreter", block_rows=block_rows).run()
     return out
