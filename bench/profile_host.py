@@ -21,16 +21,19 @@ from mmkernels.ops import build_plan, launch_config, prepare_launch
 def profile(b) -> dict:
     dev, dtype, hidden, n = b.out.device, b.out.dtype, b.out.shape[1], b.out.shape[0]
     plan = plan_batch(b.requests)
-    sources = resolve_sources(plan, encoders=None, cache=None, device=dev, dtype=dtype, widths=(hidden,))
+    sources, info = resolve_sources(plan, encoders=None, cache=None, device=dev, dtype=dtype,
+                                    widths=(hidden,))
     cfg = launch_config(hidden, 0, False)
-    kplan = build_plan(plan.segments, sources, cfg.block_rows, hidden, n)
+    kplan = build_plan(plan.segments, sources, cfg.block_rows, hidden, n, info=info)
     meta = torch.from_numpy(kplan.meta)
-    prepared = prepare_launch(b.out.clone(), None, sources, plan.segments, b.input_ids, b.weight)
+    prepared = prepare_launch(b.out.clone(), None, sources, plan.segments, b.input_ids, b.weight,
+                              info=info)
     row = dict(
         plan=host_time_us(lambda: plan_batch(b.requests)),
         sources=host_time_us(lambda: resolve_sources(plan, encoders=None, cache=None, device=dev,
                                                      dtype=dtype, widths=(hidden,))),
-        metadata=host_time_us(lambda: build_plan(plan.segments, sources, cfg.block_rows, hidden, n)),
+        metadata=host_time_us(lambda: build_plan(plan.segments, sources, cfg.block_rows, hidden, n,
+                                                 info=info)),
         upload=host_time_us(lambda: meta.pin_memory().to(dev, non_blocking=True)),
         launch=host_time_us(prepared.run),
         wall=wall_time_us(lambda: assemble(b.requests, b.input_ids, weight=b.weight)),

@@ -60,11 +60,15 @@ def triton_next_pow2(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
 
+def source_info(t: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """What the metadata needs of a source: address, row stride (elements), element size,
+    kind code, columns. The host layer keeps these for sources it sees again."""
+    return (t.data_ptr(), t.stride(0), t.element_size(), _KIND_CODE[t.dtype], t.shape[1])
+
+
 def _source_info(sources: Sequence[torch.Tensor]) -> np.ndarray:
-    """``[n, 5]`` int64: address, row stride (elements), element size, kind code, columns."""
-    rows = [(t.data_ptr(), t.stride(0), t.element_size(), _KIND_CODE[t.dtype], t.shape[1])
-            for t in sources]
-    return np.array(rows, dtype=np.int64).reshape(len(rows), 5)
+    """``[n, 5]`` int64 ``source_info`` of every source."""
+    return np.array([source_info(t) for t in sources], dtype=np.int64).reshape(len(sources), 5)
 
 
 @dataclass
@@ -85,35 +89,38 @@ SMALL_SEGMENTS = 32  # up to this many segments, plain Python beats numpy's fixe
 def build_plan(
     segs: np.ndarray, sources: Sequence[torch.Tensor], block_rows: int, hidden: int,
     num_out_rows: int | None = None, *, small: int = SMALL_SEGMENTS,
+    info: np.ndarray | None = None,
 ) -> KernelPlan:
     """The kernel's metadata from checked, sorted segments (see ``_build_plan_numpy``).
 
     Small tables are built in plain Python, large ones with numpy; both give the same
-    table (a property test holds them to it), ``small`` picks the crossover.
+    table (a property test holds them to it), ``small`` picks the crossover. ``info``
+    is the sources' ``[n, 5]`` ``source_info`` when the caller already has it.
     """
     if len(segs) <= small:
-        return _build_plan_python(segs, sources, block_rows, hidden, num_out_rows)
-    return _build_plan_numpy(segs, sources, block_rows, hidden, num_out_rows)
+        return _build_plan_python(segs, sources, block_rows, hidden, num_out_rows, info)
+    if info is None:
+        info = _source_info(sources)
+    return _build_plan_numpy(segs, sources, block_rows, hidden, num_out_rows, info)
 
 
-def _build_plan_python(segs, sources, block_rows, hidden, num_out_rows) -> KernelPlan:
+def _build_plan_python(segs, sources, block_rows, hidden, num_out_rows, info=None) -> KernelPlan:
     """``_build_plan_numpy`` for a few segments, one Python pass and one array at the end."""
     k = _kernel_module()
     text = int(k.KIND_TEXT)
-    anchors, anchor_addr, info = {}, {}, []
-    for t in sources:
-        addr, kind = t.data_ptr(), _KIND_CODE[t.dtype]
+    rows_info = info.tolist() if info is not None else [source_info(t) for t in sources]
+    anchors, anchor_addr, table_src = {}, {}, []
+    for t, (addr, stride, esize, kind, ncols) in zip(sources, rows_info):
         if kind not in anchors:
             anchors[kind], anchor_addr[kind] = t, addr
-        esize = t.element_size()
         delta = addr - anchor_addr[kind]
         if delta % esize:
             raise ValueError("Invalid sources: a source address is not aligned to its element size")
-        info.append((delta // esize, t.stride(0), esize, kind, t.shape[1]))
+        table_src.append((delta // esize, stride, esize, kind, ncols))
     fused = num_out_rows is not None
     table, end = [], 0  # entries: (out row, rows, offset, stride, kind, cols, element size)
     for src, src_row, out_row, rows in segs.tolist():
-        off, stride, esize, kind, cols = info[src]
+        off, stride, esize, kind, cols = table_src[src]
         if fused and out_row > end:
             table.append((end, out_row - end, 0, 0, text, 0, 16))
         table.append((out_row, rows, off + src_row * stride, stride, kind, cols, esize))
@@ -137,7 +144,7 @@ def _build_plan_python(segs, sources, block_rows, hidden, num_out_rows) -> Kerne
 
 def _build_plan_numpy(
     segs: np.ndarray, sources: Sequence[torch.Tensor], block_rows: int, hidden: int,
-    num_out_rows: int | None = None,
+    num_out_rows: int | None, info: np.ndarray,
 ) -> KernelPlan:
     """Build the kernel's metadata from checked, sorted segments.
 
@@ -148,7 +155,6 @@ def _build_plan_numpy(
     """
     k = _kernel_module()
     text = int(k.KIND_TEXT)
-    info = _source_info(sources)
     kinds, first = np.unique(info[:, 3], return_index=True)
     anchors = {c: sources[i] for c, i in zip(kinds.tolist(), first.tolist())}
     anchor_addr = np.zeros(text + 1, np.int64)
@@ -221,6 +227,7 @@ def prepare_launch(
     interpreted: bool = False,
     block_rows: int | None = None,
     config: LaunchConfig | None = None,
+    info: np.ndarray | None = None,
 ) -> PreparedLaunch:
     """Build the metadata and send it up in one non-blocking copy from pinned memory.
 
@@ -234,7 +241,8 @@ def prepare_launch(
     hidden = out.shape[1]
     ds_cols = deepstack_out.shape[1] if deepstack_out is not None else 0
     cfg = config or launch_config(hidden, ds_cols, interpreted, block_rows)
-    plan = build_plan(segs, sources, cfg.block_rows, hidden, out.shape[0] if fused else None)
+    plan = build_plan(segs, sources, cfg.block_rows, hidden, out.shape[0] if fused else None,
+                      info=info)
     meta = torch.from_numpy(plan.meta)
     if out.is_cuda:
         meta = meta.pin_memory().to(out.device, non_blocking=True)
@@ -286,6 +294,7 @@ def gather_rows(
     backend: str = "auto",
     block_rows: int | None = None,
     validate: bool = True,
+    info: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Scatter mode: copy each segment's rows from its source into ``out``, in place.
 
@@ -311,6 +320,9 @@ def gather_rows(
     validate : bool
         check sources and segments (default). The host layer passes False: it has
         checked the same things itself and hands over segments sorted by output row.
+    info : numpy.ndarray, optional
+        shape ``[len(sources), 5]``: each source's ``source_info``, when the caller keeps
+        it (reading it off many tensors is most of the host time of a large batch).
 
     Example
     -------
@@ -326,7 +338,7 @@ def gather_rows(
     else:
         segs = segments
     return _run(resolve_backend(backend, out.device), out, deepstack_out, sources, segs, None, None,
-                block_rows)
+                block_rows, info)
 
 
 def embed_and_gather(
@@ -340,6 +352,7 @@ def embed_and_gather(
     backend: str = "auto",
     block_rows: int | None = None,
     validate: bool = True,
+    info: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Fused mode: token lookup for text rows and segment rows, one pass over the output.
 
@@ -370,7 +383,7 @@ def embed_and_gather(
         if out is None:
             out = torch.empty((n, hidden), dtype=weight.dtype, device=weight.device)
         return _run(resolve_backend(backend, out.device), out, deepstack_out, sources, segments,
-                    input_ids, weight, block_rows)
+                    input_ids, weight, block_rows, info)
     if input_ids.dim() != 1 or input_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"Invalid input_ids: expected a 1-D int32/int64 tensor, got "
                          f"{input_ids.dtype} of shape {list(input_ids.shape)}")
@@ -389,10 +402,11 @@ def embed_and_gather(
     check_sources(sources, out.device, hidden, ds_cols)
     segs = prepare_segments(segments, sources, n)
     return _run(resolve_backend(backend, out.device), out, deepstack_out, sources, segs, input_ids,
-                weight, block_rows)
+                weight, block_rows, info)
 
 
-def _run(which, out, deepstack_out, sources, segs, input_ids, weight, block_rows) -> torch.Tensor:
+def _run(which, out, deepstack_out, sources, segs, input_ids, weight, block_rows,
+         info=None) -> torch.Tensor:
     """Run checked, sorted segments on the chosen backend; fused mode when ``weight`` is set."""
     if which == "torch":
         if weight is None:
@@ -400,5 +414,5 @@ def _run(which, out, deepstack_out, sources, segs, input_ids, weight, block_rows
         return embed_and_gather_ref(input_ids, weight, sources, segs, out=out,
                                     deepstack_out=deepstack_out)
     prepare_launch(out, deepstack_out, sources, segs, input_ids, weight,
-                   interpreted=which == "interpreter", block_rows=block_rows).run()
+                   interpreted=which == "interpreter", block_rows=block_rows, info=info).run()
     return out

@@ -97,9 +97,41 @@ def test_planning_work_grows_with_items_not_tokens(n_items):
 
 
 @given(batch=batches(max_requests=6))
-def test_small_and_vectorised_planning_agree(batch):
-    small = plan_batch(batch.requests, small_runs=10**9)
-    vectorised = plan_batch(batch.requests, small_runs=-1)
+def test_walked_and_indexed_planning_agree(batch):
+    small = plan_batch(batch.requests, small_runs=10**9, path="walk")
+    vectorised = plan_batch(batch.requests, small_runs=-1, path="walk")
+    indexed = plan_batch(batch.requests, path="index")
     assert np.array_equal(small.segments, vectorised.segments)
     assert [(p.request, p.item.key) for p in small.items] == [
         (p.request, p.item.key) for p in vectorised.items]
+    assert _by_item(indexed) == _by_item(small)  # the index lists items in position order
+
+
+def _by_item(plan):
+    """Segments with the planned item replaced by (request, key): independent of item order."""
+    keys = [(p.request, p.item.key) for p in plan.items]
+    assert len(set(keys)) == len(keys) and set(plan.segments[:, 0].tolist()) == set(range(len(keys)))
+    return [(keys[i], r, o, n) for i, r, o, n in plan.segments.tolist()]
+
+
+@given(batch=batches(max_requests=4))
+def test_indexed_plan_matches_oracle_across_chunks(batch):
+    # a request advanced with with_window keeps its index and stays exact in every chunk
+    weight = torch.randn(batch.vocab, batch.hidden).to(batch.out_dtype)
+    for req in batch.requests:
+        if req.prompt_len == 0:
+            continue
+        cut = req.prompt_len // 2
+        first = Request(req.items, 0, cut, prompt_len=req.prompt_len)
+        chunk = first
+        for step in range(2):
+            if step:  # the next chunk, built after the first was planned (and indexed)
+                chunk = first.with_window(cut, req.prompt_len - cut)
+            ids = torch.randint(-2, batch.vocab + 2, (chunk.extend_len,))
+            plan = plan_batch([chunk], path="index")
+            walked = plan_batch([chunk], path="walk")
+            assert _by_item(plan) == _by_item(walked)
+            got = assemble([chunk], ids, weight=weight, backend="torch")
+            want, _ = assemble_oracle([chunk], ids, _embedding, weight=weight)
+            assert torch.equal(got, want)
+        assert chunk._index is first._index is not None

@@ -115,13 +115,13 @@ def assemble(
                                   f"{deepstack_out.dtype} on {deepstack_out.device}")
         ds_cols = deepstack_out.shape[1]
     widths = (hidden, hidden + ds_cols)
-    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    sources = resolve_sources(plan, encoders=encoders, cache=cache, device=device, dtype=dtype,
-                              widths=widths, stream=stream)
+    stream = torch.cuda.current_stream(device) if cache is not None and device.type == "cuda" else None
+    sources, info = resolve_sources(plan, encoders=encoders, cache=cache, device=device,
+                                    dtype=dtype, widths=widths, stream=stream)
     # Everything the device layer would check is checked: skip its second pass.
     if weight is not None:
         return mmkernels.embed_and_gather(input_ids, weight, sources, plan.segments,
                                           deepstack_out=deepstack_out, backend=backend,
-                                          block_rows=block_rows, validate=False)
+                                          block_rows=block_rows, validate=False, info=info)
     return mmkernels.gather_rows(out, sources, plan.segments, deepstack_out=deepstack_out,
-                                 backend=backend, block_rows=block_rows, validate=False)
+                                 backend=backend, block_rows=block_rows, validate=False, info=info)

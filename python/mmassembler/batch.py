@@ -86,6 +86,21 @@ class Request:
     prefix_len: int
     extend_len: int
     prompt_len: int | None = None
+    # The planner's per-request index (runs of all items in position order), built on
+    # first use; ``with_window`` hands it to the request's next chunk.
+    _index: Any = field(default=None, init=False, repr=False, compare=False)
+    _layouts: Any = field(default=None, init=False, repr=False, compare=False)  # checked, cached
+
+    def with_window(self, prefix_len: int, extend_len: int) -> "Request":
+        """The same request and items at another chunk window, keeping the planner's index.
+
+        Engines that keep a request across prefill chunks call this instead of building a
+        new ``Request``, so per-request planning work is done once, not every chunk.
+        """
+        nxt = Request(self.items, prefix_len, extend_len, self.prompt_len)
+        object.__setattr__(nxt, "_index", self._index)
+        object.__setattr__(nxt, "_layouts", self._layouts)
+        return nxt
 
 
 def _as_int(value, what: str, request: int | None, key: int | None) -> int:

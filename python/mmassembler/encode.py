@@ -13,13 +13,15 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from mmassembler.batch import Item
 from mmassembler.cache import EmbeddingCache
 from mmassembler.errors import (EmbeddingFormatError, EncoderOutputError, MissingEncoderError,
                                 RowCountError)
-from mmassembler.planner import Plan
+from mmassembler.planner import IndexedGroup, Plan, PlannedItem
+from mmkernels.ops import source_info
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +140,53 @@ def _split(result, call: list[_Need], modality: str, widths: Sequence[int]) -> l
     return parts
 
 
+def _precomputed(p, widths: Sequence[int], device: torch.device) -> tuple[torch.Tensor, tuple]:
+    """A planned item's precomputed embedding as checked rows and its kernel source info.
+
+    Checked once per item and (widths, device); the row count is checked every time.
+    """
+    item, rows = p.item, p.layout.num_rows
+    memo = item._checked_embedding
+    if memo is not None and memo[0] == widths and memo[1] == device:
+        t, info = memo[2], memo[3]
+    else:
+        t = as_rows(item.embedding, widths, request=p.request, key=item.key,
+                    what="the precomputed embedding")
+        if t.device != device:
+            raise EmbeddingFormatError(f"the precomputed embedding is on {t.device}, the "
+                                       f"output on {device}", request=p.request, item_key=item.key)
+        info = source_info(t)
+        object.__setattr__(item, "_checked_embedding", (widths, device, t, info))
+    if t.shape[0] != rows:
+        raise RowCountError(f"the precomputed embedding has {t.shape[0]} rows but the item's "
+                            f"placeholders take {rows}", request=p.request,
+                            item_key=item.key, expected=rows, returned=t.shape[0])
+    return t, info
+
+
+def _bulk(group: IndexedGroup, request: int, widths, device):
+    """Sources and info of a whole indexed request whose items are all precomputed.
+
+    Built once per request index and (widths, device), so a chunk of such a request
+    costs two list/array slices; ``None`` when some item needs the cache or an encoder.
+    """
+    idx = group.index
+    bulk = idx.bulk
+    if bulk is None or bulk[0] != widths or bulk[1] != device:
+        if not all(it.embedding is not None for it in idx.items):
+            bulk = (widths, device, None, None)
+        else:
+            pairs = [_precomputed(PlannedItem(request, it, lay), widths, device)
+                     for it, lay in zip(idx.items, idx.layouts)]
+            bulk = (widths, device, [t for t, _ in pairs],
+                    np.array([i for _, i in pairs], dtype=np.int64).reshape(len(pairs), 5))
+        idx.bulk = bulk
+    if bulk[2] is None:
+        return None
+    j0, j1 = group.j0, group.j0 + group.count
+    return bulk[2][j0:j1], bulk[3][j0:j1]
+
+
 def resolve_sources(
     plan: Plan,
     *,
@@ -147,34 +196,33 @@ def resolve_sources(
     dtype: torch.dtype,
     widths: Sequence[int],
     stream=None,
-) -> list[torch.Tensor]:
+) -> tuple[list[torch.Tensor], np.ndarray]:
     """One source tensor per planned item, encoding what is neither given nor cached.
 
-    ``stream`` is the CUDA stream the launch will use (``None`` on CPU). Raises before
-    any change to the cache when anything is off.
+    Returns the sources and their ``[n, 5]`` kernel source info (``mmkernels.ops.
+    source_info``). ``stream`` is the CUDA stream the launch will use (``None`` on CPU).
+    Raises before any change to the cache when anything is off.
     """
-    sources: list[torch.Tensor | None] = [None] * len(plan.items)
+    widths = tuple(widths)
+    n = len(plan.items)
+    sources: list[torch.Tensor | None] = [None] * n
+    infos: list[tuple | None] = [None] * n
+    bulk_info: list[tuple[int, np.ndarray]] = []
+    covered = bytearray(n)
+    for g in plan.groups:
+        found = _bulk(g, plan.items[g.first].request, widths, device)
+        if found is not None:
+            sources[g.first:g.first + g.count] = found[0]
+            bulk_info.append((g.first, found[1]))
+            covered[g.first:g.first + g.count] = b"\x01" * g.count
     pending: dict[str, dict[int, _Need]] = {}
     lookups: list[tuple[int, int]] = []
     for i, p in enumerate(plan.items):
+        if covered[i]:
+            continue
         item, rows = p.item, p.layout.num_rows
         if item.embedding is not None:
-            memo = item._checked_embedding
-            if memo is not None and memo[0] == widths and memo[1] == device:
-                t = memo[2]
-            else:
-                t = as_rows(item.embedding, widths, request=p.request, key=item.key,
-                            what="the precomputed embedding")
-                if t.device != device:
-                    raise EmbeddingFormatError(f"the precomputed embedding is on {t.device}, the "
-                                               f"output on {device}", request=p.request,
-                                               item_key=item.key)
-                object.__setattr__(item, "_checked_embedding", (widths, device, t))
-            if t.shape[0] != rows:
-                raise RowCountError(f"the precomputed embedding has {t.shape[0]} rows but the item's "
-                                    f"placeholders take {rows}", request=p.request,
-                                    item_key=item.key, expected=rows, returned=t.shape[0])
-            sources[i] = t
+            sources[i], infos[i] = _precomputed(p, widths, device)
             continue
         by_key = pending.setdefault(item.modality, {})
         need = by_key.get(item.key)
@@ -226,4 +274,12 @@ def resolve_sources(
             sources[i] = t
         if cache is not None and cache.put(need.key, t) and stream is not None:
             cache.record_use(need.key, stream)
-    return sources
+
+    info = np.empty((n, 5), dtype=np.int64)
+    for first, block in bulk_info:
+        info[first:first + len(block)] = block
+    n_bulk = sum(len(block) for _, block in bulk_info)
+    rest = range(n) if not n_bulk else [i for i in range(n) if not covered[i]] if n_bulk < n else []
+    if len(rest):
+        info[rest] = [infos[i] if infos[i] is not None else source_info(sources[i]) for i in rest]
+    return sources, info
