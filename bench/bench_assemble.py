@@ -1,6 +1,7 @@
 """Ours (fused, scatter) vs the engines' usual paths vs the copy floor, per scenario.
 
-    python -m bench.bench_assemble [--scenario NAME ...] [--sweep] [--save_path DIR]
+Measurement pieces for ``python -m bench`` (bench/run.py); ``python -m bench.bench_assemble``
+runs the kernel scenarios.
 
 The floor is the bytes a mode must move over the measured device-to-device copy bandwidth:
 fused mode reads and writes N x H (every output row), scatter mode M x H (multimodal rows).
@@ -8,24 +9,15 @@ fused mode reads and writes N x H (every output row), scatter mode M x H (multim
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import logging
-import platform
-from pathlib import Path
-
 import torch
 
 import mmkernels
 from bench.baselines import BASELINES
-from bench.harness import copy_bandwidth, gpu_time_us, host_time_us, wall_time_us
-from bench.scenarios import PLANNING_256, SCENARIOS, Built, build
+from bench.harness import gpu_time_us, host_time_us, wall_time_us
+from bench.scenarios import Built
 from mmassembler import Request, assemble, plan_batch
 from mmassembler.encode import resolve_sources
 from mmkernels.ops import LaunchConfig, build_plan, launch_config, prepare_launch
-
-logger = logging.getLogger("bench")
 
 
 def prepared(b: Built, mode: str, config: LaunchConfig | None = None):
@@ -61,36 +53,50 @@ def host_planning_us(b: Built, fresh_requests: bool = False) -> float:
     return host_time_us(plan_only)
 
 
-def verify(b: Built) -> bool:
+def verify(b: Built, backend: str = "auto") -> bool:
     """One-shot equality of every provider against the torch reference before timing."""
     ref = assemble(b.requests, b.input_ids, weight=b.weight, backend="torch")
-    ok = torch.equal(assemble(b.requests, b.input_ids, weight=b.weight), ref)
-    ok &= torch.equal(assemble(b.requests, b.input_ids, out=b.out.clone()), ref)
+    ok = torch.equal(assemble(b.requests, b.input_ids, weight=b.weight, backend=backend), ref)
+    ok &= torch.equal(assemble(b.requests, b.input_ids, out=b.out.clone(), backend=backend), ref)
     for fn in BASELINES.values():
         ok &= torch.equal(fn(b.requests, b.input_ids, b.weight), ref)
     return bool(ok)
 
 
-def measure(b: Built, bw: float) -> dict:
+def measure(b: Built, bw: float, *, modes=("fused", "scatter"), backend: str = "auto",
+            repeat: int = 100) -> dict:
+    """Every figure of one scenario: floors, GPU and wall times of ours and the baselines.
+
+    GPU times (``gpu_*``) only on CUDA with a Triton backend for ours; ``None`` otherwise.
+    """
+    device = b.out.device.type
+    cuda = device == "cuda"
     esize = b.out.element_size()
     hidden = b.out.shape[1]
-    floor_fused = 2 * b.num_tokens * hidden * esize / bw * 1e6  # read + write N x H
-    floor_scatter = 2 * b.num_mm_rows * hidden * esize / bw * 1e6  # read + write M x H
-    fused, scatter = prepared(b, "fused"), prepared(b, "scatter")
     buf = b.out.clone()
     row = dict(
         scenario=b.scenario.name, tokens=b.num_tokens, mm_rows=b.num_mm_rows, hidden=hidden,
-        items=sum(len(r.items) for r in b.requests),
-        floor_fused_us=floor_fused, floor_scatter_us=floor_scatter,
-        gpu_fused_us=gpu_time_us(fused.run), gpu_scatter_us=gpu_time_us(scatter.run),
-        wall_fused_us=wall_time_us(lambda: assemble(b.requests, b.input_ids, weight=b.weight)),
-        wall_scatter_us=wall_time_us(lambda: assemble(b.requests, b.input_ids, out=buf)),
+        items=sum(len(r.items) for r in b.requests), requests=len(b.requests),
+        floor_fused_us=2 * b.num_tokens * hidden * esize / bw * 1e6,  # read + write N x H
+        floor_scatter_us=2 * b.num_mm_rows * hidden * esize / bw * 1e6,  # read + write M x H
         host_planning_us=host_planning_us(b),
         host_planning_fresh_us=host_planning_us(b, fresh_requests=True),
     )
+    ours_on_gpu = cuda and mmkernels.resolve_backend(backend, b.out.device) == "triton"
+    calls = {
+        "fused": lambda: assemble(b.requests, b.input_ids, weight=b.weight, backend=backend),
+        "scatter": lambda: assemble(b.requests, b.input_ids, out=buf, backend=backend),
+    }
+    for mode in ("fused", "scatter"):
+        run = mode in modes
+        row[f"gpu_{mode}_us"] = gpu_time_us(prepared(b, mode).run) if run and ours_on_gpu else None
+        row[f"wall_{mode}_us"] = wall_time_us(calls[mode], repeat=repeat, device=device) if run else None
     for name, fn in BASELINES.items():
-        row[f"wall_{name}_us"] = wall_time_us(lambda fn=fn: fn(b.requests, b.input_ids, b.weight))
-        row[f"gpu_{name}_us"] = gpu_time_us(lambda fn=fn: fn(b.requests, b.input_ids, b.weight))
+        def call(fn=fn):
+            return fn(b.requests, b.input_ids, b.weight)
+
+        row[f"wall_{name}_us"] = wall_time_us(call, repeat=repeat, device=device)
+        row[f"gpu_{name}_us"] = gpu_time_us(call) if cuda else None
     return row
 
 
@@ -108,63 +114,7 @@ def sweep(b: Built, mode: str) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    head = ["scenario", "mm rows", "fused floor", "fused gpu", "/floor", "fused wall",
-            "scatter floor", "scatter gpu", "/floor", "scatter wall", "masked_scatter gpu",
-            "masked_scatter wall", "base/ours wall", "plan us", "plan (new req)"]
-    lines = [head]
-    for r in rows:
-        lines.append([
-            r["scenario"], str(r["mm_rows"]), f"{r['floor_fused_us']:.1f}", f"{r['gpu_fused_us']:.1f}",
-            f"{r['gpu_fused_us'] / r['floor_fused_us']:.2f}", f"{r['wall_fused_us']:.1f}",
-            f"{r['floor_scatter_us']:.1f}", f"{r['gpu_scatter_us']:.1f}",
-            f"{r['gpu_scatter_us'] / r['floor_scatter_us']:.2f}", f"{r['wall_scatter_us']:.1f}",
-            f"{r['gpu_masked_scatter_us']:.1f}", f"{r['wall_masked_scatter_us']:.1f}",
-            f"{r['wall_masked_scatter_us'] / r['wall_fused_us']:.1f}x", f"{r['host_planning_us']:.1f}",
-            f"{r['host_planning_fresh_us']:.1f}"])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join(" | ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+if __name__ == "__main__":  # the kernel issue's scenarios, as before: python -m bench.bench_assemble
+    from bench.run import main
 
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--scenario", nargs="*", help="substrings of scenario names (default: all)")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--sweep", action="store_true", help="also sweep launch configurations")
-    ap.add_argument("--save_path", default=None, help="folder for the JSON results")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    dtype = getattr(torch, args.dtype)
-    scenarios = [s for s in SCENARIOS + [PLANNING_256]
-                 if not args.scenario or any(k in s.name for k in args.scenario)]
-    bw = copy_bandwidth()
-    logger.info("device %s, copy bandwidth %.0f GB/s (read + write)", torch.cuda.get_device_name(),
-                bw / 1e9)
-    rows, sweeps = [], []
-    for i, sc in enumerate(scenarios, 1):
-        logger.info("[%d/%d] %s", i, len(scenarios), sc.name)
-        b = build(sc, dtype=dtype)
-        if not verify(b):
-            raise SystemExit(f"{sc.name}: a provider disagrees with the reference")
-        rows.append(measure(b, bw))
-        if args.sweep and sc.name.startswith(("16x2x1296", "4x1x4096")):
-            sweeps += sweep(b, "fused") + sweep(b, "scatter")
-        del b
-        torch.cuda.empty_cache()
-    print(format_table(rows))
-    for s in sorted(sweeps, key=lambda r: (r["scenario"], r["mode"], r["gpu_us"]))[:]:
-        logger.info("sweep %s", s)
-    if args.save_path:
-        path = Path(args.save_path)
-        path.mkdir(parents=True, exist_ok=True)
-        meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                    triton=__import__("triton").__version__, mmkernels=mmkernels.__version__,
-                    dtype=args.dtype, copy_bandwidth_Bps=bw, host=platform.node(),
-                    timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat())
-        (path / "bench_assemble.json").write_text(json.dumps(dict(meta=meta, rows=rows,
-                                                                  sweep=sweeps), indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["--suite", "kernel"] + __import__("sys").argv[1:]))

@@ -53,8 +53,12 @@ def host_time_us(fn: Callable[[], object], repeat: int = 200, warmup: int = 20) 
     return 1e6 * statistics.median(samples)
 
 
-def copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+def copy_bandwidth(device: str = "cuda", nbytes: int | None = None) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written.
+
+    1 GiB on a GPU (many times its L2); 64 MiB on a CPU, where a run must stay short.
+    """
+    nbytes = nbytes or (1 << 30 if device == "cuda" else 1 << 26)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     if device != "cuda":

@@ -42,6 +42,31 @@ SCENARIOS = [
 
 PLANNING_256 = Scenario("1x256x64 t4 H4096 (planning)", 1, 256, 64, 4, 4096)
 
+# Scaling sweeps (issue: bench suite): multimodal rows, item count, hidden size.
+ROWS_SWEEP = [Scenario(f"rows {n // 1024}k H4096", 1, max(1, n // 1024), min(n, 1024), 16, 4096)
+              for n in (1024, 4096, 16384, 65536, 262144)]
+ITEMS_SWEEP = [Scenario(f"items {k} x {65536 // k} H4096", 1, k, 65536 // k, 16, 4096)
+               for k in (1, 4, 16, 64, 256, 1024)]
+HIDDEN_SWEEP = [Scenario(f"hidden {h} 16x1024", 1, 16, 1024, 16, h)
+                for h in (1024, 2048, 4096, 8192, 16384)]
+
+SUITES = {
+    "kernel": SCENARIOS + [PLANNING_256],
+    "rows": ROWS_SWEEP,
+    "items": ITEMS_SWEEP,
+    "hidden": HIDDEN_SWEEP,
+}
+
+
+def scaled(sc: Scenario, rows: float, hidden: float) -> Scenario:
+    """A smaller copy (CPU runs): tokens per item and text times ``rows``, hidden times ``hidden``."""
+    from dataclasses import replace
+
+    return replace(sc, tokens=max(1, int(sc.tokens * rows)), text=max(1, int(sc.text * rows)),
+                   hidden=max(8, int(sc.hidden * hidden)),
+                   chunk=None if sc.chunk is None else max(1, int(sc.chunk * rows)),
+                   start=int(sc.start * rows), name=f"{sc.name} (x{rows:g} rows, x{hidden:g} H)")
+
 
 @dataclass
 class Built:
