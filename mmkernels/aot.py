@@ -21,7 +21,11 @@ def kernel_variants() -> Iterator[dict]:
     ):
         yield dict(HAS_DS=ds, BLOCK_R=8, BLOCK_H=1024, SEARCH_STEPS=8, HAS_TEXT=text,
                    HAS_F32=f32, HAS_F16=f16, HAS_BF16=bf16, ALIGNED=aligned,
-                   EMULATE_BF16_RNE=False)
+                   EMULATE_BF16_RNE=False, COUNTS_ON_DEVICE=False)
+    for text, ds in itertools.product((True, False), (False, True)):  # CUDA-graph mode
+        yield dict(HAS_DS=ds, BLOCK_R=8, BLOCK_H=1024, SEARCH_STEPS=12, HAS_TEXT=text,
+                   HAS_F32=True, HAS_F16=True, HAS_BF16=True, ALIGNED=False,
+                   EMULATE_BF16_RNE=False, COUNTS_ON_DEVICE=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,12 +65,13 @@ def compile_variant(constexprs: dict, target, out_dtype: str = "bf16"):
         "ds_row_stride": "i64", "ids_ptr": "*i64", "weight_ptr": f"*{out_dtype}",
         "weight_row_stride": "i64", "vocab_size": "i64",
         "f32_ptr": "*fp32", "f16_ptr": "*fp16", "bf16_ptr": "*bf16", "meta_ptr": "*i64",
-        "num_segments": "i32", "hidden": "i32", "ds_cols": "i32", "main_col_blocks": "i32",
+        "num_segments": "i32", "meta_stride": "i32", "counts_ptr": "*i64",
+        "hidden": "i32", "ds_cols": "i32", "main_col_blocks": "i32",
     }
     sig.update({name: "constexpr" for name in constexprs})
     # What the launcher's specialisation sees for aligned buffers with hidden % 16 == 0.
     aligned = [["tt.divisibility", 16]]
-    # hidden (13) and ds_cols (14) divisible by 16, as for every model width in use
-    attrs = {(i,): aligned for i in (0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 13, 14)}
+    # hidden (15) and ds_cols (16) divisible by 16, as for every model width in use
+    attrs = {(i,): aligned for i in (0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 14, 15, 16)}
     src = ASTSource(fn=_assemble_kernel, signature=sig, constexprs=dict(constexprs), attrs=attrs)
     return triton.compile(src, target=target)

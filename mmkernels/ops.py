@@ -256,7 +256,7 @@ def prepare_launch(
         input_ids if fused else out, weight if fused else out,
         weight.stride(0) if fused else 0, weight.shape[0] if fused else 0,
         *anchor,
-        meta, plan.num_segments,
+        meta, plan.num_segments, plan.num_segments, meta,
         hidden, ds_cols, main_blocks,
     )
     constexprs = dict(

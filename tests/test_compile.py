@@ -2,7 +2,7 @@
 
 The interpreter is looser than the compiler (it accepted globals and layouts that the
 compiler rejected while this kernel was written), so CI compiles the real thing too.
-Grid-reduction rationale: all 32 constexpr variants for sm_90 (the H100/H200 target);
+Grid-reduction rationale: all 36 constexpr variants for sm_90 (the H100/H200 target);
 for sm_80 and gfx942 the variants that differ in code paths, not in hints.
 """
 
@@ -22,7 +22,8 @@ CUDA90 = GPUTarget("cuda", 90, 32)
 def _vid(v):
     kinds = "".join(k for k, f in (("t", "HAS_TEXT"), ("32", "HAS_F32"), ("16", "HAS_F16"),
                                    ("b", "HAS_BF16")) if v[f])
-    return f"{kinds}-{'ds' if v['HAS_DS'] else 'nods'}-{'al' if v['ALIGNED'] else 'un'}"
+    graph = "-graph" if v["COUNTS_ON_DEVICE"] else ""
+    return f"{kinds}-{'ds' if v['HAS_DS'] else 'nods'}-{'al' if v['ALIGNED'] else 'un'}{graph}"
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_vid)

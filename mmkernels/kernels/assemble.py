@@ -82,7 +82,9 @@ def _assemble_kernel(
     ds_ptr, ds_row_stride,  # deepstack output [num_out_rows, ds_cols]; out_ptr without one
     ids_ptr, weight_ptr, weight_row_stride, vocab_size,  # text segments (fused mode) only
     f32_ptr, f16_ptr, bf16_ptr,  # anchors: sources are read at anchor + SRC_OFF of their dtype
-    meta_ptr, num_segments,  # metadata table [NUM_FIELDS, num_segments], sorted
+    meta_ptr, num_segments,  # metadata table [NUM_FIELDS, meta_stride], first num_segments used
+    meta_stride,  # row stride of the table: num_segments, or a CUDA-graph buffer's capacity
+    counts_ptr,  # COUNTS_ON_DEVICE: int64 [num_segments, num_tiles], read by the kernel
     hidden,  # runtime ints: Triton specialises them on divisibility by 16, which keeps
     ds_cols,  # 16-byte accesses without a recompile for every model width
     main_col_blocks,  # cdiv(hidden, BLOCK_H); later column blocks are deepstack
@@ -96,6 +98,7 @@ def _assemble_kernel(
     HAS_BF16: tl.constexpr,
     ALIGNED: tl.constexpr,  # every source row and column offset the kernel reads is 16-byte aligned
     EMULATE_BF16_RNE: tl.constexpr,  # interpreter only: its fp32 -> bf16 cast truncates
+    COUNTS_ON_DEVICE: tl.constexpr = False,  # CUDA-graph mode: counts change between replays
 ):
     """Copy one tile of one segment into the output (and the deepstack buffer).
 
@@ -111,26 +114,31 @@ def _assemble_kernel(
     tile = tl.program_id(0)
     pid_c = tl.program_id(1)
 
+    if COUNTS_ON_DEVICE:
+        num_segments = tl.load(counts_ptr).to(tl.int32)
+        num_tiles = tl.load(counts_ptr + 1)
     # Scalar binary search: seg = the last segment whose first tile is <= tile.
     lo = num_segments * 0
     hi = num_segments
     for _ in tl.static_range(SEARCH_STEPS):
         active = lo < hi
         mid = (lo + hi) // 2
-        start = tl.load(meta_ptr + TILE_START * num_segments + mid, mask=active, other=0)
+        start = tl.load(meta_ptr + TILE_START * meta_stride + mid, mask=active, other=0)
         go_right = active & (start <= tile)
         hi = tl.where(active & (start > tile), mid, hi)
         lo = tl.where(go_right, mid + 1, lo)
     # convert it to int64 to avoid overflow: rows * stride exceeds 2**31 on large batches
-    seg = (lo - 1).to(tl.int64)
+    seg = tl.maximum(lo - 1, 0).to(tl.int64)
 
-    first = (tile - tl.load(meta_ptr + TILE_START * num_segments + seg)) * BLOCK_R
-    n = tl.load(meta_ptr + ROWS * num_segments + seg) - first
-    out_row = tl.load(meta_ptr + OUT_ROW * num_segments + seg) + first
-    kind = tl.load(meta_ptr + SRC_KIND * num_segments + seg)
-    src_stride = tl.load(meta_ptr + SRC_STRIDE * num_segments + seg)
-    src_off = tl.load(meta_ptr + SRC_OFF * num_segments + seg)
-    src_cols = tl.load(meta_ptr + SRC_COLS * num_segments + seg)
+    first = (tile - tl.load(meta_ptr + TILE_START * meta_stride + seg)) * BLOCK_R
+    n = tl.load(meta_ptr + ROWS * meta_stride + seg) - first
+    if COUNTS_ON_DEVICE:  # programs past this batch's tiles write nothing
+        n = tl.where(tile < num_tiles, n, 0)
+    out_row = tl.load(meta_ptr + OUT_ROW * meta_stride + seg) + first
+    kind = tl.load(meta_ptr + SRC_KIND * meta_stride + seg)
+    src_stride = tl.load(meta_ptr + SRC_STRIDE * meta_stride + seg)
+    src_off = tl.load(meta_ptr + SRC_OFF * meta_stride + seg)
+    src_cols = tl.load(meta_ptr + SRC_COLS * meta_stride + seg)
 
     r = tl.arange(0, BLOCK_R).to(tl.int64)[:, None]
     rows_ok = r < n

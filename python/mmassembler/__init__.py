@@ -9,6 +9,7 @@ from mmassembler.api import assemble
 from mmassembler.batch import Item, ItemLayout, Request
 from mmassembler.cache import CacheStats, EmbeddingCache
 from mmassembler.encode import Encoder
+from mmassembler.graph import GraphAssembler
 from mmassembler.errors import (AssemblyError, BatchShapeError, ChunkWindowError, EmbedMaskError,
                                 EmbeddingFormatError, EncoderOutputError, MissingEncoderError,
                                 RowCountError, SpanError)
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AssemblyError", "BackendUnavailableError", "BatchShapeError", "CacheStats", "ChunkWindowError",
     "EmbedMaskError", "EmbeddingCache", "EmbeddingFormatError", "Encoder", "EncoderOutputError",
-    "Item", "ItemLayout", "MissingEncoderError", "Plan", "Request", "RowCountError", "SpanError",
+    "GraphAssembler", "Item", "ItemLayout", "MissingEncoderError", "Plan", "Request", "RowCountError", "SpanError",
     "assemble", "assemble_oracle", "plan_batch", "resolve_backend", "__version__",
 ]

@@ -19,11 +19,12 @@ from mmassembler.errors import BatchShapeError
 from mmassembler.planner import plan_batch
 
 
-def _check_buffer(name: str, t: torch.Tensor, rows: int, cols: int | None = None) -> None:
+def _check_buffer(name: str, t: torch.Tensor, rows: int | None, cols: int | None = None) -> None:
+    """A 2-D float buffer with unit column stride; ``rows=None`` leaves the row count free."""
     if not isinstance(t, torch.Tensor) or t.dim() != 2:
         raise BatchShapeError(f"{name} must be a 2-D tensor, got "
                               f"{getattr(t, 'shape', type(t).__name__)}")
-    if t.shape[0] != rows or (cols is not None and t.shape[1] != cols):
+    if (rows is not None and t.shape[0] != rows) or (cols is not None and t.shape[1] != cols):
         want = f"[{rows}, {cols}]" if cols is not None else f"[{rows}, *]"
         raise BatchShapeError(f"{name} has shape {list(t.shape)}, expected {want} "
                               "(rows = sum of extend_len)")
@@ -31,6 +32,65 @@ def _check_buffer(name: str, t: torch.Tensor, rows: int, cols: int | None = None
         raise BatchShapeError(f"{name} has dtype {t.dtype}; expected float32, float16 or bfloat16")
     if t.shape[1] > 1 and t.stride(1) != 1:
         raise BatchShapeError(f"{name} must have unit column stride, got strides {t.stride()}")
+
+
+def prepare_batch(
+    requests: Sequence[Request],
+    input_ids: torch.Tensor | None,
+    *,
+    weight: torch.Tensor | None,
+    out: torch.Tensor | None,
+    deepstack_out: torch.Tensor | None,
+    encoders,
+    cache: EmbeddingCache | None,
+    buffers_hold_more: bool = False,
+):
+    """Check everything, plan, and resolve sources: ``(plan, sources, source info)``.
+
+    Nothing is written before it returns. With ``buffers_hold_more`` (CUDA-graph mode)
+    ``out``/``deepstack_out`` may have more rows than the batch has tokens, and
+    ``input_ids`` is checked against the batch but not the buffers.
+    """
+    if (weight is None) == (out is None):
+        raise BatchShapeError("pass exactly one of weight (fused mode) and out (scatter mode)")
+    for r, req in enumerate(requests):
+        if not isinstance(req, Request):
+            raise BatchShapeError(f"requests[{r}] is a {type(req).__name__}, not a Request")
+    plan = plan_batch(requests)  # checks windows and spans
+    num_tokens = plan.num_tokens
+    rows = None if buffers_hold_more else num_tokens
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] == 0:
+            raise BatchShapeError("weight must be a 2-D [vocab, hidden] tensor with vocab >= 1")
+        _check_buffer("weight", weight, weight.shape[0])
+        hidden, device, dtype = weight.shape[1], weight.device, weight.dtype
+    else:
+        _check_buffer("out", out, rows)
+        hidden, device, dtype = out.shape[1], out.device, out.dtype
+    if input_ids is None:
+        if weight is not None:
+            raise BatchShapeError("fused mode (weight=...) needs input_ids")
+    else:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1 or input_ids.dtype not in (
+                torch.int32, torch.int64):
+            raise BatchShapeError("input_ids must be a 1-D int32/int64 tensor")
+        if input_ids.device != device:
+            raise BatchShapeError(f"input_ids are on {input_ids.device}, the embeddings on {device}")
+        if input_ids.shape[0] != num_tokens:
+            raise BatchShapeError(f"input_ids has {input_ids.shape[0]} tokens but the requests' "
+                                  f"extend lengths add up to {num_tokens}")
+    ds_cols = 0
+    if deepstack_out is not None:
+        _check_buffer("deepstack_out", deepstack_out, rows)
+        if deepstack_out.dtype != dtype or deepstack_out.device != device:
+            raise BatchShapeError(f"deepstack_out must be {dtype} on {device}, got "
+                                  f"{deepstack_out.dtype} on {deepstack_out.device}")
+        ds_cols = deepstack_out.shape[1]
+    widths = (hidden, hidden + ds_cols)
+    stream = torch.cuda.current_stream(device) if cache is not None and device.type == "cuda" else None
+    sources, info = resolve_sources(plan, encoders=encoders, cache=cache, device=device,
+                                    dtype=dtype, widths=widths, stream=stream)
+    return plan, sources, info
 
 
 def assemble(
@@ -80,44 +140,8 @@ def assemble(
     AssemblyError
         On any bad input, naming the request and item, before anything is written.
     """
-    if (weight is None) == (out is None):
-        raise BatchShapeError("pass exactly one of weight (fused mode) and out (scatter mode)")
-    for r, req in enumerate(requests):
-        if not isinstance(req, Request):
-            raise BatchShapeError(f"requests[{r}] is a {type(req).__name__}, not a Request")
-    plan = plan_batch(requests)  # checks windows and spans
-    num_tokens = plan.num_tokens
-    if weight is not None:
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] == 0:
-            raise BatchShapeError("weight must be a 2-D [vocab, hidden] tensor with vocab >= 1")
-        _check_buffer("weight", weight, weight.shape[0])
-        hidden, device, dtype = weight.shape[1], weight.device, weight.dtype
-    else:
-        _check_buffer("out", out, num_tokens)
-        hidden, device, dtype = out.shape[1], out.device, out.dtype
-    if input_ids is None:
-        if weight is not None:
-            raise BatchShapeError("fused mode (weight=...) needs input_ids")
-    else:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1 or input_ids.dtype not in (
-                torch.int32, torch.int64):
-            raise BatchShapeError("input_ids must be a 1-D int32/int64 tensor")
-        if input_ids.device != device:
-            raise BatchShapeError(f"input_ids are on {input_ids.device}, the embeddings on {device}")
-    if input_ids is not None and input_ids.shape[0] != plan.num_tokens:
-        raise BatchShapeError(f"input_ids has {input_ids.shape[0]} tokens but the requests' "
-                              f"extend lengths add up to {plan.num_tokens}")
-    ds_cols = 0
-    if deepstack_out is not None:
-        _check_buffer("deepstack_out", deepstack_out, plan.num_tokens)
-        if deepstack_out.dtype != dtype or deepstack_out.device != device:
-            raise BatchShapeError(f"deepstack_out must be {dtype} on {device}, got "
-                                  f"{deepstack_out.dtype} on {deepstack_out.device}")
-        ds_cols = deepstack_out.shape[1]
-    widths = (hidden, hidden + ds_cols)
-    stream = torch.cuda.current_stream(device) if cache is not None and device.type == "cuda" else None
-    sources, info = resolve_sources(plan, encoders=encoders, cache=cache, device=device,
-                                    dtype=dtype, widths=widths, stream=stream)
+    plan, sources, info = prepare_batch(requests, input_ids, weight=weight, out=out,
+                                        deepstack_out=deepstack_out, encoders=encoders, cache=cache)
     # Everything the device layer would check is checked: skip its second pass.
     if weight is not None:
         return mmkernels.embed_and_gather(input_ids, weight, sources, plan.segments,
