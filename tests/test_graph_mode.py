@@ -67,7 +67,8 @@ def test_capture_once_replay_two_batches():
             pos, items = 3 + r, []
             for k in range(2 + r % 2):
                 rows = 20 + 7 * ((seed + k + r) % 5)
-                emb = torch.randn(rows, hidden, generator=g).to("cuda", torch.bfloat16 if k % 2 else torch.float32)
+                dtype = torch.bfloat16 if k % 2 else torch.float32
+                emb = torch.randn(rows, hidden, generator=g).to("cuda", dtype)
                 items.append(Item(seed * 100 + r * 10 + k, [(pos, pos + rows - 1)], embedding=emb))
                 pos += rows + 5
             reqs.append(Request(items, seed % 7, pos - seed % 7))

@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AssemblyError", "BackendUnavailableError", "BatchShapeError", "CacheStats", "ChunkWindowError",
     "EmbedMaskError", "EmbeddingCache", "EmbeddingFormatError", "Encoder", "EncoderOutputError",
-    "GraphAssembler", "Item", "ItemLayout", "MissingEncoderError", "Plan", "Request", "RowCountError", "SpanError",
+    "GraphAssembler", "Item", "ItemLayout", "MissingEncoderError", "Plan", "Request", "RowCountError",
+    "SpanError",
     "assemble", "assemble_oracle", "plan_batch", "resolve_backend", "__version__",
 ]
