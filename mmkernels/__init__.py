@@ -4,6 +4,7 @@ Tensors and segments only: one fused Triton gather/scatter launch per batch, its
 pure-torch twins (the reference semantics), and the backend choice.
 """
 
+from mmkernels import custom_ops  # noqa: F401  (registers torch.ops.mmkernels.*)
 from mmkernels.backend import BackendUnavailableError, kernels_interpreted, resolve_backend
 from mmkernels.ops import embed_and_gather, gather_rows, launch_config
 from mmkernels.reference import embed_and_gather_ref, gather_rows_ref

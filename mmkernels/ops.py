@@ -285,7 +285,7 @@ def _check_deepstack(deepstack_out: torch.Tensor | None, out: torch.Tensor) -> i
     return deepstack_out.shape[1]
 
 
-def gather_rows(
+def _gather_rows_eager(
     out: torch.Tensor,
     sources: Sequence[torch.Tensor],
     segments,
@@ -341,7 +341,7 @@ def gather_rows(
                 block_rows, info)
 
 
-def embed_and_gather(
+def _embed_and_gather_eager(
     input_ids: torch.Tensor,
     weight: torch.Tensor,
     sources: Sequence[torch.Tensor],
@@ -416,3 +416,22 @@ def _run(which, out, deepstack_out, sources, segs, input_ids, weight, block_rows
     prepare_launch(out, deepstack_out, sources, segs, input_ids, weight,
                    interpreted=which == "interpreter", block_rows=block_rows, info=info).run()
     return out
+
+
+def gather_rows(out: torch.Tensor, sources: Sequence[torch.Tensor], segments, **kwargs) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # compiled callers get the custom op; eager skips the dispatcher
+        torch.ops.mmkernels.gather_rows(out, list(sources), segments, kwargs.get("deepstack_out"))
+        return out
+    return _gather_rows_eager(out, sources, segments, **kwargs)
+
+
+def embed_and_gather(input_ids: torch.Tensor, weight: torch.Tensor, sources: Sequence[torch.Tensor],
+                     segments, **kwargs) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.mmkernels.embed_and_gather(input_ids, weight, list(sources), segments,
+                                                    kwargs.get("deepstack_out"))
+    return _embed_and_gather_eager(input_ids, weight, sources, segments, **kwargs)
+
+
+gather_rows.__doc__ = _gather_rows_eager.__doc__
+embed_and_gather.__doc__ = _embed_and_gather_eager.__doc__
