@@ -3,6 +3,7 @@
 from setuptools import setup
 
 setup(
-    packages=["mmkernels", "mmkernels.kernels", "mmassembler"],
-    package_dir={"mmkernels": "mmkernels", "mmassembler": "python/mmassembler"},
+    packages=["mmkernels", "mmkernels.kernels", "mmassembler", "mmassembler.engines"],
+    package_dir={"mmkernels": "mmkernels", "mmassembler": "python/mmassembler",
+                 "mmassembler.engines": "python/mmassembler/engines"},
 )

@@ -1,0 +1,139 @@
+"""SGLang's ``embed_mm_inputs`` shape, backed by one ``assemble`` call.
+
+Reads objects with ``.mm_items``; items with ``.modality`` (an enum with ``.name``),
+``.hash``, ``.offsets`` (inclusive spans), ``.precomputed_embeddings`` and ``.feature``.
+Encoders are ``data_embedding_func_mapping[modality]`` or
+``multimodal_model.get_<modality>_feature``; they may return a list (one tensor per item)
+or one concatenated tensor. A concatenated output is split by ``rows_fn`` (rows from the
+item's own metadata, e.g. its image grid), never by placeholder counts; without one, such
+an encoder is called one item at a time (logged once).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from mmassembler.api import assemble
+from mmassembler.batch import Item
+from mmassembler.cache import EmbeddingCache
+from mmassembler.engines._state import remember, request_for
+
+logger = logging.getLogger(__name__)
+
+RowsFn = Callable[[object], int]
+_ITEM_ATTR = "_mmassembler_item"
+_concatenating: set = set()  # encoders seen returning one tensor for several items
+_warned: set = set()
+
+
+def _modality_name(modality) -> str:
+    return (getattr(modality, "name", None) or str(modality)).lower()
+
+
+def _item_for(sg_item) -> Item:
+    """Our ``Item`` for an SGLang item, made once and kept on it."""
+    cached = getattr(sg_item, _ITEM_ATTR, None)
+    emb = getattr(sg_item, "precomputed_embeddings", None)
+    if cached is not None and cached.key == sg_item.hash and cached.embedding is emb:
+        return cached
+    item = Item(sg_item.hash, [tuple(map(int, o)) for o in sg_item.offsets],
+                modality=_modality_name(sg_item.modality), embedding=emb, data=sg_item)
+    return remember(sg_item, _ITEM_ATTR, item)
+
+
+def _encoder_key(func) -> tuple:
+    return (id(getattr(func, "__func__", func)), id(getattr(func, "__self__", None)))
+
+
+def _make_encoder(func: Callable, rows_fn: RowsFn | None, name: str) -> Callable:
+    """Wrap an SGLang data-embedding function as an ``assemble`` encoder.
+
+    A list output is used as it is. A single tensor for several items is split by
+    ``rows_fn`` when given; otherwise the items are encoded one at a time, so each output
+    belongs to one item, and that encoder is called per item from then on.
+    """
+    key = _encoder_key(func)
+
+    def per_item(sg_items):
+        if key not in _warned:
+            _warned.add(key)
+            logger.warning("the %s encoder returns one tensor for several items and no row-count "
+                           "function was given: encoding one item per call (pass rows_fn to batch)",
+                           name)
+        return [func([it]) for it in sg_items]
+
+    def encode(items):
+        sg_items = [it.data for it in items]
+        if key in _concatenating and rows_fn is None and len(sg_items) > 1:
+            return per_item(sg_items)
+        out = func(sg_items)
+        if isinstance(out, (list, tuple)):
+            return list(out)
+        if len(sg_items) == 1:
+            return [out]
+        _concatenating.add(key)
+        if rows_fn is not None:
+            return out, [int(rows_fn(it)) for it in sg_items]
+        return per_item(sg_items)
+
+    return encode
+
+
+def embed_mm_inputs(
+    mm_inputs_list: Sequence,
+    extend_prefix_lens: Sequence[int],
+    extend_seq_lens: Sequence[int],
+    input_ids: torch.Tensor,
+    input_embedding,
+    multimodal_model=None,
+    data_embedding_func_mapping: Mapping | None = None,
+    placeholder_tokens=None,
+    use_deepstack: Mapping | None = None,
+    *,
+    cache: EmbeddingCache | None = None,
+    rows_fn: RowsFn | Mapping[str, RowsFn] | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict]:
+    """``(input_embeds, other_info)`` for an SGLang extend batch, in one launch.
+
+    ``input_embedding`` with a plain ``weight`` (no tensor-parallel vocabulary) is looked
+    up in the same pass (fused mode); otherwise it is called on the clamped ids and the
+    multimodal rows are written over its output. With deepstack (``use_deepstack``),
+    ``other_info["input_deepstack_embeds"]`` is ``[tokens, k * hidden]``, zero on text rows.
+    ``placeholder_tokens`` is accepted for signature compatibility: placement is by offsets.
+    """
+    requests, encoders = [], {}
+    funcs = {_modality_name(k): v for k, v in (data_embedding_func_mapping or {}).items()}
+    for mm_inputs, prefix, extend in zip(mm_inputs_list, extend_prefix_lens, extend_seq_lens):
+        sg_items = list(getattr(mm_inputs, "mm_items", None) or []) if mm_inputs is not None else []
+        items = [_item_for(it) for it in sg_items]
+        requests.append(request_for(mm_inputs, items, int(prefix), int(extend)))
+        for it in items:
+            if it.embedding is None and it.modality not in encoders:
+                func = funcs.get(it.modality) or getattr(multimodal_model, f"get_{it.modality}_feature",
+                                                         None)
+                if func is not None:
+                    fn = rows_fn.get(it.modality) if isinstance(rows_fn, Mapping) else rows_fn
+                    encoders[it.modality] = _make_encoder(func, fn, it.modality)
+    weight = getattr(input_embedding, "weight", None)
+    fused = isinstance(weight, torch.Tensor) and weight.dim() == 2 and getattr(
+        input_embedding, "tp_size", 1) == 1
+    deepstack_out = None
+    if use_deepstack and any(use_deepstack.values()):
+        k = len(getattr(multimodal_model, "deepstack_visual_indexes", ()))
+        hidden = weight.shape[1] if fused else input_embedding.embedding_dim
+        dtype = weight.dtype if weight is not None else torch.get_default_dtype()
+        deepstack_out = torch.zeros((input_ids.shape[0], k * hidden), dtype=dtype, device=input_ids.device)
+    if fused:
+        embeds = assemble(requests, input_ids, weight=weight, deepstack_out=deepstack_out,
+                          encoders=encoders, cache=cache, backend=backend)
+    else:
+        vocab = getattr(input_embedding, "num_embeddings", None) or getattr(input_embedding, "vocab_size")
+        embeds = input_embedding(input_ids.clamp(0, vocab - 1))
+        assemble(requests, input_ids, out=embeds, deepstack_out=deepstack_out, encoders=encoders,
+                 cache=cache, backend=backend)
+    other = {"input_deepstack_embeds": deepstack_out} if deepstack_out is not None else {}
+    return embeds, other

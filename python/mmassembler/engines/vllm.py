@@ -1,0 +1,136 @@
+"""vLLM-shaped calls: the merge of encoder outputs into ``inputs_embeds``, and the
+model runner's per-chunk gather, each as one launch.
+
+- ``merge_multimodal_embeddings(inputs_embeds, multimodal_embeddings, is_multimodal)``:
+  drop-in for ``_merge_multimodal_embeddings``; rows where ``is_multimodal`` is True take
+  the flattened embeddings in order (no ``torch.cat``).
+- ``embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=..., embed_tokens=...)``:
+  the token lookup and the merge in one pass.
+- ``gather_mm_embeddings(requests, encoder_cache, input_ids, embed_tokens=...)``: from what
+  the runner has -- per request the computed and scheduled token counts and each item's
+  placeholder range ``(offset, length, is_embed)`` -- straight to the batch's embeddings,
+  replacing per-item slicing, ``torch.cat``, the host mask and the merge.
+
+A count mismatch keeps vLLM's meaning ("Attempted to assign ... multimodal tokens to ...
+placeholders") but is a typed ``RowCountError`` raised before any write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+import mmkernels
+from mmassembler.api import assemble
+from mmassembler.batch import Item
+from mmassembler.engines._state import remember, request_for
+from mmassembler.errors import BatchShapeError, RowCountError
+
+_ITEM_ATTR = "_mmassembler_item"
+
+
+def _flatten(embeddings) -> list[torch.Tensor]:
+    """NestedTensors (a tensor, or nested lists/tuples of them) as a list of 2-D tensors."""
+    if isinstance(embeddings, torch.Tensor):
+        if embeddings.dim() == 2:
+            return [embeddings]
+        return [t for e in embeddings for t in _flatten(e)] if embeddings.dim() > 2 else [
+            embeddings.reshape(1, -1)]
+    return [t for e in embeddings for t in _flatten(e)]
+
+
+def _count_expression(parts: list[torch.Tensor]) -> str:
+    sizes = [t.shape[0] for t in parts]
+    if len(set(sizes)) == 1 and len(sizes) > 1:
+        return f"{len(sizes)} x {sizes[0]}"
+    return " + ".join(map(str, sizes)) or "0"
+
+
+def _mask_segments(parts: list[torch.Tensor], is_multimodal: torch.Tensor) -> np.ndarray:
+    """Segments placing the concatenated rows of ``parts`` on the True rows of the mask.
+
+    O(tokens) numpy on the host mask (vLLM builds it on the host; a device mask is
+    copied down, which synchronizes). Raises ``RowCountError`` when the counts differ.
+    """
+    mask = is_multimodal.detach()
+    mask = (mask.cpu() if mask.device.type != "cpu" else mask).numpy().astype(bool, copy=False)
+    pos = np.flatnonzero(mask)
+    rows = np.array([t.shape[0] for t in parts], dtype=np.int64)
+    total = int(rows.sum())
+    if total != len(pos):
+        raise RowCountError(f"Attempted to assign {_count_expression(parts)} = {total} multimodal "
+                            f"tokens to {len(pos)} placeholders", expected=len(pos), returned=total)
+    if total == 0:
+        return np.zeros((0, 4), np.int64)
+    src = np.repeat(np.arange(len(parts)), rows)
+    first_row = np.cumsum(rows) - rows
+    starts = np.concatenate(([0], np.flatnonzero((np.diff(pos) != 1) | (np.diff(src) != 0)) + 1))
+    lengths = np.diff(np.append(starts, total))
+    s = src[starts]
+    return np.stack((s, starts - first_row[s], pos[starts], lengths), axis=1)
+
+
+def merge_multimodal_embeddings(inputs_embeds: torch.Tensor, multimodal_embeddings,
+                                is_multimodal: torch.Tensor) -> torch.Tensor:
+    """``inputs_embeds[is_multimodal] = cat(multimodal_embeddings)`` in one launch, in place."""
+    parts = _flatten(multimodal_embeddings)
+    if is_multimodal.shape[0] != inputs_embeds.shape[0]:
+        raise BatchShapeError(f"is_multimodal has {is_multimodal.shape[0]} rows, inputs_embeds "
+                              f"{inputs_embeds.shape[0]}")
+    segments = _mask_segments(parts, is_multimodal)
+    return mmkernels.gather_rows(inputs_embeds, parts, segments)
+
+
+def embed_input_ids(input_ids: torch.Tensor, multimodal_embeddings=None, *,
+                    is_multimodal: torch.Tensor | None = None, embed_tokens) -> torch.Tensor:
+    """Token embeddings with the multimodal rows merged, in one pass over the output.
+
+    ``embed_tokens`` is the model's embedding module (or its weight). Placeholder rows
+    take embedding rows; ids there are never looked up (out-of-vocabulary ids are fine).
+    """
+    weight = getattr(embed_tokens, "weight", embed_tokens)
+    if multimodal_embeddings is None or len(_flatten(multimodal_embeddings)) == 0:
+        return mmkernels.embed_and_gather(input_ids, weight, [], np.zeros((0, 4), np.int64))
+    if is_multimodal is None:
+        raise BatchShapeError("`embed_input_ids` requires `is_multimodal` with multimodal embeddings")
+    parts = _flatten(multimodal_embeddings)
+    return mmkernels.embed_and_gather(input_ids, weight, parts, _mask_segments(parts, is_multimodal))
+
+
+def _identifier(feature):
+    return getattr(feature, "identifier", None) or getattr(feature, "mm_hash")
+
+
+def _item_for(feature, embedding) -> Item:
+    """Our ``Item`` for a feature (placeholder range + encoder-cache entry), kept on it."""
+    cached = getattr(feature, _ITEM_ATTR, None)
+    if cached is not None and cached.embedding is embedding:
+        return cached
+    pos = feature.mm_position
+    item = Item(_identifier(feature), [(int(pos.offset), int(pos.offset) + int(pos.length) - 1)],
+                modality=str(getattr(feature, "modality", "image")), embedding=embedding,
+                embed_mask=getattr(pos, "is_embed", None))
+    return remember(feature, _ITEM_ATTR, item)
+
+
+def gather_mm_embeddings(requests: Sequence, encoder_cache: Mapping, input_ids: torch.Tensor, *,
+                         embed_tokens=None, out: torch.Tensor | None = None,
+                         backend: str = "auto") -> torch.Tensor:
+    """The batch's input embeddings from the runner's state, in one launch.
+
+    ``requests``: objects with ``num_computed_tokens``, ``num_scheduled_tokens`` and
+    ``mm_features`` (each with ``identifier`` and ``mm_position``: ``offset``, ``length``,
+    ``is_embed``). ``encoder_cache`` maps identifiers to encoder outputs. Fused mode with
+    ``embed_tokens``; scatter mode into ``out``. An item of this chunk missing from the
+    cache is a ``MissingEncoderError`` naming the request and identifier.
+    """
+    reqs = []
+    for r in requests:
+        items = [_item_for(f, encoder_cache.get(_identifier(f))) for f in r.mm_features]
+        reqs.append(request_for(r, items, int(r.num_computed_tokens), int(r.num_scheduled_tokens)))
+    if embed_tokens is not None:
+        return assemble(reqs, input_ids, weight=getattr(embed_tokens, "weight", embed_tokens),
+                        backend=backend)
+    return assemble(reqs, input_ids, out=out, backend=backend)
