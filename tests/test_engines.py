@@ -235,3 +235,20 @@ def test_vllm_request_state_is_reused_across_chunks():
     second = gather_mm_embeddings([req], {"x": emb}, torch.zeros(4, dtype=torch.long), embed_tokens=weight)
     assert torch.equal(first[2:5], emb[:3]) and torch.equal(second[:3], emb[3:])
     assert req._mmassembler_request._layouts is index_owner._layouts is not None
+
+
+def test_three_d_encoder_output_is_split_on_its_item_dimension():
+    h = 4
+    items = [SgItem(Modality.IMAGE, k, [(5 * k, 5 * k + 2)]) for k in range(3)]
+    stacked = torch.randn(3, 3, h)
+    calls = []
+
+    def enc(batch):
+        calls.append(len(batch))
+        return stacked
+    with torch.no_grad():
+        out, _ = embed_mm_inputs([SgInputs(items)], [0], [15], torch.zeros(15, dtype=torch.long),
+                                 nn.Embedding(2, h), data_embedding_func_mapping={Modality.IMAGE: enc})
+    assert calls == [3]
+    for k in range(3):
+        assert torch.equal(out[5 * k:5 * k + 3], stacked[k])

@@ -4,9 +4,9 @@ Reads objects with ``.mm_items``; items with ``.modality`` (an enum with ``.name
 ``.hash``, ``.offsets`` (inclusive spans), ``.precomputed_embeddings`` and ``.feature``.
 Encoders are ``data_embedding_func_mapping[modality]`` or
 ``multimodal_model.get_<modality>_feature``; they may return a list (one tensor per item)
-or one concatenated tensor. A concatenated output is split by ``rows_fn`` (rows from the
-item's own metadata, e.g. its image grid), never by placeholder counts; without one, such
-an encoder is called one item at a time (logged once).
+a ``[items, rows, hidden]`` tensor, or one concatenated 2-D tensor. A concatenated output
+is split by ``rows_fn`` (rows from the item's own metadata, e.g. its image grid), never by
+placeholder counts; without one, such an encoder is called one item at a time (logged once).
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ def _make_encoder(func: Callable, rows_fn: RowsFn | None, name: str) -> Callable
             return list(out)
         if len(sg_items) == 1:
             return [out]
+        if out.dim() == 3 and out.shape[0] == len(sg_items):  # [items, rows, hidden]: the
+            return list(out)                                   # encoder's own per-item split
         _concatenating.add(key)
         if rows_fn is not None:
             return out, [int(rows_fn(it)) for it in sg_items]
