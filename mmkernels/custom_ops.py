@@ -7,6 +7,8 @@
 more than a small launch); only calls made while compiling are routed here. Inside a
 compiled region, ``segments`` must be an int64 CPU tensor ``[S, 4]``. The ops are for
 inference (no autograd formula): call them under ``torch.no_grad``/``inference_mode``.
+``deepstack_out`` has no default: some torch releases drop a defaulted optional mutated
+argument before bumping its version counter, which then fails.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch.library import custom_op
 
 @custom_op("mmkernels::gather_rows", mutates_args=("out", "deepstack_out"))
 def gather_rows_op(out: torch.Tensor, sources: list[torch.Tensor], segments: torch.Tensor,
-                   deepstack_out: torch.Tensor | None = None) -> None:
+                   deepstack_out: torch.Tensor | None) -> None:
     """Scatter mode as a custom op (see ``mmkernels.gather_rows``)."""
     from mmkernels.ops import _gather_rows_eager
 
@@ -25,13 +27,13 @@ def gather_rows_op(out: torch.Tensor, sources: list[torch.Tensor], segments: tor
 
 
 @gather_rows_op.register_fake
-def _(out, sources, segments, deepstack_out=None) -> None:
+def _(out, sources, segments, deepstack_out) -> None:
     return None
 
 
 @custom_op("mmkernels::embed_and_gather", mutates_args=("deepstack_out",))
 def embed_and_gather_op(input_ids: torch.Tensor, weight: torch.Tensor, sources: list[torch.Tensor],
-                        segments: torch.Tensor, deepstack_out: torch.Tensor | None = None
+                        segments: torch.Tensor, deepstack_out: torch.Tensor | None
                         ) -> torch.Tensor:
     """Fused mode as a custom op (see ``mmkernels.embed_and_gather``)."""
     from mmkernels.ops import _embed_and_gather_eager
@@ -40,5 +42,5 @@ def embed_and_gather_op(input_ids: torch.Tensor, weight: torch.Tensor, sources: 
 
 
 @embed_and_gather_op.register_fake
-def _(input_ids, weight, sources, segments, deepstack_out=None) -> torch.Tensor:
+def _(input_ids, weight, sources, segments, deepstack_out) -> torch.Tensor:
     return weight.new_empty((input_ids.shape[0], weight.shape[1]))
