@@ -76,7 +76,9 @@ def _copy_tile(dst, dst_rows_ok, anchor_ptr, src_off, src_stride, src_col, src_h
     tl.store(dst, _convert(vals, OUT_DTYPE, EMULATE_BF16_RNE), mask=dst_rows_ok & col_ok)
 
 
-@triton.jit
+# Batch-dependent ints are not specialised on value (== 1, % 16): each new combination
+# would compile another variant mid-serving. Widths and strides keep it (16-byte access).
+@triton.jit(do_not_specialize=["vocab_size", "num_segments", "meta_stride"])
 def _assemble_kernel(
     out_ptr, out_row_stride,  # main output [num_out_rows, hidden]
     ds_ptr, ds_row_stride,  # deepstack output [num_out_rows, ds_cols]; out_ptr without one
