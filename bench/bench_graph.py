@@ -42,7 +42,6 @@ def main() -> int:
                wall_time_us(lambda: assemble(b.requests, b.input_ids, weight=b.weight)),
                wall_time_us(step))
         print(f"{sc.name:32s} " + " ".join(f"{v:10.1f}" for v in row))
-        del b, ga, graph
         torch.cuda.empty_cache()
     return 0
 
