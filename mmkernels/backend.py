@@ -35,6 +35,17 @@ def _kernel_module():
     return assemble
 
 
+@functools.lru_cache(maxsize=None)
+def _step_kernel_module():
+    """The step kernel's module (imported once); ``None`` when triton is unavailable."""
+    try:
+        from mmkernels.kernels import step
+    except Exception as exc:  # noqa: BLE001 - any import failure means "no triton"
+        logger.info("triton kernels unavailable: %s", exc)
+        return None
+    return step
+
+
 def kernels_interpreted() -> bool:
     """True when the kernels were built by the Triton interpreter (``TRITON_INTERPRET=1``)."""
     mod = _kernel_module()

@@ -59,3 +59,39 @@ def embed_and_gather_ref(
     if deepstack_out is not None:
         deepstack_out.zero_()
     return gather_rows_ref(out, sources, segments, deepstack_out=deepstack_out)
+
+
+def assemble_step_ref(
+    out: torch.Tensor,
+    deepstack_out: torch.Tensor | None,
+    input_ids: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    runs: np.ndarray,
+    step: np.ndarray,
+    sources: Sequence[torch.Tensor | None],
+) -> torch.Tensor:
+    """The step kernel's semantics from the host tables (``mmkernels/layout.py``).
+
+    ``runs`` is the run table, ``step`` the filled step table, ``sources[slot]`` the 2-D
+    source of each item slot a window reads. Fused mode (``weight``) first writes every
+    row's ``weight[clamp(id)]`` (and zeros to ``deepstack_out``), then each run's rows
+    inside its request's window are copied over: reads and writes N x hidden in fused
+    mode, the multimodal rows in scatter mode.
+    """
+    from mmkernels import layout as L
+
+    n, num_req = int(step[0, L.STEP_TOKENS]), int(step[0, L.STEP_REQUESTS])
+    if weight is not None:
+        out[:n].copy_(weight[input_ids[:n].clamp(0, weight.shape[0] - 1).long()])
+        if deepstack_out is not None:
+            deepstack_out[:n].zero_()
+    segments = []  # (slot, first source row, output row, rows)
+    for i in range(num_req):
+        base, prefix, first, end = step[1 + i].tolist()
+        stop = prefix + int(step[2 + i, L.STEP_BASE]) - base
+        for pos, run_end, row, slot in runs[first:end].tolist():
+            a, z = max(pos, prefix), min(run_end, stop)
+            if z > a:
+                segments.append((slot, row + a - pos, base + a - prefix, z - a))
+    return gather_rows_ref(out, sources, np.array(segments, dtype=np.int64).reshape(-1, 4),
+                           deepstack_out=deepstack_out)

@@ -1,0 +1,201 @@
+"""The step kernel: one launch assembles a prefill step from resident run and item tables.
+
+A program owns a tile of ``BLOCK_R`` output rows. It walks the tile in *pieces*: rows that
+share a request and a run (or the text between runs). For a piece it finds the request
+(binary search over the step's output bases), the prompt position, and the run holding it
+(binary search over the request's runs), then copies the piece with a masked
+``BLOCK_R x BLOCK_H`` block, looping over column blocks inside the program so the searches
+are paid once per piece, not once per column block. A tile inside one run (the common
+case) is one piece; a tile across a boundary takes one piece per side.
+
+Counts (tokens, requests) are read on the device, so one launch at capacity (a CUDA
+graph) serves any step that fits. Table layouts: ``mmkernels/layout.py``.
+"""
+
+import triton
+import triton.language as tl
+
+from mmkernels import layout as L
+
+# constexpr globals so the kernel can read the layout
+RUN_POS = tl.constexpr(L.RUN_POS)
+RUN_END = tl.constexpr(L.RUN_END)
+RUN_ROW = tl.constexpr(L.RUN_ROW)
+RUN_ITEM = tl.constexpr(L.RUN_ITEM)
+RUN_FIELDS = tl.constexpr(L.RUN_FIELDS)
+ITEM_OFF = tl.constexpr(L.ITEM_OFF)
+ITEM_STRIDE = tl.constexpr(L.ITEM_STRIDE)
+ITEM_KIND = tl.constexpr(L.ITEM_KIND)
+ITEM_COLS = tl.constexpr(L.ITEM_COLS)
+ITEM_ALIGNED = tl.constexpr(L.ITEM_ALIGNED)
+ITEM_FIELDS = tl.constexpr(L.ITEM_FIELDS)
+STEP_BASE = tl.constexpr(L.STEP_BASE)
+STEP_PREFIX = tl.constexpr(L.STEP_PREFIX)
+STEP_RUN_FIRST = tl.constexpr(L.STEP_RUN_FIRST)
+STEP_RUN_END = tl.constexpr(L.STEP_RUN_END)
+STEP_TOKENS = tl.constexpr(L.STEP_TOKENS)
+STEP_REQUESTS = tl.constexpr(L.STEP_REQUESTS)
+STEP_FIELDS = tl.constexpr(L.STEP_FIELDS)
+KIND_F32 = tl.constexpr(L.KIND_F32)
+KIND_F16 = tl.constexpr(L.KIND_F16)
+KIND_BF16 = tl.constexpr(L.KIND_BF16)
+
+
+@triton.jit
+def _f32_to_bf16_rne(x):
+    """fp32 -> bf16, round to nearest even, NaN -> 0x7FC0, in integer ops.
+
+    Used only under the Triton interpreter, whose own fp32 -> bf16 cast truncates.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    half = tl.where(x != x, 0x7FC0, rounded & 0xFFFF)
+    return half.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _convert(x, OUT_DTYPE: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr):
+    """Convert a loaded block to the output dtype (a no-op when it already is)."""
+    if x.dtype == OUT_DTYPE:
+        y = x
+    elif OUT_DTYPE == tl.bfloat16 and EMULATE_BF16_RNE:
+        y = _f32_to_bf16_rne(x.to(tl.float32))
+    else:
+        y = x.to(OUT_DTYPE)
+    return y
+
+
+@triton.jit
+def _copy_source_rows(src, ok, dst, ds_dst, has_ds_cols, hidden, ds_cols,
+                      HAS_DS: tl.constexpr, MAIN_BLOCKS: tl.constexpr, DS_BLOCKS: tl.constexpr,
+                      BLOCK_H: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr):
+    """Copy a piece's rows: ``src``/``dst``/``ds_dst`` are ``[BLOCK_R, 1]`` row pointers."""
+    OUT_DTYPE: tl.constexpr = dst.dtype.element_ty
+    for c in range(MAIN_BLOCKS):
+        cols = c * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
+        m = ok & (cols < hidden)
+        v = tl.load(src + cols, mask=m, other=0.0)
+        tl.store(dst + cols, _convert(v, OUT_DTYPE, EMULATE_BF16_RNE), mask=m)
+    if HAS_DS:  # columns past hidden; zeros for a source without them
+        for c in range(DS_BLOCKS):
+            cols = c * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
+            m = ok & (cols < ds_cols)
+            # has_ds_cols is a scalar: a per-column bound would stop 16-byte vector loads
+            v = tl.load(src + hidden + cols, mask=m & has_ds_cols, other=0.0)
+            tl.store(ds_dst + cols, _convert(v, OUT_DTYPE, EMULATE_BF16_RNE), mask=m)
+
+
+@triton.jit
+def _copy_item(anchor_ptr, off, stride, aligned, src_row, ok, dst, ds_dst, has_ds_cols, hidden,
+               ds_cols, VEC: tl.constexpr, HAS_DS: tl.constexpr, MAIN_BLOCKS: tl.constexpr,
+               DS_BLOCKS: tl.constexpr, BLOCK_H: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr):
+    """Copy from one source dtype's anchor. An aligned source's offset and stride are
+    rebuilt as ``(x // VEC) * VEC``: the multiplication proves 16-byte alignment to the
+    compiler (a ``tl.multiple_of`` hint on a loaded scalar is not enough)."""
+    if aligned != 0:
+        src = anchor_ptr + (off // VEC) * VEC + src_row * ((stride // VEC) * VEC)
+        _copy_source_rows(src, ok, dst, ds_dst, has_ds_cols, hidden, ds_cols, HAS_DS, MAIN_BLOCKS,
+                          DS_BLOCKS, BLOCK_H, EMULATE_BF16_RNE)
+    else:
+        src = anchor_ptr + off + src_row * stride
+        _copy_source_rows(src, ok, dst, ds_dst, has_ds_cols, hidden, ds_cols, HAS_DS, MAIN_BLOCKS,
+                          DS_BLOCKS, BLOCK_H, EMULATE_BF16_RNE)
+
+
+@triton.jit(do_not_specialize=["out_stride", "ds_stride", "ids_stride"])
+def _assemble_step_kernel(
+    out_ptr, out_stride,  # [tokens, hidden]; stride in units of OUT_UNIT elements
+    ds_ptr, ds_stride,  # deepstack [tokens, ds_cols] (out_ptr without one); OUT_UNIT units
+    ids_ptr, ids_stride,  # token ids (fused mode), any stride
+    weight_ptr, weight_stride, vocab_size,  # token-embedding table (fused mode)
+    f32_ptr, f16_ptr, bf16_ptr,  # anchors: a source is read at anchor + ITEM_OFF of its dtype
+    runs_ptr, items_ptr, step_ptr,  # resident run and item tables; this step's windows
+    hidden, ds_cols,  # runtime ints, specialised on divisibility by 16 (16-byte access)
+    FUSED: tl.constexpr,  # text rows are weight[clamp(id)]; else left as they are
+    HAS_DS: tl.constexpr,
+    MAIN_BLOCKS: tl.constexpr,  # cdiv(hidden, BLOCK_H)
+    DS_BLOCKS: tl.constexpr,  # cdiv(ds_cols, BLOCK_H)
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    OUT_UNIT: tl.constexpr,  # out/ds strides arrive divided by this (16 bytes' worth when aligned)
+    EMULATE_BF16_RNE: tl.constexpr,  # interpreter only: its fp32 -> bf16 cast truncates
+):
+    """Write rows ``[pid * BLOCK_R, pid * BLOCK_R + BLOCK_R)`` of the step's output.
+
+    For output row ``t`` of request ``i`` (``base_i <= t < base_{i+1}``) at prompt position
+    ``p = prefix_i + t - base_i``::
+
+        out[t] = src[item][row + p - pos, :hidden]       (p in run (pos, end, row, item))
+        out[t] = weight[clamp(ids[t], 0, vocab - 1)]      (no run holds p; fused mode)
+        ds[t]  = src[item][row + p - pos, hidden:]        (zeros: text, or no such columns)
+
+    Rows past the step's token count are not touched; in scatter mode neither are text rows.
+    """
+    num_tokens = tl.load(step_ptr + STEP_TOKENS)
+    num_requests = tl.load(step_ptr + STEP_REQUESTS)
+    # convert it to int64 to avoid overflow: rows * stride exceeds 2**31 on large batches
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R
+    tile_end = tl.minimum(row + BLOCK_R, num_tokens)
+    r = tl.arange(0, BLOCK_R).to(tl.int64)
+    while row < tile_end:
+        # the request: the last one whose output base is <= row (empty requests lose ties)
+        lo = num_requests * 0
+        hi = num_requests
+        while lo < hi:
+            mid = (lo + hi) // 2
+            b = tl.load(step_ptr + (1 + mid) * STEP_FIELDS + STEP_BASE)
+            lo = tl.where(b <= row, mid + 1, lo)
+            hi = tl.where(b <= row, hi, mid)
+        req = step_ptr + lo * STEP_FIELDS  # row 1 + (lo - 1)
+        base = tl.load(req + STEP_BASE)
+        req_end = tl.load(req + STEP_FIELDS + STEP_BASE)  # the next row's base
+        pos = tl.load(req + STEP_PREFIX) + row - base
+        first_run = tl.load(req + STEP_RUN_FIRST)
+        end_run = tl.load(req + STEP_RUN_END)
+        # the run: the last one of the request that starts at or before pos
+        lo = first_run
+        hi = end_run
+        while lo < hi:
+            mid = (lo + hi) // 2
+            s = tl.load(runs_ptr + mid * RUN_FIELDS + RUN_POS)
+            lo = tl.where(s <= pos, mid + 1, lo)
+            hi = tl.where(s <= pos, hi, mid)
+        run = tl.maximum(lo - 1, first_run)
+        run_pos = tl.load(runs_ptr + run * RUN_FIELDS + RUN_POS, mask=lo > first_run, other=0)
+        run_end = tl.load(runs_ptr + run * RUN_FIELDS + RUN_END, mask=lo > first_run, other=0)
+        next_pos = tl.load(runs_ptr + lo * RUN_FIELDS + RUN_POS, mask=lo < end_run,
+                           other=1 << 62)
+        in_run = (lo > first_run) & (pos < run_end)
+        piece_end = tl.minimum(tile_end, req_end)
+        piece_end = tl.minimum(piece_end, row + tl.where(in_run, run_end, next_pos) - pos)
+        ok = (r < piece_end - row)[:, None]
+        out_rows = (row + r)[:, None]
+        dst = out_ptr + out_rows * (out_stride * OUT_UNIT)
+        ds_dst = ds_ptr + out_rows * (ds_stride * OUT_UNIT)
+        if in_run:
+            item = items_ptr + tl.load(runs_ptr + run * RUN_FIELDS + RUN_ITEM) * ITEM_FIELDS
+            src_row = (tl.load(runs_ptr + run * RUN_FIELDS + RUN_ROW) + pos - run_pos + r)[:, None]
+            off = tl.load(item + ITEM_OFF)
+            stride = tl.load(item + ITEM_STRIDE)
+            kind = tl.load(item + ITEM_KIND)
+            aligned = tl.load(item + ITEM_ALIGNED)
+            has_ds_cols = tl.load(item + ITEM_COLS) > hidden
+            if kind == KIND_BF16:
+                _copy_item(bf16_ptr, off, stride, aligned, src_row, ok, dst, ds_dst, has_ds_cols,
+                           hidden, ds_cols, 8, HAS_DS, MAIN_BLOCKS, DS_BLOCKS, BLOCK_H,
+                           EMULATE_BF16_RNE)
+            elif kind == KIND_F16:
+                _copy_item(f16_ptr, off, stride, aligned, src_row, ok, dst, ds_dst, has_ds_cols,
+                           hidden, ds_cols, 8, HAS_DS, MAIN_BLOCKS, DS_BLOCKS, BLOCK_H,
+                           EMULATE_BF16_RNE)
+            elif kind == KIND_F32:
+                _copy_item(f32_ptr, off, stride, aligned, src_row, ok, dst, ds_dst, has_ds_cols,
+                           hidden, ds_cols, 4, HAS_DS, MAIN_BLOCKS, DS_BLOCKS, BLOCK_H,
+                           EMULATE_BF16_RNE)
+        elif FUSED:
+            tok = tl.load(ids_ptr + out_rows * ids_stride, mask=ok, other=0).to(tl.int64)
+            tok = tl.minimum(tl.maximum(tok, 0), vocab_size - 1)
+            # text rows have no deepstack columns: has_ds_cols False writes zeros there
+            _copy_source_rows(weight_ptr + tok * weight_stride, ok, dst, ds_dst, False, hidden,
+                              ds_cols, HAS_DS, MAIN_BLOCKS, DS_BLOCKS, BLOCK_H, EMULATE_BF16_RNE)
+        row = piece_end

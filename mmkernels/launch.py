@@ -1,0 +1,56 @@
+"""Launching a compiled Triton kernel without Triton's per-call dispatch.
+
+``kernel[grid](...)`` binds and specialises every argument, builds a cache key and looks
+the kernel up on each call (tens of microseconds). ``DirectLauncher`` lets the first call
+of each specialisation go through it (compiling if needed), keeps the ``CompiledKernel``
+it returns, and calls that kernel's launcher directly afterwards, with pointers as ints.
+The caller's ``key`` must separate every argument property Triton specialises on that
+can change between calls (pointer alignment, dtypes, int widths). ``CompiledKernel.run``
+is an internal API: it is used only on Triton versions where its call shape is known,
+never under the interpreter or when launch hooks are set.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DIRECT_TRITON_VERSIONS = ("3.6.",)  # CompiledKernel.run(gx, gy, gz, stream, fn, meta, ...)
+
+
+def direct_launch_supported() -> bool:
+    """True when this Triton's ``CompiledKernel.run`` has the call shape used here."""
+    import triton
+
+    return triton.__version__.startswith(DIRECT_TRITON_VERSIONS)
+
+
+class DirectLauncher:
+    """Launch ``kernel`` directly once a call of the same ``key`` has compiled it."""
+
+    def __init__(self, kernel, *, interpreted: bool):
+        self.kernel = kernel
+        self.direct = not interpreted and direct_launch_supported()
+        self.compiled: dict = {}
+        self.direct_launches = 0  # counted for tests: launches that skipped the dispatcher
+
+    def __call__(self, grid: int, key, args: tuple, int_args, constexprs: dict, num_warps: int,
+                 device_index: int = 0) -> None:
+        """Launch on ``grid`` programs. ``args`` (tensors for pointers) are used for the
+        dispatch path; ``int_args`` (the same arguments, pointers as ints) for direct calls."""
+        compiled = self.compiled.get(key)
+        if compiled is not None:
+            from triton import knobs
+
+            if knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None:
+                stream = torch._C._cuda_getCurrentRawStream(device_index)
+                compiled.run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata,
+                             None, None, None, *int_args, *constexprs.values())
+                self.direct_launches += 1
+                return
+        result = self.kernel[(grid,)](*args, **constexprs, num_warps=num_warps)
+        if self.direct and result is not None and not hasattr(result, "result"):
+            self.compiled[key] = result

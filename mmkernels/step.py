@@ -1,0 +1,105 @@
+"""The step op: assemble one prefill step from resident tables, on the chosen backend.
+
+``StepOp`` binds what stays fixed for a model (tables, anchors, weight, widths, block
+shape) and builds the kernel's argument list once; a call patches only what changes
+(output, deepstack and id buffers) and launches on ``cdiv(rows, BLOCK_R)`` programs,
+directly (``DirectLauncher``) or captured in a CUDA graph at capacity. The torch backend
+runs the twin ``mmkernels.reference.assemble_step_ref`` on the host mirrors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmkernels.launch import DirectLauncher
+from mmkernels.tables import ResidentTables
+from mmkernels import layout as L
+
+MAX_BLOCK_COLS = 1024  # with 16 rows x 8 warps; wider blocks spill on Hopper
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Block shape and warps of the step kernel (``step_config`` picks them)."""
+
+    block_rows: int
+    block_cols: int
+    num_warps: int
+
+
+def step_config(width: int, interpreted: bool, block_rows: int | None = None) -> StepConfig:
+    """The block shape for rows of ``width`` columns (the widest of hidden and deepstack).
+
+    GPU: 16 rows x up to 1024 columns, one program looping over the column blocks (a
+    resident-plan prototype measured 1.07x the copy floor there). Interpreter: 64 rows and
+    one column block, since it pays per program and per op. ``block_rows`` (tests) must be
+    a power of two from 1 to 128.
+    """
+    if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int)
+                                   or block_rows < 1 or block_rows > 128
+                                   or block_rows & (block_rows - 1)):
+        raise ValueError(f"Invalid block_rows: expected a power of two in [1, 128], got {block_rows!r}")
+    cols = 1 << (max(width, 16) - 1).bit_length()
+    if interpreted:
+        return StepConfig(block_rows or 64, cols, 1)
+    cols = min(cols, MAX_BLOCK_COLS)
+    rows = block_rows or 16
+    return StepConfig(rows, cols, 8 if rows * cols >= 8192 else 4)
+
+
+class StepOp:
+    """One model's step kernel over ``tables`` (fused mode when ``weight`` is given)."""
+
+    def __init__(self, tables: ResidentTables, *, hidden: int, ds_cols: int, dtype: torch.dtype,
+                 weight: torch.Tensor | None, interpreted: bool, block_rows: int | None = None):
+        from mmkernels.backend import _step_kernel_module
+
+        self.kernel_module = _step_kernel_module()
+        self.tables, self.hidden, self.ds_cols, self.weight = tables, hidden, ds_cols, weight
+        self.dtype = dtype
+        self.cfg = step_config(max(hidden, ds_cols), interpreted, block_rows)
+        self.vec = 16 // torch.empty((), dtype=dtype).element_size()
+        self.launcher = DirectLauncher(self.kernel_module._assemble_step_kernel,
+                                       interpreted=interpreted)
+        self.interpreted = interpreted
+        fused = weight is not None
+        anchors = [tables.anchors[k] for k in (L.KIND_F32, L.KIND_F16, L.KIND_BF16)]
+        # argument order of _assemble_step_kernel; slots 0-5 change per call
+        self._args = [None, 0, None, 0, None, 0,
+                      weight if fused else tables.runs, weight.stride(0) if fused else 0,
+                      weight.shape[0] if fused else 0, *anchors, tables.runs, tables.items,
+                      tables.step, hidden, ds_cols]
+        self._int_args = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in self._args]
+        self._constexprs = dict(
+            FUSED=fused, HAS_DS=ds_cols > 0,
+            MAIN_BLOCKS=-(-hidden // self.cfg.block_cols), DS_BLOCKS=-(-ds_cols // self.cfg.block_cols),
+            BLOCK_R=self.cfg.block_rows, BLOCK_H=self.cfg.block_cols, OUT_UNIT=1,
+            EMULATE_BF16_RNE=interpreted,
+        )
+        self.device_index = (tables.device.index or 0) if tables.device.type == "cuda" else 0
+
+    def launch(self, out: torch.Tensor, deepstack_out: torch.Tensor | None,
+               input_ids: torch.Tensor | None, rows: int) -> None:
+        """Enqueue the kernel over ``rows`` output rows (the step's tokens, or capacity).
+
+        The step table must already be on the device; nothing here reads it back.
+        """
+        grid = -(-rows // self.cfg.block_rows)
+        if grid == 0:
+            return
+        ds = deepstack_out if deepstack_out is not None else out
+        ids = input_ids if input_ids is not None else out
+        vec = self.vec
+        unit = vec if (out.stride(0) % vec == 0 and ds.stride(0) % vec == 0) else 1
+        args, ints = list(self._args), list(self._int_args)
+        args[0:6] = ints[0:6] = (out, out.stride(0) // unit, ds, ds.stride(0) // unit, ids,
+                                 ids.stride(0) if ids.dim() == 1 else 0)
+        ints[0], ints[2], ints[4] = out.data_ptr(), ds.data_ptr(), ids.data_ptr()
+        constexprs = self._constexprs
+        if unit != constexprs["OUT_UNIT"]:
+            constexprs = dict(constexprs, OUT_UNIT=unit)
+        key = (unit, ints[0] % 16 == 0, ints[2] % 16 == 0, ints[4] % 16 == 0, ids.dtype,
+               max(args[1], args[3], args[5]) >> 31)
+        self.launcher(grid, key, tuple(args), ints, constexprs, self.cfg.num_warps, self.device_index)

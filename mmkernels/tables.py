@@ -1,0 +1,92 @@
+"""Device-resident tables of the step kernel: runs, item sources, and the step's windows.
+
+Runs and item entries are written when they change (a request registered, a source
+resolved or released), in one upload per step that has changes; a step in steady state
+sends only its step table: one non-blocking copy from a persistent pinned buffer. Sources
+are addressed from fixed per-dtype anchors, so an item entry stays valid across steps and
+a CUDA graph captured once keeps reading the right rows. Layout: ``mmkernels/layout.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mmkernels import layout as L
+
+KIND_OF_DTYPE = {torch.float32: L.KIND_F32, torch.float16: L.KIND_F16, torch.bfloat16: L.KIND_BF16}
+STAGING_RING = 2  # step tables in flight: a buffer is rewritten only once its copy has left
+
+
+class ResidentTables:
+    """The run, item and step tables of one ``Assembler``, on ``device``."""
+
+    def __init__(self, device: torch.device, *, max_requests: int, max_runs: int, max_items: int):
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.max_requests, self.max_runs, self.max_items = max_requests, max_runs, max_items
+        self.runs = torch.zeros((max_runs, L.RUN_FIELDS), dtype=torch.int64, device=self.device)
+        self.items = torch.from_numpy(L.empty_items(max_items)).to(self.device)
+        rows = L.step_rows(max_requests)
+        self.step = torch.zeros((rows, L.STEP_FIELDS), dtype=torch.int64, device=self.device)
+        # Fixed anchors: a source's offset is counted from the anchor of its dtype.
+        self.anchors = {kind: torch.empty(16, dtype=dt, device=self.device)
+                        for dt, kind in KIND_OF_DTYPE.items()}
+        self._anchor_addr = {kind: t.data_ptr() for kind, t in self.anchors.items()}
+        self.staging = [torch.zeros((rows, L.STEP_FIELDS), dtype=torch.int64, pin_memory=cuda)
+                        for _ in range(STAGING_RING)]
+        self._staging_np = [t.numpy() for t in self.staging]
+        self._copied = [torch.cuda.Event() if cuda else None for _ in range(STAGING_RING)]
+        self._used = [False] * STAGING_RING
+        self.slot = 0  # the staging buffer the next step fills
+
+    def source_entry(self, t: torch.Tensor, hidden: int) -> tuple[int, ...]:
+        """The item-table row of a 2-D source ``t`` (unit column stride, on ``device``)."""
+        kind = KIND_OF_DTYPE[t.dtype]
+        esize = t.element_size()
+        delta = t.data_ptr() - self._anchor_addr[kind]
+        if delta % esize:
+            raise ValueError("Invalid source: its address is not aligned to its element size")
+        stride = t.stride(0)
+        aligned = int(t.data_ptr() % 16 == 0 and (stride * esize) % 16 == 0
+                      and (hidden * esize) % 16 == 0)
+        return (delta // esize, stride, kind, t.shape[1], aligned, 0, 0, 0)
+
+    def write(self, run_idx: np.ndarray, run_rows: np.ndarray, item_idx: np.ndarray,
+              item_rows: np.ndarray) -> None:
+        """Overwrite table rows: one upload for both tables, applied in stream order."""
+        nr, ni = len(run_idx), len(item_idx)
+        if nr + ni == 0:
+            return
+        packed = np.zeros((nr + ni, 1 + L.ITEM_FIELDS), dtype=np.int64)
+        packed[:nr, 0], packed[:nr, 1:1 + L.RUN_FIELDS] = run_idx, run_rows
+        packed[nr:, 0], packed[nr:, 1:] = item_idx, item_rows
+        upload = torch.from_numpy(packed)
+        if self.device.type == "cuda":
+            # pinned through torch's caching host allocator: not reused before the copy is done
+            upload = upload.pin_memory().to(self.device, non_blocking=True)
+        if nr:
+            self.runs.index_copy_(0, upload[:nr, 0], upload[:nr, 1:1 + L.RUN_FIELDS])
+        if ni:
+            self.items.index_copy_(0, upload[nr:, 0], upload[nr:, 1:])
+
+    def staging_table(self) -> np.ndarray:
+        """The host step table to fill for the next step (its last copy has left)."""
+        event = self._copied[self.slot]
+        if event is not None and self._used[self.slot]:
+            event.synchronize()  # waits only if the GPU is STAGING_RING steps behind
+        return self._staging_np[self.slot]
+
+    def upload_step(self, rows: int) -> None:
+        """Copy the first ``rows`` rows of the filled staging table up and move the ring on."""
+        s = self.slot
+        self.step[:rows].copy_(self.staging[s][:rows], non_blocking=True)
+        self.mark_sent()
+
+    def mark_sent(self) -> None:
+        """Record that the current staging buffer's copy is queued (graph replays too)."""
+        s = self.slot
+        if self._copied[s] is not None:
+            self._copied[s].record()
+            self._used[s] = True
+        self.slot = (s + 1) % STAGING_RING
