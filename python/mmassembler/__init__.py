@@ -6,20 +6,22 @@ modality, split by what the encoder returned), check every count, one kernel lau
 
 from mmkernels import BackendUnavailableError, resolve_backend
 from mmassembler.api import assemble
+from mmassembler.assembler import Assembler
 from mmassembler.batch import Item, ItemLayout, Request
 from mmassembler.cache import CacheStats, EmbeddingCache
 from mmassembler.encode import Encoder
 from mmassembler.graph import GraphAssembler
-from mmassembler.errors import (AssemblyError, BatchShapeError, ChunkWindowError, EmbedMaskError,
-                                EmbeddingFormatError, EncoderOutputError, MissingEncoderError,
-                                RowCountError, SpanError)
+from mmassembler.errors import (AssemblyError, BatchShapeError, CapacityError, ChunkWindowError,
+                                EmbedMaskError, EmbeddingFormatError, EncoderOutputError,
+                                MissingEncoderError, RowCountError, SpanError, UnknownHandleError)
 from mmassembler.oracle import assemble_oracle
 from mmassembler.planner import Plan, plan_batch
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AssemblyError", "BackendUnavailableError", "BatchShapeError", "CacheStats", "ChunkWindowError",
+    "Assembler", "AssemblyError", "BackendUnavailableError", "BatchShapeError", "CacheStats",
+    "CapacityError", "ChunkWindowError", "UnknownHandleError",
     "EmbedMaskError", "EmbeddingCache", "EmbeddingFormatError", "Encoder", "EncoderOutputError",
     "GraphAssembler", "Item", "ItemLayout", "MissingEncoderError", "Plan", "Request", "RowCountError",
     "SpanError",

@@ -84,6 +84,13 @@ class EmbeddingCache:
         self.stats.hits += 1
         return entry
 
+    def discard(self, key, reason: str) -> None:
+        """Drop ``key``'s entry because it no longer fits its item (counted as a collision)."""
+        if key in self._entries:
+            logger.warning("embedding cache: dropping entry %r: %s", key, reason)
+            self.stats.collisions += 1
+            self._drop(key)
+
     def peek(self, key: int) -> torch.Tensor | None:
         """The entry for ``key`` without touching recency or counters."""
         return self._entries.get(key)

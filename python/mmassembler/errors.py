@@ -64,3 +64,11 @@ class MissingEncoderError(AssemblyError):
 
 class EncoderOutputError(RowCountError):
     """An encoder returned something other than a list of tensors or (tensor, rows_per_item)."""
+
+
+class CapacityError(BatchShapeError):
+    """A request or step does not fit the capacity an ``Assembler`` was made with."""
+
+
+class UnknownHandleError(AssemblyError):
+    """A handle that no live request of this ``Assembler`` has (never added, or removed)."""

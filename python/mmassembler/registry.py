@@ -1,0 +1,162 @@
+"""Registered requests on the host: handles, run and item slots, and which windows need work.
+
+Each live request owns a contiguous range of run slots and of item slots (first fit).
+The host mirror of the run table is what the device copy is written from. Per request,
+``ready_lo <= p and p + e <= ready_hi`` means every item a window ``[p, p + e)`` reaches
+holds a source, and ``p < release_at`` that no held source has been passed: a step
+checks both for all its requests in a few array operations, and only requests that fail
+them cost Python work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from mmassembler.errors import CapacityError, UnknownHandleError
+from mmassembler.runs import NO_LIMIT, request_runs
+from mmkernels import layout as L
+
+
+class RangeAllocator:
+    """First-fit allocation of contiguous ranges in ``[0, capacity)``."""
+
+    def __init__(self, capacity: int):
+        self.free = [(0, capacity)] if capacity else []  # sorted, disjoint, coalesced
+
+    def alloc(self, n: int) -> int | None:
+        if n == 0:
+            return 0
+        for k, (start, size) in enumerate(self.free):
+            if size >= n:
+                self.free[k:k + 1] = [(start + n, size - n)] if size > n else []
+                return start
+        return None
+
+    def release(self, start: int, n: int) -> None:
+        if n == 0:
+            return
+        free = self.free
+        k = next((i for i, (s, _) in enumerate(free) if s > start), len(free))
+        free.insert(k, (start, n))
+        if k + 1 < len(free) and start + n == free[k + 1][0]:  # merge with the next range
+            free[k] = (start, n + free.pop(k + 1)[1])
+        if k > 0 and free[k - 1][0] + free[k - 1][1] == start:  # and with the previous one
+            s, size = free.pop(k - 1)
+            free[k - 1] = (s, size + free[k - 1][1])
+
+
+class Registry:
+    """Live requests' runs and item slots, mirrored on the host."""
+
+    def __init__(self, *, max_requests: int, max_runs: int, max_items: int):
+        self.max_requests = max_requests
+        self.runs = np.zeros((max_runs, L.RUN_FIELDS), np.int64)
+        self._run_alloc, self._item_alloc = RangeAllocator(max_runs), RangeAllocator(max_items)
+        self._free_handles = list(range(max_requests - 1, -1, -1))
+        z = lambda: np.zeros(max_requests, np.int64)  # noqa: E731
+        self.live = np.zeros(max_requests, bool)
+        self.run_first, self.run_end, self.item_first, self.item_count = z(), z(), z(), z()
+        self.prompt_len, self.ready_lo, self.ready_hi, self.release_at = z(), z(), z(), z()
+        self.item_obj = np.empty(max_items, object)  # the Item of each slot
+        self.item_src = np.empty(max_items, object)  # its source while held, else None
+        self.item_rows, self.item_end, self.item_owner = (np.zeros(max_items, np.int64)
+                                                          for _ in range(3))
+        self.held = np.zeros(max_items, bool)
+        self.dirty_runs: list[tuple[int, int]] = []  # run ranges the device has not seen
+
+    def add(self, items: Sequence, prompt_len: int | None) -> int:
+        """Register a request; its handle. Raises ``SpanError``/``CapacityError`` first."""
+        built = request_runs(items, prompt_len)
+        if not self._free_handles:
+            raise CapacityError(f"max_requests {self.max_requests} requests are registered")
+        n, k = len(items), len(built.runs)
+        r0 = self._run_alloc.alloc(k)
+        if r0 is None:
+            raise CapacityError(f"{k} runs do not fit the run table (max_runs); remove requests")
+        i0 = self._item_alloc.alloc(n)
+        if i0 is None:
+            self._run_alloc.release(r0, k)
+            raise CapacityError(f"{n} items do not fit the item table (max_items); remove requests")
+        h = self._free_handles.pop()
+        runs = built.runs.copy()
+        runs[:, L.RUN_ITEM] += i0
+        self.runs[r0:r0 + k] = runs
+        self.dirty_runs.append((r0, r0 + k))
+        self.run_first[h], self.run_end[h], self.item_first[h], self.item_count[h] = r0, r0 + k, i0, n
+        self.prompt_len[h] = NO_LIMIT if prompt_len is None else prompt_len
+        # no runs: no window ever needs work; else the first window with tokens does
+        self.ready_lo[h], self.ready_hi[h] = (-NO_LIMIT, NO_LIMIT) if k == 0 else (0, 0)
+        self.release_at[h] = NO_LIMIT
+        items_slice = slice(i0, i0 + n)
+        self.item_obj[items_slice] = list(items)
+        self.item_src[items_slice] = None
+        self.item_rows[items_slice], self.item_end[items_slice] = built.rows, built.ends
+        self.item_owner[items_slice] = h
+        self.held[items_slice] = False
+        self.live[h] = True
+        return h
+
+    def remove(self, h: int) -> list:
+        """Free a request's slots; returns the sources it held (to release after use)."""
+        self.check_live(h)
+        i0, n = int(self.item_first[h]), int(self.item_count[h])
+        r0, r1 = int(self.run_first[h]), int(self.run_end[h])
+        held = [t for t in self.item_src[i0:i0 + n] if t is not None]
+        self.item_src[i0:i0 + n] = None
+        self.item_obj[i0:i0 + n] = None
+        self.held[i0:i0 + n] = False
+        self._run_alloc.release(r0, r1 - r0)
+        self._item_alloc.release(i0, n)
+        self.live[h] = False
+        self._free_handles.append(h)
+        return held
+
+    def check_live(self, h) -> None:
+        if isinstance(h, (bool, np.bool_)) or not isinstance(h, (int, np.integer)) or not (
+                0 <= h < self.max_requests and self.live[h]):
+            raise UnknownHandleError(f"{h!r} is not the handle of a registered request")
+
+    def needs_work(self, h: np.ndarray, p: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """Indices of windows that reach an item without a source or pass a held one."""
+        return np.flatnonzero((q > p) & ((p < self.ready_lo[h]) | (q > self.ready_hi[h])
+                                         | (p >= self.release_at[h])))
+
+    def reached(self, h: np.ndarray, p: np.ndarray, q: np.ndarray):
+        """For windows ``[p, q)`` of requests ``h`` (each with runs): the run indices and
+        window of each run, and the item slots and window of each item."""
+        ridx, rwin = _ranges(self.run_first[h], self.run_end[h])
+        iidx, iwin = _ranges(self.item_first[h], self.item_first[h] + self.item_count[h])
+        return ridx, rwin, iidx, iwin
+
+    def update_ready(self, h, p, q, ridx, rwin, iidx, iwin) -> None:
+        """Recompute the ready interval and release point of windows' requests from ``held``."""
+        runs = self.runs[ridx]
+        unheld = ~self.held[runs[:, L.RUN_ITEM]]
+        lo = np.full(len(h), -NO_LIMIT)
+        hi = np.full(len(h), NO_LIMIT)
+        before = unheld & (runs[:, L.RUN_POS] < p[rwin])
+        np.maximum.at(lo, rwin[before], np.minimum(runs[before, L.RUN_END], p[rwin[before]]))
+        after = unheld & (runs[:, L.RUN_END] > q[rwin])
+        np.minimum.at(hi, rwin[after], np.maximum(runs[after, L.RUN_POS], q[rwin[after]]))
+        release = np.full(len(h), NO_LIMIT)
+        held = self.held[iidx]
+        np.minimum.at(release, iwin[held], self.item_end[iidx[held]])
+        self.ready_lo[h], self.ready_hi[h], self.release_at[h] = lo, hi, release
+
+    def take_dirty_runs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Run indices registered since the last call and their rows (for the device)."""
+        if not self.dirty_runs:
+            return np.zeros(0, np.int64), np.zeros((0, L.RUN_FIELDS), np.int64)
+        idx = np.concatenate([np.arange(a, b) for a, b in self.dirty_runs])
+        self.dirty_runs = []
+        return idx, self.runs[idx]
+
+
+def _ranges(first: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated ``arange(first[i], end[i])`` and, for each element, its ``i``."""
+    counts = end - first
+    which = np.repeat(np.arange(len(first)), counts)
+    idx = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return idx + first[which], which

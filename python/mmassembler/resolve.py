@@ -1,0 +1,122 @@
+"""Giving items a source the first step a window reaches them: precomputed, cached, encoded.
+
+Items of one step are resolved together: precomputed embeddings are checked; the rest
+are deduped by key, looked up in the cache (with the same checks as a precomputed
+embedding), and the misses sent to their modality's encoder once (``Encoder`` budgets
+apply), split by the rows the encoder returned. Every count and format is checked before
+the cache changes; what is encoded is copied into tensors the library owns (an encoder
+may hand out views of a buffer it reuses) and detached (assembly is inference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mmassembler.cache import EmbeddingCache
+from mmassembler.encode import Encoder, EncoderFn, _Need, _split, as_rows
+from mmassembler.errors import EmbeddingFormatError, MissingEncoderError, RowCountError
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """An item slot that needs a source: its item, rows, and the request naming errors."""
+
+    slot: int
+    item: object
+    rows: int
+    request: int  # index of the request in the step
+    handle: int
+
+
+def owned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A detached copy of ``t`` on ``device`` that nothing else writes to."""
+    t = t.detach()
+    if t.device != device:
+        return t.to(device)
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _fits(t, rows: int, widths: Sequence[int], device: torch.device) -> bool:
+    """A cache entry usable for an item: 2-D float rows of a known width on ``device``."""
+    return (isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == rows
+            and t.shape[1] in widths and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and t.device == device and (t.shape[1] <= 1 or t.stride(1) == 1))
+
+
+def _precomputed(w: Wanted, widths, device) -> torch.Tensor:
+    t = as_rows(w.item.embedding, widths, request=w.request, key=w.item.key,
+                what="the precomputed embedding").detach()
+    if t.device != device:
+        raise EmbeddingFormatError(f"the precomputed embedding is on {t.device}, the output on "
+                                   f"{device}", request=w.request, item_key=w.item.key)
+    if t.shape[0] != w.rows:
+        raise RowCountError(f"the precomputed embedding has {t.shape[0]} rows but the item's "
+                            f"placeholders take {w.rows}", request=w.request, item_key=w.item.key,
+                            expected=w.rows, returned=t.shape[0])
+    return t
+
+
+def resolve(wanted: Sequence[Wanted], *, encoders: Mapping[str, EncoderFn | Encoder] | None,
+            cache: EmbeddingCache | None, device: torch.device,
+            widths: Sequence[int]) -> list[torch.Tensor]:
+    """A source for each wanted item, in order; raises before the cache changes."""
+    widths = tuple(widths)
+    sources: list = [None] * len(wanted)
+    needs: dict[tuple, _Need] = {}  # (modality, key) -> one encode
+    hits: dict = {}  # key -> cache entry (used)
+    stale: list = []  # keys whose cache entry does not fit their item
+    for i, w in enumerate(wanted):
+        item = w.item
+        if item.embedding is not None:
+            sources[i] = _precomputed(w, widths, device)
+            continue
+        ident = (item.modality, item.key)
+        need = needs.get(ident)
+        if need is not None and need.rows != w.rows:
+            first = need.requests[0]
+            raise RowCountError(f"two items share key {item.key!r} but take {need.rows} rows "
+                                f"(request {first}) and {w.rows} rows (request {w.request})",
+                                request=w.request, item_key=item.key, expected=need.rows,
+                                returned=w.rows)
+        if need is None:
+            need = needs[ident] = _Need(item.key, item, w.rows)
+        need.waiting.append(i)
+        need.requests.append(w.request)
+    misses: dict[str, list[_Need]] = {}
+    for (modality, key), need in needs.items():
+        entry = cache.peek(key) if cache is not None else None
+        if entry is not None and _fits(entry, need.rows, widths, device):
+            hits[key] = entry
+            for i in need.waiting:
+                sources[i] = entry
+            continue
+        if entry is not None:
+            stale.append(key)
+        misses.setdefault(modality, []).append(need)
+    for modality, group in misses.items():
+        if encoders is None or modality not in encoders:
+            raise MissingEncoderError(f"no embedding, no cache entry and no encoder for modality "
+                                      f"{modality!r}", request=group[0].requests[0],
+                                      item_key=group[0].key)
+    encoded: list[tuple[_Need, torch.Tensor]] = []
+    for modality, group in misses.items():
+        enc = encoders[modality]
+        enc = enc if isinstance(enc, Encoder) else Encoder(enc)
+        for call in enc.batches(group):
+            parts = _split(enc.fn([n.item for n in call]), call, modality, widths)
+            encoded.extend(zip(call, parts))
+    owned_parts = [(need, owned(t, device)) for need, t in encoded]  # may fail: before the cache
+    if cache is not None:
+        for key in stale:
+            cache.discard(key, "its rows, width, dtype or device do not fit the item")
+        for key in hits:
+            cache.get(key)
+        for need, t in owned_parts:
+            cache.put(need.key, t)
+    for need, t in owned_parts:
+        for i in need.waiting:
+            sources[i] = t
+    return sources

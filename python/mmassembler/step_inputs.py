@@ -1,0 +1,87 @@
+"""Checking a step's arguments before anything is written: windows (vectorised) and buffers.
+
+Every check raises a typed ``AssemblyError`` naming the request's index in the step.
+A step's windows cost a fixed number of array operations, whatever their number.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mmassembler.errors import BatchShapeError, CapacityError, ChunkWindowError, UnknownHandleError
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def int_array(values, name: str) -> np.ndarray:
+    """A 1-D int64 array from a list, a numpy array or a CPU torch tensor (no copy if int64)."""
+    if isinstance(values, torch.Tensor):
+        if values.device.type != "cpu":
+            raise BatchShapeError(f"{name} must be on the host (a list, numpy array or CPU tensor), "
+                                  f"got a tensor on {values.device}: reading it would synchronise")
+        values = values.numpy()
+    arr = np.asarray(values)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise BatchShapeError(f"{name} must be a 1-D sequence of ints, got {arr.dtype} of shape "
+                              f"{list(arr.shape)}")
+    return arr.astype(np.int64, copy=False)
+
+
+def check_windows(h: np.ndarray, p: np.ndarray, e: np.ndarray, registry, max_requests: int,
+                  max_tokens: int) -> int:
+    """Check a step's handles and windows; returns its token count."""
+    r = len(h)
+    if len(p) != r or len(e) != r:
+        raise BatchShapeError(f"handles, prefix_lens and extend_lens have lengths {r}, {len(p)}, "
+                              f"{len(e)}; they must be equal")
+    if r == 0:
+        return 0
+    if r > max_requests:
+        raise CapacityError(f"{r} requests in one step exceed max_requests {max_requests}")
+    bad = (h < 0) | (h >= max_requests)
+    if not bad.any():
+        bad = ~registry.live[h]
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise UnknownHandleError(f"handle {h[i]} is not a registered request", request=i)
+    if np.bincount(h).max() > 1:
+        i = int(np.flatnonzero(np.bincount(h)[h] > 1)[1])
+        raise BatchShapeError(f"handle {h[i]} appears twice in one step", request=i)
+    bad = (p < 0) | (e < 0) | (p + e > registry.prompt_len[h])
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ChunkWindowError(f"window [{p[i]}, {p[i] + e[i]}) of handle {h[i]} is negative or "
+                               f"runs past its prompt of {registry.prompt_len[h[i]]} positions",
+                               request=i)
+    n = int(e.sum())
+    if n > max_tokens:
+        raise CapacityError(f"{n} tokens in one step exceed max_tokens {max_tokens}")
+    return n
+
+
+def check_rows_buffer(name: str, t, rows: int, cols: int, dtype: torch.dtype,
+                      device: torch.device) -> None:
+    """A ``[rows, cols]`` buffer of ``dtype`` on ``device`` whose rows do not overlap."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        raise BatchShapeError(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    if t.shape[0] != rows or t.shape[1] != cols:
+        raise BatchShapeError(f"{name} has shape {list(t.shape)}, expected [{rows}, {cols}]")
+    if t.dtype != dtype or t.device != device:
+        raise BatchShapeError(f"{name} is {t.dtype} on {t.device}, expected {dtype} on {device}")
+    if (cols > 1 and t.stride(1) != 1) or (rows > 1 and t.stride(0) < cols):
+        raise BatchShapeError(f"{name} has strides {t.stride()}: rows must not overlap and "
+                              "columns must be contiguous")
+
+
+def check_input_ids(input_ids, rows: int, device: torch.device) -> None:
+    """1-D int32/int64 token ids on ``device``, one per row (any stride)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1 or input_ids.dtype not in (
+            torch.int32, torch.int64):
+        raise BatchShapeError("input_ids must be a 1-D int32/int64 tensor, got "
+                              f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+    if input_ids.device != device:
+        raise BatchShapeError(f"input_ids are on {input_ids.device}, the embeddings on {device}")
+    if input_ids.shape[0] != rows:
+        raise BatchShapeError(f"input_ids has {input_ids.shape[0]} tokens but the windows' extend "
+                              f"lengths add up to {rows}")
