@@ -110,7 +110,7 @@ def request_runs(items: Sequence, prompt_len: int | None) -> RequestRuns:
     ends[j[starts]] = np.maximum.reduceat(e, starts) + 1
     runs = np.stack((s, e + 1, row0, j), axis=1)[order]
     if masked:
-        runs = runs[~np.isin(j, masked)]
+        runs = runs[~np.isin(runs[:, 3], masked)]
         extra = []
         for m in masked:
             lay = items[m].layout()
