@@ -1,0 +1,57 @@
+"""A steady-state step's host work does not grow with items or requests (calls counted)."""
+
+import sys
+
+import numpy as np
+import torch
+
+from mmassembler import Assembler, Item
+
+
+def _count_calls(fn) -> int:
+    """Python and C function calls made by ``fn()`` (``sys.setprofile`` events)."""
+    count = 0
+
+    def profile(frame, event, arg):
+        nonlocal count
+        if event in ("call", "c_call"):
+            count += 1
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return count
+
+
+def _steady_step_calls(num_requests: int, items_per_request: int, backend: str, device: str) -> int:
+    hidden = 16
+    weight = torch.randn(32, hidden, device=device)
+    asm = Assembler(weight=weight, max_tokens=1 << 16, max_requests=num_requests,
+                    max_items=num_requests * items_per_request, backend=backend)
+    handles, prefix, extend = [], [], []
+    for _ in range(num_requests):
+        items = [Item(k, [(4 * k + 1, 4 * k + 2)], embedding=torch.randn(2, hidden, device=device))
+                 for k in range(items_per_request)]
+        handles.append(asm.add_request(items, prompt_len=4 * items_per_request + 1))
+        prefix.append(0)
+        extend.append(4 * items_per_request + 1)
+    h, p, e = np.array(handles), np.array(prefix), np.array(extend)
+    ids = torch.zeros(int(e.sum()), dtype=torch.int64, device=device)
+    asm.assemble(h, p, e, ids)  # first step: every item gets its source
+    asm.assemble(h, p, e, ids)  # warm: on a GPU the kernel is compiled and then launched directly
+    if asm.backend == "interpreter":  # the interpreter runs the kernel itself in Python
+        asm._op.launcher = lambda *args: None
+    calls = _count_calls(lambda: asm.assemble(h, p, e, ids))
+    if asm.backend == "triton":
+        assert asm._op.launcher.direct_launches >= 2  # Triton's dispatcher was skipped
+    return calls
+
+
+def test_steady_step_calls_do_not_grow_with_items_or_requests(device):
+    backend = "triton"
+    one = _steady_step_calls(1, 1, backend, device)
+    many_items = _steady_step_calls(1, 256, backend, device)
+    many_requests = _steady_step_calls(256, 1, backend, device)
+    assert one == many_items == many_requests, (one, many_items, many_requests)
