@@ -29,29 +29,30 @@ def kernel_variants() -> Iterator[dict]:
 
 
 @functools.lru_cache(maxsize=None)
-def _compilable_kernel():
-    """``_assemble_kernel`` as a JITFunction, even where the package's copy is interpreted.
+def _compilable_kernel(module: str = "assemble", name: str = "_assemble_kernel"):
+    """A kernel of ``mmkernels.kernels.<module>`` as a JITFunction, even where the package's
+    copy is interpreted.
 
     Tests set ``TRITON_INTERPRET=1`` before import; compiling needs the compiled form, so
     the kernel file is loaded again, under another module name, with the interpreter off.
     """
+    import importlib
+
     import triton
 
-    from mmkernels.kernels import assemble
-
-    if isinstance(assemble._assemble_kernel, triton.runtime.JITFunction):
-        return assemble._assemble_kernel
+    mod = importlib.import_module(f"mmkernels.kernels.{module}")
+    if isinstance(getattr(mod, name), triton.runtime.JITFunction):
+        return getattr(mod, name)
     previous = triton.knobs.runtime.interpret
     triton.knobs.runtime.interpret = False
     try:
-        spec = importlib.util.spec_from_file_location("mmkernels.kernels._assemble_aot",
-                                                      assemble.__file__)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+        spec = importlib.util.spec_from_file_location(f"mmkernels.kernels._{module}_aot", mod.__file__)
+        module_obj = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module_obj
+        spec.loader.exec_module(module_obj)
     finally:
         triton.knobs.runtime.interpret = previous
-    return module._assemble_kernel
+    return getattr(module_obj, name)
 
 
 def compile_variant(constexprs: dict, target, out_dtype: str = "bf16"):
@@ -75,3 +76,52 @@ def compile_variant(constexprs: dict, target, out_dtype: str = "bf16"):
     attrs = {(i,): aligned for i in (0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 14, 15, 16)}
     src = ASTSource(fn=_assemble_kernel, signature=sig, constexprs=dict(constexprs), attrs=attrs)
     return triton.compile(src, target=target)
+
+
+def step_kernel_configs() -> Iterator[tuple[int, int, int]]:
+    """``(block_rows, block_cols, num_warps)`` of every GPU shape ``step_config`` can pick
+    (every power-of-two width up to the column cap, and the tests' block_rows)."""
+    from mmkernels.step import MAX_BLOCK_COLS, step_config
+
+    widths = [1 << k for k in range(4, MAX_BLOCK_COLS.bit_length())] + [8192]
+    seen = set()
+    for rows in (None, 1, 4, 64):
+        for width in widths:
+            cfg = step_config(width, interpreted=False, block_rows=rows)
+            key = (cfg.block_rows, cfg.block_cols, cfg.num_warps)
+            if key not in seen:
+                seen.add(key)
+                yield key
+
+
+def _step_signature(kernel, out_dtype: str, ids_dtype: str) -> dict:
+    """The step kernel's signature, derived from its parameter list (pointers by name)."""
+    pointers = {"out_ptr": out_dtype, "ds_ptr": out_dtype, "ids_ptr": ids_dtype,
+                "weight_ptr": out_dtype, "f32_ptr": "fp32", "f16_ptr": "fp16", "bf16_ptr": "bf16",
+                "runs_ptr": "i64", "items_ptr": "i64", "step_ptr": "i64"}
+    sig = {}
+    for p in kernel.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name.endswith("_ptr"):
+            sig[p.name] = "*" + pointers[p.name]
+        else:
+            sig[p.name] = "i32"
+    return sig
+
+
+def compile_step_variant(constexprs: dict, target, *, num_warps: int, out_dtype: str = "bf16",
+                         ids_dtype: str = "i64"):
+    """Compile ``_assemble_step_kernel`` for ``target`` with 16-byte-aligned pointers and
+    widths divisible by 16 (what the launcher's specialisation sees for model widths)."""
+    import triton
+    from triton.compiler import ASTSource
+
+    kernel = _compilable_kernel("step", "_assemble_step_kernel")
+    sig = _step_signature(kernel, out_dtype, ids_dtype)
+    aligned = [["tt.divisibility", 16]]
+    names = list(sig)
+    specialised = [n for n in names if n.endswith("_ptr") or n in ("weight_stride", "hidden", "ds_cols")]
+    attrs = {(names.index(n),): aligned for n in specialised}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=dict(constexprs), attrs=attrs)
+    return triton.compile(src, target=target, options={"num_warps": num_warps})
