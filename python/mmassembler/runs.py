@@ -1,10 +1,9 @@
 """A request's items as position-ordered runs, checked and built once at registration.
 
 A run ``(first position, end position, first row, item)`` says that positions
-``first + i`` take rows ``row + i`` of the item's embedding. Spans without an
-``embed_mask`` become runs in a fixed number of numpy operations for the whole request;
-items with a mask go through ``Item.layout`` (their runs skip the unembedded positions).
-Runs of interleaved items are merged into one position order, and adjacent runs that
+``first + i`` take rows ``row + i`` of the item's embedding. Items with an ``embed_mask``
+go through ``Item.layout`` (their runs skip the unembedded positions). Runs of
+interleaved items are merged into one position order, and adjacent runs of one item that
 continue each other are coalesced.
 """
 
@@ -39,97 +38,83 @@ def _span_error(items: Sequence, j: int, message: str) -> SpanError:
     return SpanError(f"items[{j}]: {message}", item_key=key)
 
 
-def _flatten(items: Sequence) -> tuple[list, list]:
-    """``[(start, end, item)]`` of every span, and the indices of masked items."""
-    flat, masked = [], []
-    for j, it in enumerate(items):
-        if not isinstance(it, Item):
-            raise SpanError(f"items[{j}] is a {type(it).__name__}, not an mmassembler.Item")
-        try:
-            hash(it.key)
-        except TypeError:
-            raise _span_error(items, j, f"its key {it.key!r} is not hashable") from None
-        k = len(flat)
-        try:
-            for s, e in it.spans:
-                flat.append((s, e, j))
-        except (TypeError, ValueError):
-            raise _span_error(items, j, f"spans must be (start, end) pairs, got {it.spans!r}") from None
-        if len(flat) == k:
-            raise _span_error(items, j, "an item needs at least one span")
-        if it.embed_mask is not None:
-            masked.append(j)
-    return flat, masked
+def _position(v, items: Sequence, j: int) -> int:
+    """A span position: an int (numpy ints too), never a bool or a float."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise _span_error(items, j, f"span positions must be ints, got {v!r}")
+    return int(v)
 
 
-def _as_array(flat: list, items: Sequence) -> np.ndarray:
-    """The spans as int64, rejecting bools, floats and values past int64."""
-    if not all(type(s) is int and type(e) is int for s, e, _ in flat):
-        for s, e, j in flat:
-            for v in (s, e):
-                if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-                    raise _span_error(items, j, f"span ({s!r}, {e!r}): positions must be ints")
+def _item_spans(items: Sequence, j: int, limit: int, spans: list) -> tuple[int, int]:
+    """Check item ``j`` and append its ``(start, end, item, first row)`` spans; returns its
+    rows and the end of its last position (rows as if it had no mask)."""
+    it = items[j]
+    if not isinstance(it, Item):
+        raise SpanError(f"items[{j}] is a {type(it).__name__}, not an mmassembler.Item")
     try:
-        return np.array(flat, dtype=np.int64).reshape(len(flat), 3)
-    except OverflowError:
-        raise SpanError("a span position does not fit in 64 bits") from None
+        hash(it.key)
+    except TypeError:
+        raise _span_error(items, j, f"its key {it.key!r} is not hashable") from None
+    prev, row = -1, 0
+    try:
+        pairs = list(it.spans)
+        for s, e in pairs:
+            if type(s) is not int or type(e) is not int:
+                s, e = _position(s, items, j), _position(e, items, j)
+            if s < 0 or e < s or e >= limit:
+                where = f"past the prompt of {limit} positions" if 0 <= s <= e else "invalid"
+                raise _span_error(items, j, f"span ({s}, {e}) is {where}")
+            if s <= prev:
+                raise _span_error(items, j, f"span ({s}, {e}) is out of order or overlaps the "
+                                  f"span ending at {prev}")
+            spans.append((s, e, j, row))
+            row += e - s + 1
+            prev = e
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, SpanError):
+            raise
+        raise _span_error(items, j, f"spans must be (start, end) pairs, got {it.spans!r}") from None
+    if prev < 0:
+        raise _span_error(items, j, "an item needs at least one span")
+    return row, prev + 1
 
 
 def request_runs(items: Sequence, prompt_len: int | None) -> RequestRuns:
-    """Check a request's items and build its runs; raises ``SpanError`` naming the item."""
-    flat, masked = _flatten(items)
+    """Check a request's items and build its runs; raises ``SpanError`` naming the item.
+
+    One plain-Python pass (a request's items are Python objects; numpy's fixed cost per
+    call is larger than this work for the few spans most requests have).
+    """
+    limit = NO_LIMIT if prompt_len is None else prompt_len
+    spans: list = []
     n = len(items)
-    if not flat:
-        return RequestRuns(np.zeros((0, 4), np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64))
-    arr = _as_array(flat, items)
-    s, e, j = arr[:, 0], arr[:, 1], arr[:, 2]
-    bad = (s < 0) | (e < s) | (e >= (NO_LIMIT if prompt_len is None else prompt_len))
-    if bad.any():
-        k = int(np.flatnonzero(bad)[0])
-        where = "past the prompt of %s positions" % prompt_len if e[k] >= s[k] >= 0 else "invalid"
-        raise _span_error(items, int(j[k]), f"span ({s[k]}, {e[k]}) is {where}")
-    unordered = (j[1:] == j[:-1]) & (s[1:] <= e[:-1])
-    if unordered.any():
-        k = int(np.flatnonzero(unordered)[0]) + 1
-        raise _span_error(items, int(j[k]), f"span ({s[k]}, {e[k]}) is out of order or overlaps "
-                          f"the span ending at {e[k - 1]}")
-    order = np.argsort(s, kind="stable")
-    overlap = s[order[1:]] <= e[order[:-1]]
-    if overlap.any():
-        k = int(np.flatnonzero(overlap)[0])
-        a, b = order[k], order[k + 1]
-        raise _span_error(items, int(j[b]), f"span ({s[b]}, {e[b]}) overlaps span ({s[a]}, {e[a]}) "
-                          f"of items[{j[a]}]")
-    lengths = e - s + 1
-    starts = np.flatnonzero(np.r_[True, j[1:] != j[:-1]])  # first span of each item
-    excl = np.cumsum(lengths) - lengths
-    row0 = excl - np.repeat(excl[starts], np.diff(np.r_[starts, len(j)]))
-    rows = np.zeros(n, np.int64)
-    ends = np.zeros(n, np.int64)
-    rows[j[starts]] = np.add.reduceat(lengths, starts)
-    ends[j[starts]] = np.maximum.reduceat(e, starts) + 1
-    runs = np.stack((s, e + 1, row0, j), axis=1)[order]
+    rows, ends = [0] * n, [0] * n
+    masked = set()
+    for j in range(n):
+        rows[j], ends[j] = _item_spans(items, j, limit, spans)
+        if items[j].embed_mask is not None:
+            masked.add(j)
+            lay = items[j].layout()
+            rows[j] = lay.num_rows
+            ends[j] = lay.runs_list[-1][1] if lay.num_rows else 0
+    spans.sort()
+    runs: list = []
+    prev = None
+    for span in spans:
+        s, e, j, row = span
+        if prev is not None and s <= prev[1]:
+            raise _span_error(items, j, f"span ({s}, {e}) overlaps span ({prev[0]}, {prev[1]}) of "
+                              f"items[{prev[2]}]")
+        prev = span
+        if j in masked:
+            continue
+        last = runs[-1] if runs else None
+        if last is not None and last[3] == j and last[1] == s and last[2] + s - last[0] == row:
+            runs[-1] = (last[0], e + 1, last[2], j)  # continues the previous run: coalesce
+        else:
+            runs.append((s, e + 1, row, j))
     if masked:
-        runs = runs[~np.isin(runs[:, 3], masked)]
-        extra = []
-        for m in masked:
-            lay = items[m].layout()
-            rows[m] = lay.num_rows
-            ends[m] = lay.runs[-1, 1] if lay.num_rows else 0
-            extra.append(np.column_stack((lay.runs, np.full(len(lay.runs), m, np.int64))))
-        runs = np.concatenate([runs, *extra])
-        runs = runs[np.argsort(runs[:, 0], kind="stable")]
-    return RequestRuns(_coalesce(runs), rows, ends)
-
-
-def _coalesce(runs: np.ndarray) -> np.ndarray:
-    """Merge runs of one item where the next one continues both positions and rows."""
-    if len(runs) < 2:
-        return runs
-    pos, end, row, item = runs.T
-    joins = (item[1:] == item[:-1]) & (end[:-1] == pos[1:]) & (row[:-1] + end[:-1] - pos[:-1] == row[1:])
-    if not joins.any():
-        return runs
-    first = np.flatnonzero(np.r_[True, ~joins])
-    last = np.r_[first[1:] - 1, len(runs) - 1]
-    return np.stack((pos[first], end[last], row[first], item[first]), axis=1)
+        runs.extend((s, e, r, j) for j in masked for s, e, r in items[j].layout().runs_list)
+        runs.sort()
+    return RequestRuns(np.array(runs, dtype=np.int64).reshape(len(runs), 4),
+                       np.array(rows, dtype=np.int64), np.array(ends, dtype=np.int64))

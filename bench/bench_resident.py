@@ -1,0 +1,173 @@
+"""The resident Assembler vs the stateless path vs the engines' usual paths vs the floor.
+
+    python -m bench.bench_resident [--scenario SUBSTR ...] [--repeat 200] [--out DIR]
+
+Per scenario, side by side in one run (bf16, fused mode unless noted):
+- floor: N x H read + written at the measured device-to-device copy bandwidth;
+- GPU time (device work alone, CUDA-graph replays): the step kernel, the stateless
+  path's segment kernel, and the baselines;
+- host time (call -> return, GPU idle before each call), and wall (call + synchronize):
+  the Assembler's steady-state step (requests registered, sources held) with direct
+  launch and with graph replay, in fused and scatter mode; its first chunk (register +
+  step + remove, precomputed embeddings so no encoding); the stateless ``assemble`` with
+  requests reused; the baselines;
+- registration host time per item (``add_request``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.baselines import BASELINES
+from bench.bench_assemble import prepared
+from bench.harness import copy_bandwidth, gpu_time_us, wall_time_us
+from bench.scenarios import SCENARIOS, PLANNING_256, Scenario, build
+from mmassembler import Assembler, assemble
+
+MANY_REQUESTS = Scenario("256x1x64 t32 H4096", 256, 1, 64, 32, 4096)
+RESIDENT_SCENARIOS = SCENARIOS + [MANY_REQUESTS, PLANNING_256]
+
+
+def host_us(fn, repeat: int, sync) -> float:
+    """Median time from call to return, with the device idle before each call (µs)."""
+    for _ in range(5):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    sync()
+    return 1e6 * statistics.median(samples)
+
+
+def windows(b):
+    return (np.arange(len(b.requests)), np.array([r.prefix_len for r in b.requests]),
+            np.array([r.extend_len for r in b.requests]))
+
+
+def measure(b, bw: float, repeat: int) -> dict:
+    """Every figure of one scenario (see the module doc)."""
+    dev = b.input_ids.device
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    hidden, n, esize = b.weight.shape[1], b.num_tokens, b.weight.element_size()
+    row = dict(scenario=b.scenario.name, tokens=n, mm_rows=b.num_mm_rows, hidden=hidden,
+               requests=len(b.requests), items=sum(len(r.items) for r in b.requests),
+               floor_us=2 * n * hidden * esize / bw * 1e6)
+    cap = dict(max_tokens=n, max_requests=len(b.requests),
+               max_items=max(1, row["items"]), max_runs=max(1, row["items"]))
+    _, p, e = windows(b)
+    ref = assemble(b.requests, b.input_ids, weight=b.weight, backend="torch")
+    out_buf = b.out.clone()
+    for mode in ("fused", "scatter"):
+        for graph in ((False, True) if cuda else (False,)):
+            if mode == "scatter" and graph:
+                asm = Assembler(hidden=hidden, dtype=b.weight.dtype, device=dev, cuda_graph=True,
+                                out=out_buf, **cap)
+            else:
+                asm = Assembler(weight=b.weight if mode == "fused" else None, hidden=hidden,
+                                dtype=b.weight.dtype, device=dev, cuda_graph=graph, **cap)
+            h = np.array([asm.add_request(r.items, r.prompt_len) for r in b.requests])
+            kw = {} if mode == "fused" or graph else {"out": out_buf}
+            if mode == "scatter":
+                out_buf.copy_(b.out)
+            got = asm.assemble(h, p, e, b.input_ids, **kw)
+            assert torch.equal(got, ref), f"{b.scenario.name} {mode} graph={graph}: wrong result"
+            tag = f"{mode}{'_graph' if graph else ''}"
+            step = lambda asm=asm, h=h, kw=kw: asm.assemble(h, p, e, b.input_ids, **kw)  # noqa: E731
+            row[f"host_{tag}_us"] = host_us(step, repeat, sync)
+            row[f"wall_{tag}_us"] = wall_time_us(step, repeat=repeat, device=dev.type)
+            if cuda and not graph:
+                out = torch.empty_like(b.out) if mode == "fused" else out_buf
+                row[f"gpu_{tag}_us"] = gpu_time_us(lambda asm=asm, out=out: asm._op.launch(
+                    out, None, b.input_ids, n))
+            if mode == "fused" and not graph:
+                row["first_chunk_host_us"], row["first_chunk_wall_us"], row["register_us_per_item"] = \
+                    first_chunk(asm, b, p, e, repeat, sync)
+    row["host_stateless_us"] = host_us(lambda: assemble(b.requests, b.input_ids, weight=b.weight),
+                                       repeat, sync)
+    row["wall_stateless_us"] = wall_time_us(lambda: assemble(b.requests, b.input_ids, weight=b.weight),
+                                            repeat=repeat, device=dev.type)
+    if cuda:
+        row["gpu_stateless_us"] = gpu_time_us(prepared(b, "fused").run)
+    for name, fn in BASELINES.items():
+        call = lambda fn=fn: fn(b.requests, b.input_ids, b.weight)  # noqa: E731
+        row[f"wall_{name}_us"] = wall_time_us(call, repeat=repeat, device=dev.type)
+        row[f"gpu_{name}_us"] = gpu_time_us(call) if cuda else None
+    return row
+
+
+def first_chunk(asm, b, p, e, repeat, sync):
+    """(host, wall) of register + first step + remove, and registration µs per item."""
+    host, wall, reg = [], [], []
+    for _ in range(max(5, repeat // 10)):
+        for h in range(len(b.requests)):
+            if asm.registry.live[h]:
+                asm.remove_request(h)
+        sync()
+        t0 = time.perf_counter()
+        h = np.array([asm.add_request(r.items, r.prompt_len) for r in b.requests])
+        t1 = time.perf_counter()
+        asm.assemble(h, p, e, b.input_ids)
+        t2 = time.perf_counter()
+        sync()
+        t3 = time.perf_counter()
+        reg.append((t1 - t0) / max(1, sum(len(r.items) for r in b.requests)))
+        host.append(t2 - t0)
+        wall.append(t3 - t0)
+    return tuple(1e6 * statistics.median(x) for x in (host, wall, reg))
+
+
+COLUMNS = [("floor", "floor_us"), ("GPU step", "gpu_fused_us"), ("GPU old", "gpu_stateless_us"),
+           ("host step", "host_fused_us"), ("host graph", "host_fused_graph_us"),
+           ("wall step", "wall_fused_us"), ("wall graph", "wall_fused_graph_us"),
+           ("host scat", "host_scatter_us"), ("wall scat", "wall_scatter_us"),
+           ("host first", "first_chunk_host_us"), ("wall first", "first_chunk_wall_us"),
+           ("reg/item", "register_us_per_item"), ("host old", "host_stateless_us"),
+           ("wall old", "wall_stateless_us"), ("wall m_s", "wall_masked_scatter_us"),
+           ("wall i_c", "wall_index_copy_us"), ("GPU m_s", "gpu_masked_scatter_us")]
+
+
+def table(rows) -> str:
+    head = "| scenario | " + " | ".join(c for c, _ in COLUMNS) + " |"
+    lines = [head, "|---" * (len(COLUMNS) + 1) + "|"]
+    for r in rows:
+        cells = [f"{r[k]:.1f}" if isinstance(r.get(k), float) else "-" for _, k in COLUMNS]
+        lines.append(f"| {r['scenario']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenario", nargs="*", default=[])
+    ap.add_argument("--repeat", type=int, default=200)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bw = copy_bandwidth(device)
+    rows = []
+    for sc in RESIDENT_SCENARIOS:
+        if args.scenario and not any(k in sc.name for k in args.scenario):
+            continue
+        rows.append(measure(build(sc, device=device), bw, args.repeat))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                torch=torch.__version__, bandwidth_bytes_per_s=bw)
+    print(f"\n{meta}\n{table(rows)}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "resident.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
