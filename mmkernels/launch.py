@@ -28,6 +28,11 @@ def direct_launch_supported() -> bool:
     return triton.__version__.startswith(DIRECT_TRITON_VERSIONS)
 
 
+def _hooked(hook) -> bool:
+    """A launch hook is set: Triton 3.6 keeps hooks in a chain that is never ``None``."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 class DirectLauncher:
     """Launch ``kernel`` directly once a call of the same ``key`` has compiled it."""
 
@@ -45,7 +50,7 @@ class DirectLauncher:
         if compiled is not None:
             from triton import knobs
 
-            if knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None:
+            if not (_hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook)):
                 stream = torch._C._cuda_getCurrentRawStream(device_index)
                 compiled.run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata,
                              None, None, None, *int_args, *constexprs.values())

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernel_utils import assert_bitwise_equal
-from mmassembler import Assembler, EmbeddingCache, Request, assemble_oracle
+from mmassembler import Assembler, EmbeddingCache, Item, Request, assemble_oracle
 from schedules import encoded_rows, schedules
 
 BACKENDS = ["torch", "triton"]
@@ -34,11 +34,12 @@ def run_schedule(sched, backend: str, device: str, block_rows=None, cache_bytes=
                     encoders={"image": encoder}, cache=EmbeddingCache(cache_bytes),
                     deepstack_cols=sched.ds_cols, backend=backend, block_rows=block_rows)
     handles = {}
+    requests = [([_on(it, device) for it in items], n) for items, n in sched.requests]
     for step in sched.steps:
         for r in step.remove:
             asm.remove_request(handles.pop(r))
         for r in step.add:
-            items, prompt_len = sched.requests[r]
+            items, prompt_len = requests[r]
             handles[r] = asm.add_request(items, prompt_len=prompt_len)
         n = sum(e for _, _, e in step.windows)
         ids = torch.randint(-3, sched.vocab + 3, (n,), generator=gen).to(device)
@@ -49,7 +50,7 @@ def run_schedule(sched, backend: str, device: str, block_rows=None, cache_bytes=
         got = asm.assemble([handles[r] for r, _, _ in step.windows], [p for _, p, _ in step.windows],
                            [e for _, _, e in step.windows], ids, out=None if sched.fused else out,
                            deepstack_out=ds)
-        reqs = [Request(sched.requests[r][0], p, e) for r, p, e in step.windows]
+        reqs = [Request(sched.requests[r][0], p, e) for r, p, e in step.windows]  # CPU copies
         want, want_ds = assemble_oracle(
             reqs, ids.cpu(), embedding_of, weight=weight.cpu() if sched.fused else None,
             out=None if sched.fused else before[2:2 + n].cpu(),
@@ -62,6 +63,16 @@ def run_schedule(sched, backend: str, device: str, block_rows=None, cache_bytes=
         if not sched.fused:
             assert got.data_ptr() == out.data_ptr()
     return encoded
+
+
+def _on(item: Item, device: str) -> Item:
+    """The item with its precomputed embedding on ``device`` (row stride kept)."""
+    if item.embedding is None or device == "cpu":
+        return item
+    emb = item.embedding
+    base = emb if emb._base is None else emb._base
+    return Item(item.key, item.spans, item.modality, embedding=base.to(device)[:, :emb.shape[1]],
+                embed_mask=item.embed_mask)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

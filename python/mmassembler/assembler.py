@@ -61,7 +61,7 @@ class Assembler:
         if dtype not in FLOATS:
             raise BatchShapeError(f"dtype must be one of {FLOATS}, got {dtype}")
         self.weight, self.hidden, self.dtype = weight, hidden, dtype
-        self.device, self.deepstack_cols = torch.device(device), deepstack_cols
+        self.device, self.deepstack_cols = _full_device(device), deepstack_cols
         self.max_tokens, self.max_requests = max_tokens, max_requests
         self.encoders, self.cache = encoders, cache
         self.widths = (hidden, hidden + deepstack_cols)
@@ -205,6 +205,14 @@ class Assembler:
         item_rows = np.array(list(self._item_updates.values()), np.int64).reshape(-1, L.ITEM_FIELDS)
         self._item_updates = {}
         self.tables.write(run_idx, run_rows, item_idx, item_rows)
+
+
+def _full_device(device) -> torch.device:
+    """``device`` with its index (``cuda`` means the current CUDA device), for comparisons."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class _GraphState:
