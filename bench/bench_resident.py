@@ -80,10 +80,14 @@ def measure(b, bw: float, repeat: int) -> dict:
             kw = {} if mode == "fused" or graph else {"out": out_buf}
             if mode == "scatter":
                 out_buf.copy_(b.out)
-            got = asm.assemble(h, p, e, b.input_ids, **kw)
+            ids = b.input_ids
+            if graph:  # as an engine does: ids written into the persistent buffer
+                ids = asm.input_ids[:n]
+                ids.copy_(b.input_ids)
+            got = asm.assemble(h, p, e, ids, **kw)
             assert torch.equal(got, ref), f"{b.scenario.name} {mode} graph={graph}: wrong result"
             tag = f"{mode}{'_graph' if graph else ''}"
-            step = lambda asm=asm, h=h, kw=kw: asm.assemble(h, p, e, b.input_ids, **kw)  # noqa: E731
+            step = lambda asm=asm, h=h, kw=kw, ids=ids: asm.assemble(h, p, e, ids, **kw)  # noqa: E731
             row[f"host_{tag}_us"] = host_us(step, repeat, sync)
             row[f"wall_{tag}_us"] = wall_time_us(step, repeat=repeat, device=dev.type)
             if cuda and not graph:

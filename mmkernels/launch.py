@@ -40,22 +40,27 @@ class DirectLauncher:
         self.kernel = kernel
         self.direct = not interpreted and direct_launch_supported()
         self.compiled: dict = {}
-        self.direct_launches = 0  # counted for tests: launches that skipped the dispatcher
+        self.direct_launches = 0
+        from triton import knobs
 
-    def __call__(self, grid: int, key, args: tuple, int_args, constexprs: dict, num_warps: int,
-                 device_index: int = 0) -> None:
-        """Launch on ``grid`` programs. ``args`` (tensors for pointers) are used for the
-        dispatch path; ``int_args`` (the same arguments, pointers as ints) for direct calls."""
+        self._runtime_knobs = knobs.runtime  # counted for tests: launches that skipped the dispatcher
+
+    def launch_direct(self, key, grid: int, int_args: tuple, device_index: int) -> bool:
+        """Launch the kernel compiled for ``key`` with every argument as an int (pointers
+        as addresses, constexprs last); False when there is none or a hook is set."""
         compiled = self.compiled.get(key)
-        if compiled is not None:
-            from triton import knobs
+        if compiled is None:
+            return False
+        runtime = self._runtime_knobs
+        if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
+            return False
+        compiled.run(grid, 1, 1, torch._C._cuda_getCurrentRawStream(device_index), compiled.function,
+                     compiled.packed_metadata, None, None, None, *int_args)
+        self.direct_launches += 1
+        return True
 
-            if not (_hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook)):
-                stream = torch._C._cuda_getCurrentRawStream(device_index)
-                compiled.run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata,
-                             None, None, None, *int_args, *constexprs.values())
-                self.direct_launches += 1
-                return
+    def launch(self, key, grid: int, args: tuple, constexprs: dict, num_warps: int) -> None:
+        """Launch through Triton's dispatcher (compiling if needed); keep what it compiled."""
         result = self.kernel[(grid,)](*args, **constexprs, num_warps=num_warps)
         if self.direct and result is not None and not hasattr(result, "result"):
             self.compiled[key] = result

@@ -66,18 +66,16 @@ class StepOp:
         self.interpreted = interpreted
         fused = weight is not None
         anchors = [tables.anchors[k] for k in (L.KIND_F32, L.KIND_F16, L.KIND_BF16)]
-        # argument order of _assemble_step_kernel; slots 0-5 change per call
-        self._args = [None, 0, None, 0, None, 0,
-                      weight if fused else tables.runs, weight.stride(0) if fused else 0,
-                      weight.shape[0] if fused else 0, *anchors, tables.runs, tables.items,
-                      tables.step, hidden, ds_cols]
-        self._int_args = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in self._args]
-        self._constexprs = dict(
-            FUSED=fused, HAS_DS=ds_cols > 0,
-            MAIN_BLOCKS=-(-hidden // self.cfg.block_cols), DS_BLOCKS=-(-ds_cols // self.cfg.block_cols),
-            BLOCK_R=self.cfg.block_rows, BLOCK_H=self.cfg.block_cols, OUT_UNIT=1,
-            EMULATE_BF16_RNE=interpreted,
-        )
+        # arguments after the six that change per call (out, ds, ids and their strides)
+        self._fixed = (weight if fused else tables.runs, weight.stride(0) if fused else 0,
+                       weight.shape[0] if fused else 0, *anchors, tables.runs, tables.items,
+                       tables.step, hidden, ds_cols)
+        self._fixed_ints = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in self._fixed)
+        base = dict(FUSED=fused, HAS_DS=ds_cols > 0, MAIN_BLOCKS=-(-hidden // self.cfg.block_cols),
+                    DS_BLOCKS=-(-ds_cols // self.cfg.block_cols), BLOCK_R=self.cfg.block_rows,
+                    BLOCK_H=self.cfg.block_cols, OUT_UNIT=1, EMULATE_BF16_RNE=interpreted)
+        self._constexprs = {u: dict(base, OUT_UNIT=u) for u in (1, self.vec)}
+        self._tail = {u: self._fixed_ints + tuple(c.values()) for u, c in self._constexprs.items()}
         self.device_index = (tables.device.index or 0) if tables.device.type == "cuda" else 0
 
     def launch(self, out: torch.Tensor, deepstack_out: torch.Tensor | None,
@@ -89,17 +87,17 @@ class StepOp:
         grid = -(-rows // self.cfg.block_rows)
         if grid == 0:
             return
-        ds = deepstack_out if deepstack_out is not None else out
-        ids = input_ids if input_ids is not None else out
+        ds = out if deepstack_out is None else deepstack_out
+        ids = out if input_ids is None else input_ids
+        out_stride, ds_stride = out.stride(0), ds.stride(0)
+        ids_stride = 0 if input_ids is None else input_ids.stride(0)
         vec = self.vec
-        unit = vec if (out.stride(0) % vec == 0 and ds.stride(0) % vec == 0) else 1
-        args, ints = list(self._args), list(self._int_args)
-        args[0:6] = ints[0:6] = (out, out.stride(0) // unit, ds, ds.stride(0) // unit, ids,
-                                 ids.stride(0) if ids.dim() == 1 else 0)
-        ints[0], ints[2], ints[4] = out.data_ptr(), ds.data_ptr(), ids.data_ptr()
-        constexprs = self._constexprs
-        if unit != constexprs["OUT_UNIT"]:
-            constexprs = dict(constexprs, OUT_UNIT=unit)
-        key = (unit, ints[0] % 16 == 0, ints[2] % 16 == 0, ints[4] % 16 == 0, ids.dtype,
-               max(args[1], args[3], args[5]) >> 31)
-        self.launcher(grid, key, tuple(args), ints, constexprs, self.cfg.num_warps, self.device_index)
+        unit = vec if out_stride % vec == 0 and ds_stride % vec == 0 else 1
+        o, d, i = out.data_ptr(), ds.data_ptr(), ids.data_ptr()
+        # what Triton specialises on among the per-call arguments
+        key = (unit, o % 16 == 0, d % 16 == 0, i % 16 == 0, ids.dtype,
+               (out_stride | ds_stride | ids_stride) >> 31)
+        head = (o, out_stride // unit, d, ds_stride // unit, i, ids_stride)
+        if not self.launcher.launch_direct(key, grid, head + self._tail[unit], self.device_index):
+            args = (out, out_stride // unit, ds, ds_stride // unit, ids, ids_stride) + self._fixed
+            self.launcher.launch(key, grid, args, self._constexprs[unit], self.cfg.num_warps)

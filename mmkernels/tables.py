@@ -15,7 +15,8 @@ import torch
 from mmkernels import layout as L
 
 KIND_OF_DTYPE = {torch.float32: L.KIND_F32, torch.float16: L.KIND_F16, torch.bfloat16: L.KIND_BF16}
-STAGING_RING = 2  # step tables in flight: a buffer is rewritten only once its copy has left
+STAGING_RING = 8  # step tables in flight: a buffer is rewritten only once its copy has left
+_HALF = STAGING_RING // 2  # one event per half ring: a record and a wait every 4 steps
 
 
 class ResidentTables:
@@ -36,8 +37,8 @@ class ResidentTables:
         self.staging = [torch.zeros((rows, L.STEP_FIELDS), dtype=torch.int64, pin_memory=cuda)
                         for _ in range(STAGING_RING)]
         self._staging_np = [t.numpy() for t in self.staging]
-        self._copied = [torch.cuda.Event() if cuda else None for _ in range(STAGING_RING)]
-        self._used = [False] * STAGING_RING
+        self._half_done = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self._half_used = [False, False]
         self.slot = 0  # the staging buffer the next step fills
 
     def source_entry(self, t: torch.Tensor, hidden: int) -> tuple[int, ...]:
@@ -71,22 +72,27 @@ class ResidentTables:
             self.items.index_copy_(0, upload[nr:, 0], upload[nr:, 1:])
 
     def staging_table(self) -> np.ndarray:
-        """The host step table to fill for the next step (its last copy has left)."""
-        event = self._copied[self.slot]
-        if event is not None and self._used[self.slot]:
-            event.synchronize()  # waits only if the GPU is STAGING_RING steps behind
-        return self._staging_np[self.slot]
+        """The host step table to fill for the next step (its last copy has left).
 
-    def upload_step(self, rows: int) -> None:
-        """Copy the first ``rows`` rows of the filled staging table up and move the ring on."""
+        Starting a half of the ring waits for the event recorded after that half's last
+        copy: it blocks only if the GPU is ``_HALF`` steps behind.
+        """
         s = self.slot
-        self.step[:rows].copy_(self.staging[s][:rows], non_blocking=True)
+        if s % _HALF == 0:
+            half = s // _HALF
+            if self._half_used[half]:
+                self._half_done[half].synchronize()
+        return self._staging_np[s]
+
+    def upload_step(self) -> None:
+        """Copy the filled staging table up (whole: no slicing) and move the ring on."""
+        self.step.copy_(self.staging[self.slot], non_blocking=True)
         self.mark_sent()
 
     def mark_sent(self) -> None:
         """Record that the current staging buffer's copy is queued (graph replays too)."""
         s = self.slot
-        if self._copied[s] is not None:
-            self._copied[s].record()
-            self._used[s] = True
+        if s % _HALF == _HALF - 1 and self._half_done[0] is not None:
+            self._half_done[s // _HALF].record()
+            self._half_used[s // _HALF] = True
         self.slot = (s + 1) % STAGING_RING

@@ -19,11 +19,12 @@ import mmkernels
 from mmassembler.cache import EmbeddingCache
 from mmassembler.encode import Encoder, EncoderFn
 from mmassembler.errors import BatchShapeError
-from mmassembler.registry import Registry
+from mmassembler.registry import HI, LO, RELEASE, RUN_END, RUN_FIRST, Registry
 from mmassembler.resolve import Wanted, resolve
 from mmassembler.step_inputs import (FLOATS, check_input_ids, check_rows_buffer, check_windows,
                                      int_array)
 from mmkernels import layout as L
+from mmkernels.layout import STEP_BASE, STEP_PREFIX, STEP_RUN_END, STEP_RUN_FIRST
 from mmkernels.reference import assemble_step_ref
 from mmkernels.step import StepOp
 from mmkernels.tables import STAGING_RING, ResidentTables
@@ -66,7 +67,7 @@ class Assembler:
         self.encoders, self.cache = encoders, cache
         self.widths = (hidden, hidden + deepstack_cols)
         self.backend = mmkernels.resolve_backend(backend, self.device)
-        max_items = max_items or 64 * max_requests
+        max_items = max_items or 64 * max_requests + 1024
         max_runs = max_runs or 4 * max_items
         self.registry = Registry(max_requests=max_requests, max_runs=max_runs, max_items=max_items)
         self.tables = ResidentTables(self.device, max_requests=max_requests, max_runs=max_runs,
@@ -79,6 +80,12 @@ class Assembler:
         self._graph = None
         if cuda_graph:
             self._graph = _GraphState(self, out, deepstack_out)
+
+    @property
+    def input_ids(self) -> torch.Tensor | None:
+        """Graph mode: the persistent ``[max_tokens]`` id buffer; a step whose ``input_ids``
+        is a prefix of it skips the copy into it. ``None`` otherwise."""
+        return self._graph.input_ids if self._graph is not None else None
 
     # -- registration ---------------------------------------------------------------------
     def add_request(self, items: Sequence, prompt_len: int | None = None) -> int:
@@ -118,27 +125,41 @@ class Assembler:
             h = int_array(handles, "handles")
             p = int_array(prefix_lens, "prefix_lens")
             e = int_array(extend_lens, "extend_lens")
-            n = check_windows(h, p, e, self.registry, self.max_requests, self.max_tokens)
+            reg, r = self.registry, len(h)
+            q = p + e if len(p) == r == len(e) else None
+            try:  # as unsigned, a negative handle is out of range too
+                g = reg.req[h.view(np.uint64)] if q is not None else None
+            except IndexError:
+                g = None
+            # one comparison for all windows: a bad one, or one needing sources, goes slow
+            slow = g is None or ((p < g[:, LO]) | (q > g[:, HI]) | (p >= g[:, RELEASE])
+                                 | (q < p)).any()
+            if slow:
+                n = check_windows(h, p, e, reg, self.max_requests, self.max_tokens)
+            else:
+                n = int(e.sum())
+                if n > self.max_tokens or r > self.max_requests:
+                    n = check_windows(h, p, e, reg, self.max_requests, self.max_tokens)
             out, deepstack_out, input_ids = self._buffers(n, input_ids, out, deepstack_out)
-            q = p + e
-            work = self.registry.needs_work(h, p, q)
-            if len(work):
-                self._resolve(work, h, p, q)
+            if slow:
+                work = reg.needs_work(h, p, q)
+                if len(work):
+                    self._resolve(work, h, p, q)
+                g = reg.req[h]
             self._flush()
             table = self.tables.staging_table()
-            r = len(h)
-            table[0, :2] = n, r
-            table[1:r + 1] = np.stack((np.cumsum(e) - e, p, self.registry.run_first[h],
-                                       self.registry.run_end[h]), axis=1)
-            table[r + 1, L.STEP_BASE] = n
+            table[0, 0], table[0, 1] = n, r
+            np.cumsum(e, out=table[2:r + 2, STEP_BASE])  # bases (row 1's is always 0), end row
+            table[1:r + 1, STEP_PREFIX] = p
+            table[1:r + 1, STEP_RUN_FIRST:STEP_RUN_END + 1] = g[:, RUN_FIRST:RUN_END + 1]
             if self._graph is not None:
                 return self._graph.replay(n, input_ids)
             if self._op is None:
-                assemble_step_ref(out, deepstack_out, input_ids, self.weight, self.registry.runs,
-                                  table, self.registry.item_src)
+                assemble_step_ref(out, deepstack_out, input_ids, self.weight, reg.runs, table,
+                                  reg.item_src)
                 self.tables.mark_sent()
             else:
-                self.tables.upload_step(r + 2)
+                self.tables.upload_step()
                 self._op.launch(out, deepstack_out, input_ids, n)
             return out
 
@@ -156,7 +177,8 @@ class Assembler:
             if not fused:
                 raise BatchShapeError("scatter mode (no weight) needs out=")
             out = torch.empty((n, self.hidden), dtype=self.dtype, device=self.device)
-        check_rows_buffer("out", out, n, self.hidden, self.dtype, self.device)
+        else:
+            check_rows_buffer("out", out, n, self.hidden, self.dtype, self.device)
         if self.deepstack_cols:
             if deepstack_out is None:
                 raise BatchShapeError(f"deepstack_cols={self.deepstack_cols}: pass deepstack_out=")
@@ -170,7 +192,9 @@ class Assembler:
         """Sources for items the windows ``work`` reach first; release items they passed."""
         reg = self.registry
         hw, pw, qw = h[work], p[work], q[work]
-        ridx, rwin, iidx, iwin = reg.reached(hw, pw, qw)
+        if np.bincount(h).max() > 1:  # a release below must see every window of a request
+            check_windows(h, p, q - p, reg, self.max_requests, self.max_tokens)
+        ridx, rwin, iidx, iwin = reg.reached(hw)
         runs = reg.runs[ridx]
         hit = (runs[:, L.RUN_POS] < qw[rwin]) & (runs[:, L.RUN_END] > pw[rwin])
         slots = np.unique(runs[hit, L.RUN_ITEM])
@@ -198,9 +222,9 @@ class Assembler:
 
     def _flush(self) -> None:
         """Send registered runs and changed item entries to the device (one upload)."""
-        run_idx, run_rows = self.registry.take_dirty_runs()
-        if not len(run_idx) and not self._item_updates:
+        if not self.registry.dirty_runs and not self._item_updates:
             return
+        run_idx, run_rows = self.registry.take_dirty_runs()
         item_idx = np.fromiter(self._item_updates, np.int64, len(self._item_updates))
         item_rows = np.array(list(self._item_updates.values()), np.int64).reshape(-1, L.ITEM_FIELDS)
         self._item_updates = {}
@@ -237,13 +261,13 @@ class _GraphState:
 
     def _capture(self) -> None:
         asm, tables = self.asm, self.asm.tables
+        # warm-up outside the capture compiles the kernel; a step of 0 tokens writes nothing
+        tables.step[0, :2] = 0
+        asm._op.launch(self.out, self.deepstack_out, self.input_ids, asm.max_tokens)
+        torch.cuda.synchronize(asm.device)
         self.graphs = []
-        for s in range(STAGING_RING):
+        for s in range(STAGING_RING):  # one graph per staging buffer: the copy's source is fixed
             graph = torch.cuda.CUDAGraph()
-            # warm-up outside the capture compiles the kernel; a step of 0 tokens writes nothing
-            tables.step[0, :2] = 0
-            asm._op.launch(self.out, self.deepstack_out, self.input_ids, asm.max_tokens)
-            torch.cuda.synchronize(asm.device)
             with torch.cuda.graph(graph):
                 tables.step.copy_(tables.staging[s], non_blocking=True)
                 asm._op.launch(self.out, self.deepstack_out, self.input_ids, asm.max_tokens)

@@ -1,11 +1,12 @@
 """Registered requests on the host: handles, run and item slots, and which windows need work.
 
 Each live request owns a contiguous range of run slots and of item slots (first fit).
-The host mirror of the run table is what the device copy is written from. Per request,
-``ready_lo <= p and p + e <= ready_hi`` means every item a window ``[p, p + e)`` reaches
-holds a source, and ``p < release_at`` that no held source has been passed: a step
-checks both for all its requests in a few array operations, and only requests that fail
-them cost Python work.
+The host mirror of the run table is what the device copy is written from. A request's
+row of ``req`` holds, besides its slots, ``LO <= p and p + e <= HI``: every item a
+window ``[p, p + e)`` reaches holds a source and the window is inside the prompt; and
+``p < RELEASE``: no held source has been passed. A step checks these for all its
+requests with one gather and one comparison; only requests that fail them cost Python
+work. A removed handle's ``LO`` fails every window.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ class RangeAllocator:
             free[k - 1] = (s, size + free[k - 1][1])
 
 
+LO, HI, RELEASE, RUN_FIRST, RUN_END, PROMPT, ITEM_FIRST, ITEM_COUNT = range(8)  # columns of req
+REQ_FIELDS = 8
+
+
 class Registry:
     """Live requests' runs and item slots, mirrored on the host."""
 
@@ -55,10 +60,11 @@ class Registry:
         self.runs = np.zeros((max_runs, L.RUN_FIELDS), np.int64)
         self._run_alloc, self._item_alloc = RangeAllocator(max_runs), RangeAllocator(max_items)
         self._free_handles = list(range(max_requests - 1, -1, -1))
-        z = lambda: np.zeros(max_requests, np.int64)  # noqa: E731
+        self.req = np.zeros((max_requests, REQ_FIELDS), np.int64)
+        self.req[:, LO] = NO_LIMIT  # no live request: every window fails the fast check
         self.live = np.zeros(max_requests, bool)
-        self.run_first, self.run_end, self.item_first, self.item_count = z(), z(), z(), z()
-        self.prompt_len, self.ready_lo, self.ready_hi, self.release_at = z(), z(), z(), z()
+        cols = (self.req[:, c] for c in (RUN_FIRST, RUN_END, ITEM_FIRST, ITEM_COUNT, PROMPT))
+        self.run_first, self.run_end, self.item_first, self.item_count, self.prompt_len = cols
         self.item_obj = np.empty(max_items, object)  # the Item of each slot
         self.item_src = np.empty(max_items, object)  # its source while held, else None
         self.item_rows, self.item_end, self.item_owner = (np.zeros(max_items, np.int64)
@@ -84,11 +90,9 @@ class Registry:
         runs[:, L.RUN_ITEM] += i0
         self.runs[r0:r0 + k] = runs
         self.dirty_runs.append((r0, r0 + k))
-        self.run_first[h], self.run_end[h], self.item_first[h], self.item_count[h] = r0, r0 + k, i0, n
-        self.prompt_len[h] = NO_LIMIT if prompt_len is None else prompt_len
-        # no runs: no window ever needs work; else the first window with tokens does
-        self.ready_lo[h], self.ready_hi[h] = (-NO_LIMIT, NO_LIMIT) if k == 0 else (0, 0)
-        self.release_at[h] = NO_LIMIT
+        prompt = NO_LIMIT if prompt_len is None else prompt_len
+        # no runs: a window needs no sources; else the first window with tokens resolves
+        self.req[h] = (0, prompt if k == 0 else 0, NO_LIMIT, r0, r0 + k, prompt, i0, n)
         items_slice = slice(i0, i0 + n)
         self.item_obj[items_slice] = list(items)
         self.item_src[items_slice] = None
@@ -110,6 +114,7 @@ class Registry:
         self._run_alloc.release(r0, r1 - r0)
         self._item_alloc.release(i0, n)
         self.live[h] = False
+        self.req[h, LO], self.req[h, HI] = NO_LIMIT, -1
         self._free_handles.append(h)
         return held
 
@@ -119,13 +124,13 @@ class Registry:
             raise UnknownHandleError(f"{h!r} is not the handle of a registered request")
 
     def needs_work(self, h: np.ndarray, p: np.ndarray, q: np.ndarray) -> np.ndarray:
-        """Indices of windows that reach an item without a source or pass a held one."""
-        return np.flatnonzero((q > p) & ((p < self.ready_lo[h]) | (q > self.ready_hi[h])
-                                         | (p >= self.release_at[h])))
+        """Indices of (valid) windows that reach an item without a source or pass a held one."""
+        g = self.req[h]
+        return np.flatnonzero((q > p) & ((p < g[:, LO]) | (q > g[:, HI]) | (p >= g[:, RELEASE])))
 
-    def reached(self, h: np.ndarray, p: np.ndarray, q: np.ndarray):
-        """For windows ``[p, q)`` of requests ``h`` (each with runs): the run indices and
-        window of each run, and the item slots and window of each item."""
+    def reached(self, h: np.ndarray):
+        """For requests ``h``: their run indices and, for each, its index in ``h``; their
+        item slots and, for each, its index in ``h``."""
         ridx, rwin = _ranges(self.run_first[h], self.run_end[h])
         iidx, iwin = _ranges(self.item_first[h], self.item_first[h] + self.item_count[h])
         return ridx, rwin, iidx, iwin
@@ -143,7 +148,9 @@ class Registry:
         release = np.full(len(h), NO_LIMIT)
         held = self.held[iidx]
         np.minimum.at(release, iwin[held], self.item_end[iidx[held]])
-        self.ready_lo[h], self.ready_hi[h], self.release_at[h] = lo, hi, release
+        self.req[h, LO] = np.maximum(lo, 0)
+        self.req[h, HI] = np.minimum(hi, self.req[h, PROMPT])
+        self.req[h, RELEASE] = release
 
     def take_dirty_runs(self) -> tuple[np.ndarray, np.ndarray]:
         """Run indices registered since the last call and their rows (for the device)."""

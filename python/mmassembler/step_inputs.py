@@ -16,6 +16,8 @@ FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 def int_array(values, name: str) -> np.ndarray:
     """A 1-D int64 array from a list, a numpy array or a CPU torch tensor (no copy if int64)."""
+    if type(values) is np.ndarray and values.dtype == np.int64 and values.ndim == 1:
+        return values
     if isinstance(values, torch.Tensor):
         if values.device.type != "cpu":
             raise BatchShapeError(f"{name} must be on the host (a list, numpy array or CPU tensor), "

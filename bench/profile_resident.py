@@ -1,0 +1,90 @@
+"""Where a steady-state Assembler step spends its host time, phase by phase (µs).
+
+    python -m bench.profile_resident [--scenario SUBSTR ...]
+
+Each phase is timed alone (median of 500 calls, device idle before each), then the
+whole step with phases removed one at a time, and a cProfile of 2,000 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from bench.bench_resident import RESIDENT_SCENARIOS
+from bench.scenarios import build
+from mmassembler import Assembler
+
+
+def _median_us(fn, sync, n=500) -> float:
+    for _ in range(20):
+        fn()
+    out = []
+    for _ in range(n):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(out)
+
+
+def profile(b) -> None:
+    dev = b.input_ids.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    asm = Assembler(weight=b.weight, max_tokens=b.num_tokens, max_requests=len(b.requests))
+    h = np.array([asm.add_request(r.items, r.prompt_len) for r in b.requests])
+    p = np.array([r.prefix_len for r in b.requests])
+    e = np.array([r.extend_len for r in b.requests])
+    ids, n = b.input_ids, b.num_tokens
+    out = asm.assemble(h, p, e, ids)
+    op, tables = asm._op, asm.tables
+    phases = {
+        "step (whole)": lambda: asm.assemble(h, p, e, ids),
+        "torch.empty out": lambda: torch.empty((n, asm.hidden), dtype=asm.dtype, device=dev),
+        "staging_table()": tables.staging_table,
+        "upload_step": tables.upload_step,
+        "op.launch (direct)": lambda: op.launch(out, None, ids, n),
+        "event.record": lambda: tables._copied[0].record() if tables._copied[0] is not None else None,
+        "raw stream": lambda: torch._C._cuda_getCurrentRawStream(0),
+    }
+    print(f"\n{b.scenario.name}: direct launches so far {op.launcher.direct_launches}")
+    for name, fn in phases.items():
+        print(f"  {name:22s} {_median_us(fn, sync):8.1f}")
+    launch = op.launch
+    op.launch = lambda *a: None
+    print(f"  {'step, no launch':22s} {_median_us(phases['step (whole)'], sync):8.1f}")
+    upload = tables.upload_step
+    tables.upload_step = tables.mark_sent
+    print(f"  {'step, no launch/upload':22s} {_median_us(phases['step (whole)'], sync):8.1f}")
+    op.launch, tables.upload_step = launch, upload
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(2000):
+        asm.assemble(h, p, e, ids)
+    pr.disable()
+    sync()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(14)
+    print("\n".join(s.getvalue().splitlines()[6:24]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenario", nargs="*", default=["1x1x256", "1x128x256", "64x4x64"])
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for sc in RESIDENT_SCENARIOS:
+        if any(k in sc.name for k in args.scenario):
+            profile(build(sc, device=device))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
