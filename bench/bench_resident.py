@@ -141,6 +141,31 @@ COLUMNS = [("floor", "floor_us"), ("GPU step", "gpu_fused_us"), ("GPU old", "gpu
            ("wall i_c", "wall_index_copy_us"), ("GPU m_s", "gpu_masked_scatter_us")]
 
 
+def sweep(b) -> list[dict]:
+    """GPU time of the step kernel over block shapes (rows x columns x warps)."""
+    from mmkernels.step import StepConfig, StepOp
+
+    asm = Assembler(weight=b.weight, max_tokens=b.num_tokens, max_requests=len(b.requests))
+    h = np.array([asm.add_request(r.items, r.prompt_len) for r in b.requests])
+    _, p, e = windows(b)
+    out = asm.assemble(h, p, e, b.input_ids)
+    rows = []
+    for block_rows in (4, 8, 16, 32):
+        for block_cols in (512, 1024, 2048):
+            for warps in (4, 8):
+                cfg = StepConfig(block_rows, min(block_cols, 1 << (b.weight.shape[1] - 1).bit_length()), warps)
+                op = StepOp(asm.tables, hidden=asm.hidden, ds_cols=0, dtype=asm.dtype, weight=asm.weight,
+                            interpreted=False, config=cfg)
+                try:
+                    us = gpu_time_us(lambda op=op: op.launch(out, None, b.input_ids, b.num_tokens), rep_ms=100)
+                except Exception as exc:  # noqa: BLE001 - a shape the compiler rejects is reported
+                    us = f"failed: {type(exc).__name__}"
+                rows.append(dict(scenario=b.scenario.name, block_rows=block_rows, block_cols=cfg.block_cols,
+                                 warps=warps, gpu_us=us))
+                print(rows[-1], flush=True)
+    return rows
+
+
 def table(rows) -> str:
     head = "| scenario | " + " | ".join(c for c, _ in COLUMNS) + " |"
     lines = [head, "|---" * (len(COLUMNS) + 1) + "|"]
@@ -155,8 +180,16 @@ def main(argv=None) -> int:
     ap.add_argument("--scenario", nargs="*", default=[])
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--sweep", action="store_true", help="block-shape sweep of the step kernel")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.sweep:
+        found = [sweep(build(sc, device=device)) for sc in RESIDENT_SCENARIOS
+                 if not args.scenario or any(k in sc.name for k in args.scenario)]
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "sweep.json").write_text(json.dumps(found, indent=1))
+        return 0
     bw = copy_bandwidth(device)
     rows = []
     for sc in RESIDENT_SCENARIOS:

@@ -51,9 +51,14 @@ def profile(b) -> None:
         "staging_table()": tables.staging_table,
         "upload_step": tables.upload_step,
         "op.launch (direct)": lambda: op.launch(out, None, ids, n),
-        "event.record": lambda: tables._copied[0].record() if tables._copied[0] is not None else None,
+        "event.record": lambda: tables._half_done[0].record() if tables._half_done[0] is not None else None,
+        "gather + compare": lambda: ((p < asm.registry.req[h][:, 0]) | (p + e > asm.registry.req[h][:, 1])).any(),
+        "_buffers": lambda: asm._buffers(n, ids, None, None),
         "raw stream": lambda: torch._C._cuda_getCurrentRawStream(0),
     }
+    slow = []
+    needs_work = asm.registry.needs_work
+    asm.registry.needs_work = lambda *a: slow.append(1) or needs_work(*a)
     print(f"\n{b.scenario.name}: direct launches so far {op.launcher.direct_launches}")
     for name, fn in phases.items():
         print(f"  {name:22s} {_median_us(fn, sync):8.1f}")
@@ -64,6 +69,7 @@ def profile(b) -> None:
     tables.upload_step = tables.mark_sent
     print(f"  {'step, no launch/upload':22s} {_median_us(phases['step (whole)'], sync):8.1f}")
     op.launch, tables.upload_step = launch, upload
+    print(f"  slow-path steps: {len(slow)}; direct launches {op.launcher.direct_launches}")
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(2000):

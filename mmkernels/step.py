@@ -50,16 +50,20 @@ def step_config(width: int, interpreted: bool, block_rows: int | None = None) ->
 
 
 class StepOp:
-    """One model's step kernel over ``tables`` (fused mode when ``weight`` is given)."""
+    """One model's step kernel over ``tables`` (fused mode when ``weight`` is given).
+
+    ``config`` (benchmark sweeps) overrides the heuristic's block shape.
+    """
 
     def __init__(self, tables: ResidentTables, *, hidden: int, ds_cols: int, dtype: torch.dtype,
-                 weight: torch.Tensor | None, interpreted: bool, block_rows: int | None = None):
+                 weight: torch.Tensor | None, interpreted: bool, block_rows: int | None = None,
+                 config: StepConfig | None = None):
         from mmkernels.backend import _step_kernel_module
 
         self.kernel_module = _step_kernel_module()
         self.tables, self.hidden, self.ds_cols, self.weight = tables, hidden, ds_cols, weight
         self.dtype = dtype
-        self.cfg = step_config(max(hidden, ds_cols), interpreted, block_rows)
+        self.cfg = config or step_config(max(hidden, ds_cols), interpreted, block_rows)
         self.vec = 16 // torch.empty((), dtype=dtype).element_size()
         self.launcher = DirectLauncher(self.kernel_module._assemble_step_kernel,
                                        interpreted=interpreted)
