@@ -17,6 +17,7 @@ Per scenario, side by side in one run (bf16, fused mode unless noted):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -150,19 +151,19 @@ def sweep(b) -> list[dict]:
     _, p, e = windows(b)
     out = asm.assemble(h, p, e, b.input_ids)
     rows = []
-    for block_rows in (4, 8, 16, 32):
-        for block_cols in (512, 1024, 2048):
-            for warps in (4, 8):
-                cfg = StepConfig(block_rows, min(block_cols, 1 << (b.weight.shape[1] - 1).bit_length()), warps)
-                op = StepOp(asm.tables, hidden=asm.hidden, ds_cols=0, dtype=asm.dtype, weight=asm.weight,
-                            interpreted=False, config=cfg)
-                try:
-                    us = gpu_time_us(lambda op=op: op.launch(out, None, b.input_ids, b.num_tokens), rep_ms=100)
-                except Exception as exc:  # noqa: BLE001 - a shape the compiler rejects is reported
-                    us = f"failed: {type(exc).__name__}"
-                rows.append(dict(scenario=b.scenario.name, block_rows=block_rows, block_cols=cfg.block_cols,
-                                 warps=warps, gpu_us=us))
-                print(rows[-1], flush=True)
+    for block_rows, block_cols, warps, per_sm in itertools.product((4, 8, 16), (1024, 2048), (4, 8),
+                                                                  (2, 4, 8, 16, 0)):
+        cfg = StepConfig(block_rows, min(block_cols, 1 << (b.weight.shape[1] - 1).bit_length()), warps,
+                         per_sm)
+        op = StepOp(asm.tables, hidden=asm.hidden, ds_cols=0, dtype=asm.dtype, weight=asm.weight,
+                    interpreted=False, config=cfg)
+        try:
+            us = gpu_time_us(lambda op=op: op.launch(out, None, b.input_ids, b.num_tokens), rep_ms=60)
+        except Exception as exc:  # noqa: BLE001 - a shape the compiler rejects is reported
+            us = f"failed: {type(exc).__name__}"
+        rows.append(dict(scenario=b.scenario.name, block_rows=block_rows, block_cols=cfg.block_cols,
+                         warps=warps, programs_per_sm=per_sm, gpu_us=us))
+        print(rows[-1], flush=True)
     return rows
 
 

@@ -17,7 +17,8 @@ from mmkernels.launch import DirectLauncher
 from mmkernels.tables import ResidentTables
 from mmkernels import layout as L
 
-MAX_BLOCK_COLS = 1024  # with 16 rows x 8 warps; wider blocks spill on Hopper
+MAX_BLOCK_COLS = 2048
+INTERPRETER_PROGRAMS = 3  # the interpreter's grid cap: spans of several pieces get tested
 
 
 @dataclass(frozen=True)
@@ -27,25 +28,26 @@ class StepConfig:
     block_rows: int
     block_cols: int
     num_warps: int
+    programs_per_sm: int = 8  # the grid's cap per SM; 0: one program per BLOCK_R rows
 
 
 def step_config(width: int, interpreted: bool, block_rows: int | None = None) -> StepConfig:
     """The block shape for rows of ``width`` columns (the widest of hidden and deepstack).
 
-    GPU: 16 rows x up to 1024 columns, one program looping over the column blocks (a
-    resident-plan prototype measured 1.07x the copy floor there). Interpreter: 64 rows and
-    one column block, since it pays per program and per op. ``block_rows`` (tests) must be
-    a power of two from 1 to 128.
+    GPU: up to 2048 columns and about 8192 elements per piece (4 rows at 2048 columns; an
+    H100 sweep of 4-32 rows x 512-2048 columns x 4/8 warps put 4 x 2048 x 8 warps first on
+    all four scenarios it ran). Interpreter: 64 rows and one column block, since it pays
+    per program and per op. ``block_rows`` (tests) must be a power of two from 1 to 128.
     """
     if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int)
                                    or block_rows < 1 or block_rows > 128
                                    or block_rows & (block_rows - 1)):
         raise ValueError(f"Invalid block_rows: expected a power of two in [1, 128], got {block_rows!r}")
     cols = 1 << (max(width, 16) - 1).bit_length()
-    if interpreted:
-        return StepConfig(block_rows or 64, cols, 1)
+    if interpreted:  # few programs, so each streams several pieces (what the GPU does)
+        return StepConfig(block_rows or 64, cols, 1, programs_per_sm=0)
     cols = min(cols, MAX_BLOCK_COLS)
-    rows = block_rows or 16
+    rows = block_rows or min(64, max(4, 8192 // cols))
     return StepConfig(rows, cols, 8 if rows * cols >= 8192 else 4)
 
 
@@ -81,6 +83,13 @@ class StepOp:
         self._constexprs = {u: dict(base, OUT_UNIT=u) for u in (1, self.vec)}
         self._tail = {u: self._fixed_ints + tuple(c.values()) for u, c in self._constexprs.items()}
         self.device_index = (tables.device.index or 0) if tables.device.type == "cuda" else 0
+        if interpreted:
+            self.max_programs = INTERPRETER_PROGRAMS
+        elif self.cfg.programs_per_sm:
+            sms = torch.cuda.get_device_properties(tables.device).multi_processor_count
+            self.max_programs = sms * self.cfg.programs_per_sm
+        else:
+            self.max_programs = 1 << 30
 
     def launch(self, out: torch.Tensor, deepstack_out: torch.Tensor | None,
                input_ids: torch.Tensor | None, rows: int) -> None:
@@ -88,7 +97,7 @@ class StepOp:
 
         The step table must already be on the device; nothing here reads it back.
         """
-        grid = -(-rows // self.cfg.block_rows)
+        grid = min(-(-rows // self.cfg.block_rows), self.max_programs)
         if grid == 0:
             return
         ds = out if deepstack_out is None else deepstack_out

@@ -1,12 +1,12 @@
 """The step kernel: one launch assembles a prefill step from resident run and item tables.
 
-A program owns a tile of ``BLOCK_R`` output rows. It walks the tile in *pieces*: rows that
-share a request and a run (or the text between runs). For a piece it finds the request
-(binary search over the step's output bases), the prompt position, and the run holding it
-(binary search over the request's runs), then copies the piece with a masked
-``BLOCK_R x BLOCK_H`` block, looping over column blocks inside the program so the searches
-are paid once per piece, not once per column block. A tile inside one run (the common
-case) is one piece; a tile across a boundary takes one piece per side.
+A program owns a span of consecutive output rows and copies it in *pieces* of at most
+``BLOCK_R`` rows that share a request and a run (or the text between runs). Crossing into
+a new segment it finds the request (binary search over the step's output bases), the
+prompt position and the run holding it (binary search over the request's runs); the
+piece is copied as a masked ``BLOCK_R x BLOCK_H`` block, looping over column blocks inside
+the program, so searches are paid once per segment boundary, not per tile or per column
+block.
 
 Counts (tokens, requests) are read on the device, so one launch at capacity (a CUDA
 graph) serves any step that fits. Table layouts: ``mmkernels/layout.py``.
@@ -120,7 +120,7 @@ def _assemble_step_kernel(
     OUT_UNIT: tl.constexpr,  # out/ds strides arrive divided by this (16 bytes' worth when aligned)
     EMULATE_BF16_RNE: tl.constexpr,  # interpreter only: its fp32 -> bf16 cast truncates
 ):
-    """Write rows ``[pid * BLOCK_R, pid * BLOCK_R + BLOCK_R)`` of the step's output.
+    """Write this program's share of the step's output rows.
 
     For output row ``t`` of request ``i`` (``base_i <= t < base_{i+1}``) at prompt position
     ``p = prefix_i + t - base_i``::
@@ -129,52 +129,67 @@ def _assemble_step_kernel(
         out[t] = weight[clamp(ids[t], 0, vocab - 1)]      (no run holds p; fused mode)
         ds[t]  = src[item][row + p - pos, hidden:]        (zeros: text, or no such columns)
 
-    Rows past the step's token count are not touched; in scatter mode neither are text rows.
+    A program owns ``cdiv(tokens, programs)`` consecutive rows (so a grid fixed at launch
+    or capture serves any step) and streams them in pieces of at most ``BLOCK_R`` rows. It
+    carries its current *segment* (rows of one request inside one run, or between runs)
+    from piece to piece and searches only when it crosses into the next one, so the
+    searches' dependent loads are paid per boundary, not per tile. Rows past the step's
+    token count are not touched; in scatter mode neither are text rows.
     """
     num_tokens = tl.load(step_ptr + STEP_TOKENS)
     num_requests = tl.load(step_ptr + STEP_REQUESTS)
     # convert it to int64 to avoid overflow: rows * stride exceeds 2**31 on large batches
-    row = tl.program_id(0).to(tl.int64) * BLOCK_R
-    tile_end = tl.minimum(row + BLOCK_R, num_tokens)
+    programs = tl.num_programs(0).to(tl.int64)
+    span = (num_tokens + programs - 1) // programs
+    row = tl.program_id(0).to(tl.int64) * span
+    end = tl.minimum(row + span, num_tokens)
     r = tl.arange(0, BLOCK_R).to(tl.int64)
-    while row < tile_end:
-        # the request: the last one whose output base is <= row (empty requests lose ties)
-        lo = num_requests * 0
-        hi = num_requests
-        while lo < hi:
-            mid = (lo + hi) // 2
-            b = tl.load(step_ptr + (1 + mid) * STEP_FIELDS + STEP_BASE)
-            lo = tl.where(b <= row, mid + 1, lo)
-            hi = tl.where(b <= row, hi, mid)
-        req = step_ptr + lo * STEP_FIELDS  # row 1 + (lo - 1)
-        base = tl.load(req + STEP_BASE)
-        req_end = tl.load(req + STEP_FIELDS + STEP_BASE)  # the next row's base
-        pos = tl.load(req + STEP_PREFIX) + row - base
-        first_run = tl.load(req + STEP_RUN_FIRST)
-        end_run = tl.load(req + STEP_RUN_END)
-        # the run: the last one of the request that starts at or before pos
-        lo = first_run
-        hi = end_run
-        while lo < hi:
-            mid = (lo + hi) // 2
-            s = tl.load(runs_ptr + mid * RUN_FIELDS + RUN_POS)
-            lo = tl.where(s <= pos, mid + 1, lo)
-            hi = tl.where(s <= pos, hi, mid)
-        run = tl.maximum(lo - 1, first_run)
-        run_pos = tl.load(runs_ptr + run * RUN_FIELDS + RUN_POS, mask=lo > first_run, other=0)
-        run_end = tl.load(runs_ptr + run * RUN_FIELDS + RUN_END, mask=lo > first_run, other=0)
-        next_pos = tl.load(runs_ptr + lo * RUN_FIELDS + RUN_POS, mask=lo < end_run,
-                           other=1 << 62)
-        in_run = (lo > first_run) & (pos < run_end)
-        piece_end = tl.minimum(tile_end, req_end)
-        piece_end = tl.minimum(piece_end, row + tl.where(in_run, run_end, next_pos) - pos)
+    # the current segment: rows [seg_start, seg_end); in_run: source row of seg_start, item
+    zero = num_tokens * 0
+    seg_start = zero
+    seg_end = zero
+    src_row0 = zero
+    in_run = zero
+    item = items_ptr
+    while row < end:
+        if row >= seg_end:  # search: the request, then the run holding the row's position
+            lo = zero
+            hi = num_requests
+            while lo < hi:  # the last request whose output base is <= row (empty ones lose ties)
+                mid = (lo + hi) // 2
+                b = tl.load(step_ptr + (1 + mid) * STEP_FIELDS + STEP_BASE)
+                lo = tl.where(b <= row, mid + 1, lo)
+                hi = tl.where(b <= row, hi, mid)
+            req = step_ptr + lo * STEP_FIELDS  # row 1 + (lo - 1)
+            pos = tl.load(req + STEP_PREFIX) + row - tl.load(req + STEP_BASE)
+            req_end = tl.load(req + STEP_FIELDS + STEP_BASE)  # the next row's base
+            first_run = tl.load(req + STEP_RUN_FIRST)
+            end_run = tl.load(req + STEP_RUN_END)
+            lo = first_run
+            hi = end_run
+            while lo < hi:  # the last run of the request starting at or before pos
+                mid = (lo + hi) // 2
+                s = tl.load(runs_ptr + mid * RUN_FIELDS + RUN_POS)
+                lo = tl.where(s <= pos, mid + 1, lo)
+                hi = tl.where(s <= pos, hi, mid)
+            run = runs_ptr + tl.maximum(lo - 1, first_run) * RUN_FIELDS
+            found = lo > first_run
+            run_pos = tl.load(run + RUN_POS, mask=found, other=0)
+            run_end = tl.load(run + RUN_END, mask=found, other=0)
+            next_pos = tl.load(runs_ptr + lo * RUN_FIELDS + RUN_POS, mask=lo < end_run,
+                               other=1 << 62)
+            in_run = ((found & (pos < run_end))).to(tl.int64)
+            seg_start = row
+            seg_end = tl.minimum(req_end, row + tl.where(in_run != 0, run_end, next_pos) - pos)
+            src_row0 = tl.load(run + RUN_ROW, mask=found, other=0) + pos - run_pos
+            item = items_ptr + tl.load(run + RUN_ITEM, mask=found, other=0) * ITEM_FIELDS
+        piece_end = tl.minimum(tl.minimum(row + BLOCK_R, seg_end), end)
         ok = (r < piece_end - row)[:, None]
         out_rows = (row + r)[:, None]
         dst = out_ptr + out_rows * (out_stride * OUT_UNIT)
         ds_dst = ds_ptr + out_rows * (ds_stride * OUT_UNIT)
-        if in_run:
-            item = items_ptr + tl.load(runs_ptr + run * RUN_FIELDS + RUN_ITEM) * ITEM_FIELDS
-            src_row = (tl.load(runs_ptr + run * RUN_FIELDS + RUN_ROW) + pos - run_pos + r)[:, None]
+        if in_run != 0:
+            src_row = (src_row0 + row - seg_start + r)[:, None]
             off = tl.load(item + ITEM_OFF)
             stride = tl.load(item + ITEM_STRIDE)
             kind = tl.load(item + ITEM_KIND)
