@@ -151,8 +151,8 @@ def sweep(b) -> list[dict]:
     _, p, e = windows(b)
     out = asm.assemble(h, p, e, b.input_ids)
     rows = []
-    for block_rows, block_cols, warps, per_sm in itertools.product((4, 8, 16), (1024, 2048), (4, 8),
-                                                                  (2, 4, 8, 16, 0)):
+    shapes = [(4, 2048, 8), (4, 2048, 4), (4, 1024, 4), (8, 2048, 4), (8, 1024, 8), (16, 1024, 8)]
+    for (block_rows, block_cols, warps), per_sm in itertools.product(shapes, (0, 4, 8, 16)):
         cfg = StepConfig(block_rows, min(block_cols, 1 << (b.weight.shape[1] - 1).bit_length()), warps,
                          per_sm)
         op = StepOp(asm.tables, hidden=asm.hidden, ds_cols=0, dtype=asm.dtype, weight=asm.weight,

@@ -132,9 +132,9 @@ def _assemble_step_kernel(
     A program owns ``cdiv(tokens, programs)`` consecutive rows (so a grid fixed at launch
     or capture serves any step) and streams them in pieces of at most ``BLOCK_R`` rows. It
     carries its current *segment* (rows of one request inside one run, or between runs)
-    from piece to piece and searches only when it crosses into the next one, so the
-    searches' dependent loads are paid per boundary, not per tile. Rows past the step's
-    token count are not touched; in scatter mode neither are text rows.
+    from piece to piece. Entering a request costs two binary searches; inside a request
+    the next segment is the next run or the gap before it (one load). Rows past the
+    step's token count are not touched; in scatter mode neither are text rows.
     """
     num_tokens = tl.load(step_ptr + STEP_TOKENS)
     num_requests = tl.load(step_ptr + STEP_REQUESTS)
@@ -144,45 +144,61 @@ def _assemble_step_kernel(
     row = tl.program_id(0).to(tl.int64) * span
     end = tl.minimum(row + span, num_tokens)
     r = tl.arange(0, BLOCK_R).to(tl.int64)
-    # the current segment: rows [seg_start, seg_end); in_run: source row of seg_start, item
+    # the current request (its rows end at req_end) and segment: rows [seg_start, seg_end),
+    # inside run `run` (in_run: source row src_row0 at seg_start) or in the gap after it
     zero = num_tokens * 0
+    req_end = zero
+    base = zero
+    prefix = zero
+    first_run = zero
+    end_run = zero
+    run = zero - 1
     seg_start = zero
     seg_end = zero
     src_row0 = zero
     in_run = zero
     item = items_ptr
     while row < end:
-        if row >= seg_end:  # search: the request, then the run holding the row's position
-            lo = zero
-            hi = num_requests
-            while lo < hi:  # the last request whose output base is <= row (empty ones lose ties)
-                mid = (lo + hi) // 2
-                b = tl.load(step_ptr + (1 + mid) * STEP_FIELDS + STEP_BASE)
-                lo = tl.where(b <= row, mid + 1, lo)
-                hi = tl.where(b <= row, hi, mid)
-            req = step_ptr + lo * STEP_FIELDS  # row 1 + (lo - 1)
-            pos = tl.load(req + STEP_PREFIX) + row - tl.load(req + STEP_BASE)
-            req_end = tl.load(req + STEP_FIELDS + STEP_BASE)  # the next row's base
-            first_run = tl.load(req + STEP_RUN_FIRST)
-            end_run = tl.load(req + STEP_RUN_END)
-            lo = first_run
-            hi = end_run
-            while lo < hi:  # the last run of the request starting at or before pos
-                mid = (lo + hi) // 2
-                s = tl.load(runs_ptr + mid * RUN_FIELDS + RUN_POS)
-                lo = tl.where(s <= pos, mid + 1, lo)
-                hi = tl.where(s <= pos, hi, mid)
-            run = runs_ptr + tl.maximum(lo - 1, first_run) * RUN_FIELDS
-            found = lo > first_run
-            run_pos = tl.load(run + RUN_POS, mask=found, other=0)
-            run_end = tl.load(run + RUN_END, mask=found, other=0)
-            next_pos = tl.load(runs_ptr + lo * RUN_FIELDS + RUN_POS, mask=lo < end_run,
+        if row >= seg_end:  # the next segment
+            if row >= req_end:  # a new request: search it, then its run holding the position
+                lo = zero
+                hi = num_requests
+                while lo < hi:  # the last request whose output base is <= row (empty ones lose ties)
+                    mid = (lo + hi) // 2
+                    b = tl.load(step_ptr + (1 + mid) * STEP_FIELDS + STEP_BASE)
+                    lo = tl.where(b <= row, mid + 1, lo)
+                    hi = tl.where(b <= row, hi, mid)
+                req = step_ptr + lo * STEP_FIELDS  # row 1 + (lo - 1)
+                base = tl.load(req + STEP_BASE)
+                prefix = tl.load(req + STEP_PREFIX)
+                req_end = tl.load(req + STEP_FIELDS + STEP_BASE)  # the next row's base
+                first_run = tl.load(req + STEP_RUN_FIRST)
+                end_run = tl.load(req + STEP_RUN_END)
+                pos = prefix + row - base
+                lo = first_run
+                hi = end_run
+                while lo < hi:  # the last run of the request starting at or before pos
+                    mid = (lo + hi) // 2
+                    s = tl.load(runs_ptr + mid * RUN_FIELDS + RUN_POS)
+                    lo = tl.where(s <= pos, mid + 1, lo)
+                    hi = tl.where(s <= pos, hi, mid)
+                run = lo - 1
+            else:  # the same request: the segment ended where the next run starts, or at its end
+                pos = prefix + row - base
+                nxt = tl.load(runs_ptr + (run + 1) * RUN_FIELDS + RUN_POS, mask=run + 1 < end_run,
+                              other=1 << 62)
+                run = tl.where(nxt <= pos, run + 1, run)
+            found = run >= first_run
+            at = runs_ptr + tl.maximum(run, first_run) * RUN_FIELDS
+            run_pos = tl.load(at + RUN_POS, mask=found, other=0)
+            run_end = tl.load(at + RUN_END, mask=found, other=0)
+            next_pos = tl.load(runs_ptr + (run + 1) * RUN_FIELDS + RUN_POS, mask=run + 1 < end_run,
                                other=1 << 62)
-            in_run = ((found & (pos < run_end))).to(tl.int64)
+            in_run = (found & (pos < run_end)).to(tl.int64)
             seg_start = row
             seg_end = tl.minimum(req_end, row + tl.where(in_run != 0, run_end, next_pos) - pos)
-            src_row0 = tl.load(run + RUN_ROW, mask=found, other=0) + pos - run_pos
-            item = items_ptr + tl.load(run + RUN_ITEM, mask=found, other=0) * ITEM_FIELDS
+            src_row0 = tl.load(at + RUN_ROW, mask=found, other=0) + pos - run_pos
+            item = items_ptr + tl.load(at + RUN_ITEM, mask=found, other=0) * ITEM_FIELDS
         piece_end = tl.minimum(tl.minimum(row + BLOCK_R, seg_end), end)
         ok = (r < piece_end - row)[:, None]
         out_rows = (row + r)[:, None]
