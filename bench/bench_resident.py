@@ -17,6 +17,7 @@ Per scenario, side by side in one run (bf16, fused mode unless noted):
 from __future__ import annotations
 
 import argparse
+import logging
 import itertools
 import json
 import statistics
@@ -176,6 +177,31 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def plot(rows, path: Path) -> None:
+    """Host and wall time per step: the Assembler (direct, graph) vs the stateless path vs
+    the baselines, with the floor (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [("floor", "floor_us"), ("Assembler wall", "wall_fused_us"),
+              ("Assembler wall (graph)", "wall_fused_graph_us"), ("stateless wall", "wall_stateless_us"),
+              ("masked_scatter wall", "wall_masked_scatter_us"), ("index_copy wall", "wall_index_copy_us"),
+              ("Assembler host", "host_fused_us"), ("Assembler host (graph)", "host_fused_graph_us")]
+    x = np.arange(len(rows))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(13, 5))
+    for k, (label, key) in enumerate(series):
+        ax.bar(x + k * width, [r.get(key) or 0 for r in rows], width, label=label)
+    ax.set_xticks(x + 0.4, [r["scenario"].split(" (")[0] for r in rows], rotation=20, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("µs per step (median)")
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenario", nargs="*", default=[])
@@ -204,6 +230,10 @@ def main(argv=None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "resident.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        try:
+            plot(rows, args.out / "resident.png")
+        except ImportError:  # matplotlib is the bench extra
+            logging.getLogger(__name__).warning("matplotlib is not installed: no plot")
     return 0
 
 

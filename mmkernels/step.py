@@ -28,27 +28,29 @@ class StepConfig:
     block_rows: int
     block_cols: int
     num_warps: int
-    programs_per_sm: int = 8  # the grid's cap per SM; 0: one program per BLOCK_R rows
+    programs_per_sm: int = 0  # a cap on the grid per SM (programs then stream longer spans); 0: none
 
 
 def step_config(width: int, interpreted: bool, block_rows: int | None = None) -> StepConfig:
     """The block shape for rows of ``width`` columns (the widest of hidden and deepstack).
 
-    GPU: up to 2048 columns and about 8192 elements per piece (4 rows at 2048 columns; an
-    H100 sweep of 4-32 rows x 512-2048 columns x 4/8 warps put 4 x 2048 x 8 warps first on
-    all four scenarios it ran). Interpreter: 64 rows and one column block, since it pays
-    per program and per op. ``block_rows`` (tests) must be a power of two from 1 to 128.
+    GPU: up to 2048 columns, about 8192 elements per piece (4 rows at 2048 columns), 4
+    warps, one program per ``block_rows`` rows: in H100 sweeps (``python -m
+    bench.bench_resident --sweep``: 4-16 rows x 1024/2048 columns x 4/8 warps x a grid of
+    4-16 programs per SM or uncapped) this was first or within 2% of first on each of
+    five scenarios. Interpreter: 64 rows, one column block and a grid of 3 programs, so
+    each program streams several pieces and segments. ``block_rows`` (tests) must be a
+    power of two from 1 to 128.
     """
     if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int)
                                    or block_rows < 1 or block_rows > 128
                                    or block_rows & (block_rows - 1)):
         raise ValueError(f"Invalid block_rows: expected a power of two in [1, 128], got {block_rows!r}")
     cols = 1 << (max(width, 16) - 1).bit_length()
-    if interpreted:  # few programs, so each streams several pieces (what the GPU does)
+    if interpreted:
         return StepConfig(block_rows or 64, cols, 1, programs_per_sm=0)
     cols = min(cols, MAX_BLOCK_COLS)
-    rows = block_rows or min(64, max(4, 8192 // cols))
-    return StepConfig(rows, cols, 8 if rows * cols >= 8192 else 4)
+    return StepConfig(block_rows or min(64, max(4, 8192 // cols)), cols, 4)
 
 
 class StepOp:
