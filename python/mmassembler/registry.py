@@ -11,6 +11,7 @@ work. A removed handle's ``LO`` fails every window.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,7 +40,7 @@ class RangeAllocator:
         if n == 0:
             return
         free = self.free
-        k = next((i for i, (s, _) in enumerate(free) if s > start), len(free))
+        k = bisect.bisect_left(free, (start, 0))
         free.insert(k, (start, n))
         if k + 1 < len(free) and start + n == free[k + 1][0]:  # merge with the next range
             free[k] = (start, n + free.pop(k + 1)[1])
@@ -67,8 +68,8 @@ class Registry:
         self.run_first, self.run_end, self.item_first, self.item_count, self.prompt_len = cols
         self.item_obj = np.empty(max_items, object)  # the Item of each slot
         self.item_src = np.empty(max_items, object)  # its source while held, else None
-        self.item_rows, self.item_end, self.item_owner = (np.zeros(max_items, np.int64)
-                                                          for _ in range(3))
+        self.item_meta = np.zeros((max_items, 3), np.int64)  # rows, end of last position, owner
+        self.item_rows, self.item_end, self.item_owner = (self.item_meta[:, c] for c in range(3))
         self.held = np.zeros(max_items, bool)
         self.dirty_runs: list[tuple[int, int]] = []  # run ranges the device has not seen
 
@@ -96,7 +97,7 @@ class Registry:
         items_slice = slice(i0, i0 + n)
         self.item_obj[items_slice] = list(items)
         self.item_src[items_slice] = None
-        self.item_rows[items_slice], self.item_end[items_slice] = built.rows, built.ends
+        self.item_meta[items_slice] = built.meta
         self.item_owner[items_slice] = h
         self.held[items_slice] = False
         self.live[h] = True

@@ -21,12 +21,12 @@ NO_LIMIT = np.iinfo(np.int64).max // 4  # a position no prompt reaches
 
 
 class RequestRuns(NamedTuple):
-    """``runs [k, 4]`` (item = index into the request's items), and per item its embedding
-    rows and the end of its last embedded position (0 when it embeds none)."""
+    """``runs [k, 4]`` (item = index into the request's items), and ``meta [n, 3]``: per
+    item its embedding rows, the end of its last embedded position (0 when it embeds
+    none), and a third column left for the registry (the owner)."""
 
     runs: np.ndarray
-    rows: np.ndarray
-    ends: np.ndarray
+    meta: np.ndarray
 
 
 def _span_error(items: Sequence, j: int, message: str) -> SpanError:
@@ -117,4 +117,4 @@ def request_runs(items: Sequence, prompt_len: int | None) -> RequestRuns:
         runs.extend((s, e, r, j) for j in masked for s, e, r in items[j].layout().runs_list)
         runs.sort()
     return RequestRuns(np.array(runs, dtype=np.int64).reshape(len(runs), 4),
-                       np.array(rows, dtype=np.int64), np.array(ends, dtype=np.int64))
+                       np.array([(a, b, 0) for a, b in zip(rows, ends)], dtype=np.int64).reshape(n, 3))
