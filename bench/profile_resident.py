@@ -12,27 +12,13 @@ import argparse
 import cProfile
 import io
 import pstats
-import statistics
-import time
 
 import numpy as np
 import torch
 
-from bench.bench_resident import RESIDENT_SCENARIOS
+from bench.bench_resident import RESIDENT_SCENARIOS, host_us
 from bench.scenarios import build
 from mmassembler import Assembler
-
-
-def _median_us(fn, sync, n=500) -> float:
-    for _ in range(20):
-        fn()
-    out = []
-    for _ in range(n):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return 1e6 * statistics.median(out)
 
 
 def profile(b) -> None:
@@ -61,13 +47,13 @@ def profile(b) -> None:
     asm.registry.needs_work = lambda *a: slow.append(1) or needs_work(*a)
     print(f"\n{b.scenario.name}: direct launches so far {op.launcher.direct_launches}")
     for name, fn in phases.items():
-        print(f"  {name:22s} {_median_us(fn, sync):8.1f}")
+        print(f"  {name:22s} {host_us(fn, 500, sync):8.1f}")
     launch = op.launch
     op.launch = lambda *a: None
-    print(f"  {'step, no launch':22s} {_median_us(phases['step (whole)'], sync):8.1f}")
+    print(f"  {'step, no launch':22s} {host_us(phases['step (whole)'], 500, sync):8.1f}")
     upload = tables.upload_step
     tables.upload_step = tables.mark_sent
-    print(f"  {'step, no launch/upload':22s} {_median_us(phases['step (whole)'], sync):8.1f}")
+    print(f"  {'step, no launch/upload':22s} {host_us(phases['step (whole)'], 500, sync):8.1f}")
     op.launch, tables.upload_step = launch, upload
     print(f"  slow-path steps: {len(slow)}; direct launches {op.launcher.direct_launches}")
     pr = cProfile.Profile()

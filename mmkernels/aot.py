@@ -45,6 +45,8 @@ def _compilable_kernel(module: str = "assemble", name: str = "_assemble_kernel")
         return getattr(mod, name)
     previous = triton.knobs.runtime.interpret
     triton.knobs.runtime.interpret = False
+    helpers = "mmkernels.kernels.convert"  # imported by the kernel: built again, compiled
+    saved = sys.modules.pop(helpers, None)
     try:
         spec = importlib.util.spec_from_file_location(f"mmkernels.kernels._{module}_aot", mod.__file__)
         module_obj = importlib.util.module_from_spec(spec)
@@ -52,6 +54,8 @@ def _compilable_kernel(module: str = "assemble", name: str = "_assemble_kernel")
         spec.loader.exec_module(module_obj)
     finally:
         triton.knobs.runtime.interpret = previous
+        if saved is not None:
+            sys.modules[helpers] = saved
     return getattr(module_obj, name)
 
 

@@ -9,6 +9,7 @@ the interpreter would dereference device addresses from the metadata table on th
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 
@@ -25,25 +26,14 @@ class BackendUnavailableError(RuntimeError):
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_module():
-    """Import the Triton kernels once; ``None`` when triton is not installed or broken."""
+def _kernel_module(name: str = "assemble"):
+    """Import the kernel module ``mmkernels.kernels.<name>`` once; ``None`` when triton is
+    not installed or broken."""
     try:
-        from mmkernels.kernels import assemble
+        return importlib.import_module(f"mmkernels.kernels.{name}")
     except Exception as exc:  # noqa: BLE001 - any import failure means "no triton"
         logger.info("triton kernels unavailable: %s", exc)
         return None
-    return assemble
-
-
-@functools.lru_cache(maxsize=None)
-def _step_kernel_module():
-    """The step kernel's module (imported once); ``None`` when triton is unavailable."""
-    try:
-        from mmkernels.kernels import step
-    except Exception as exc:  # noqa: BLE001 - any import failure means "no triton"
-        logger.info("triton kernels unavailable: %s", exc)
-        return None
-    return step
 
 
 def kernels_interpreted() -> bool:

@@ -62,9 +62,9 @@ class StepOp:
     def __init__(self, tables: ResidentTables, *, hidden: int, ds_cols: int, dtype: torch.dtype,
                  weight: torch.Tensor | None, interpreted: bool, block_rows: int | None = None,
                  config: StepConfig | None = None):
-        from mmkernels.backend import _step_kernel_module
+        from mmkernels.backend import _kernel_module
 
-        self.kernel_module = _step_kernel_module()
+        self.kernel_module = _kernel_module("step")
         self.tables, self.hidden, self.ds_cols, self.weight = tables, hidden, ds_cols, weight
         self.dtype = dtype
         self.cfg = config or step_config(max(hidden, ds_cols), interpreted, block_rows)

@@ -14,6 +14,8 @@ sorted by ``TILE_START``; the field rows are named by the constants below.
 import triton
 import triton.language as tl
 
+from mmkernels.kernels.convert import _convert
+
 # Field rows of the metadata table (the launcher in mmkernels/ops.py fills them); constexpr
 # globals so the kernels can read them.
 TILE_START = tl.constexpr(0)  # first tile of the segment (exclusive prefix sum of tiles)
@@ -29,30 +31,6 @@ KIND_F32 = tl.constexpr(0)
 KIND_F16 = tl.constexpr(1)
 KIND_BF16 = tl.constexpr(2)
 KIND_TEXT = tl.constexpr(3)  # fused mode: rows come from weight[clamp(input_ids)]
-
-
-@triton.jit
-def _f32_to_bf16_rne(x):
-    """fp32 -> bf16, round to nearest even, NaN -> 0x7FC0, in integer ops.
-
-    Used only under the Triton interpreter, whose own fp32 -> bf16 cast truncates.
-    """
-    bits = x.to(tl.int32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    half = tl.where(x != x, 0x7FC0, rounded & 0xFFFF)
-    return half.to(tl.int16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def _convert(x, OUT_DTYPE: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr):
-    """Convert a loaded block to the output dtype (a no-op when it already is)."""
-    if x.dtype == OUT_DTYPE:
-        y = x
-    elif OUT_DTYPE == tl.bfloat16 and EMULATE_BF16_RNE:
-        y = _f32_to_bf16_rne(x.to(tl.float32))
-    else:
-        y = x.to(OUT_DTYPE)
-    return y
 
 
 @triton.jit
