@@ -17,6 +17,7 @@ import torch
 from mmkernels.backend import _kernel_module, resolve_backend
 from mmkernels.reference import embed_and_gather_ref, gather_rows_ref
 from mmkernels.segments import check_output, check_sources, prepare_segments
+from mmkernels.step import check_block_rows
 
 _KIND_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the kernel's KIND_*
 
@@ -39,6 +40,7 @@ def launch_config(
     columns x 4/8 warps put every choice within 2% of it at hidden 3584 and 8192).
     Interpreter: one column block per row and 64 rows, since it pays per program.
     """
+    check_block_rows(block_rows)
     width = max(hidden, deepstack_cols, 1)
     if interpreted:
         rows = block_rows or 64
@@ -413,6 +415,8 @@ def _run(which, out, deepstack_out, sources, segs, input_ids, weight, block_rows
             return gather_rows_ref(out, sources, segs, deepstack_out=deepstack_out)
         return embed_and_gather_ref(input_ids, weight, sources, segs, out=out,
                                     deepstack_out=deepstack_out)
+    if input_ids is not None and input_ids.shape[0] > 1 and input_ids.stride(0) != 1:
+        input_ids = input_ids.contiguous()  # the segment kernel reads ids at unit stride
     prepare_launch(out, deepstack_out, sources, segs, input_ids, weight,
                    interpreted=which == "interpreter", block_rows=block_rows, info=info).run()
     return out

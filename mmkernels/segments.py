@@ -40,6 +40,9 @@ def check_output(name: str, t: torch.Tensor, rows: int | None = None) -> None:
         raise ValueError(f"Invalid dtype of {name}: expected one of {SUPPORTED_DTYPES}, got {t.dtype}")
     if t.shape[1] > 1 and t.stride(1) != 1:
         raise ValueError(f"Invalid strides of {name}: expected unit column stride, got {t.stride()}")
+    if t.shape[0] > 1 and t.stride(0) < t.shape[1]:
+        raise ValueError(f"Invalid strides of {name}: rows overlap (row stride {t.stride(0)} < "
+                         f"{t.shape[1]} columns)")
 
 
 def check_sources(

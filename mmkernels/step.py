@@ -31,6 +31,14 @@ class StepConfig:
     programs_per_sm: int = 0  # a cap on the grid per SM (programs then stream longer spans); 0: none
 
 
+def check_block_rows(block_rows) -> None:
+    """``block_rows`` (a test and benchmark knob): ``None`` or a power of two in [1, 128]."""
+    if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int)
+                                   or block_rows < 1 or block_rows > 128
+                                   or block_rows & (block_rows - 1)):
+        raise ValueError(f"Invalid block_rows: expected a power of two in [1, 128], got {block_rows!r}")
+
+
 def step_config(width: int, interpreted: bool, block_rows: int | None = None) -> StepConfig:
     """The block shape for rows of ``width`` columns (the widest of hidden and deepstack).
 
@@ -42,10 +50,7 @@ def step_config(width: int, interpreted: bool, block_rows: int | None = None) ->
     each program streams several pieces and segments. ``block_rows`` (tests) must be a
     power of two from 1 to 128.
     """
-    if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int)
-                                   or block_rows < 1 or block_rows > 128
-                                   or block_rows & (block_rows - 1)):
-        raise ValueError(f"Invalid block_rows: expected a power of two in [1, 128], got {block_rows!r}")
+    check_block_rows(block_rows)
     cols = 1 << (max(width, 16) - 1).bit_length()
     if interpreted:
         return StepConfig(block_rows or 64, cols, 1, programs_per_sm=0)

@@ -17,6 +17,7 @@ from mmassembler.cache import EmbeddingCache
 from mmassembler.encode import Encoder, EncoderFn, resolve_sources
 from mmassembler.errors import BatchShapeError
 from mmassembler.planner import plan_batch
+from mmkernels.step import check_block_rows
 
 
 def _check_buffer(name: str, t: torch.Tensor, rows: int | None, cols: int | None = None) -> None:
@@ -32,6 +33,8 @@ def _check_buffer(name: str, t: torch.Tensor, rows: int | None, cols: int | None
         raise BatchShapeError(f"{name} has dtype {t.dtype}; expected float32, float16 or bfloat16")
     if t.shape[1] > 1 and t.stride(1) != 1:
         raise BatchShapeError(f"{name} must have unit column stride, got strides {t.stride()}")
+    if t.shape[0] > 1 and t.stride(0) < t.shape[1]:
+        raise BatchShapeError(f"{name} has strides {t.stride()}: its rows overlap")
 
 
 def prepare_batch(
@@ -140,6 +143,10 @@ def assemble(
     AssemblyError
         On any bad input, naming the request and item, before anything is written.
     """
+    try:
+        check_block_rows(block_rows)
+    except ValueError as exc:
+        raise BatchShapeError(str(exc)) from None
     plan, sources, info = prepare_batch(requests, input_ids, weight=weight, out=out,
                                         deepstack_out=deepstack_out, encoders=encoders, cache=cache)
     # Everything the device layer would check is checked: skip its second pass.

@@ -26,7 +26,7 @@ from mmassembler.step_inputs import (FLOATS, check_input_ids, check_rows_buffer,
 from mmkernels import layout as L
 from mmkernels.layout import STEP_BASE, STEP_PREFIX, STEP_RUN_END, STEP_RUN_FIRST
 from mmkernels.reference import assemble_step_ref
-from mmkernels.step import StepOp
+from mmkernels.step import StepOp, check_block_rows
 from mmkernels.tables import STAGING_RING, ResidentTables
 
 
@@ -66,6 +66,10 @@ class Assembler:
         self.max_tokens, self.max_requests = max_tokens, max_requests
         self.encoders, self.cache = encoders, cache
         self.widths = (hidden, hidden + deepstack_cols)
+        try:
+            check_block_rows(block_rows)
+        except ValueError as exc:
+            raise BatchShapeError(str(exc)) from None
         self.backend = mmkernels.resolve_backend(backend, self.device)
         max_items = max_items or 64 * max_requests + 1024
         max_runs = max_runs or 4 * max_items

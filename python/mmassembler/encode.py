@@ -76,6 +76,7 @@ def as_rows(t, widths: Sequence[int], *, request: int, key: int, what: str) -> t
     if not isinstance(t, torch.Tensor):
         raise EmbeddingFormatError(f"{what} is a {type(t).__name__}, not a torch.Tensor",
                                    request=request, item_key=key)
+    t = t.detach()  # assembly is inference: no autograd graph is kept or returned
     if t.dtype not in _FLOATS:
         raise EmbeddingFormatError(f"{what} has dtype {t.dtype}; expected one of "
                                    f"{[str(d) for d in _FLOATS]}", request=request, item_key=key)
@@ -217,6 +218,7 @@ def resolve_sources(
             covered[g.first:g.first + g.count] = b"\x01" * g.count
     pending: dict[str, dict[int, _Need]] = {}
     lookups: list[tuple[int, int]] = []
+    rows_of_key: dict = {}  # key -> (rows, request): one key, one row count, in any order
     for i, p in enumerate(plan.items):
         if covered[i]:
             continue
@@ -224,6 +226,11 @@ def resolve_sources(
         if item.embedding is not None:
             sources[i], infos[i] = _precomputed(p, widths, device)
             continue
+        first = rows_of_key.setdefault((item.modality, item.key), (rows, p.request))
+        if first[0] != rows:
+            raise RowCountError(f"two items share key {item.key} but take {first[0]} rows "
+                                f"(request {first[1]}) and {rows} rows (request {p.request})",
+                                request=p.request, item_key=item.key, expected=first[0], returned=rows)
         by_key = pending.setdefault(item.modality, {})
         need = by_key.get(item.key)
         if need is None and cache is not None:
