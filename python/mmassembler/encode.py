@@ -92,6 +92,22 @@ def as_rows(t, widths: Sequence[int], *, request: int, key: int, what: str) -> t
     return t
 
 
+def owned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A detached copy of ``t`` on ``device`` that nothing else writes to (an encoder may
+    hand out views of a buffer it reuses; a cache entry must not change under it)."""
+    t = t.detach()
+    if t.device != device:
+        return t.to(device)
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def fits(t, rows: int, widths: Sequence[int], device: torch.device) -> bool:
+    """A cache entry usable for an item: 2-D float rows of a known width on ``device``."""
+    return (isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == rows
+            and t.shape[1] in widths and t.dtype in _FLOATS and t.device == device
+            and (t.shape[1] <= 1 or t.stride(1) == 1))
+
+
 def _check_rows(t: torch.Tensor, need: _Need, modality: str) -> None:
     if t.shape[0] != need.rows:
         raise RowCountError(
@@ -237,7 +253,7 @@ def resolve_sources(
             # peek: the cache's recency, counters and collision drops wait for the checks
             lookups.append((item.key, rows))
             hit = cache.peek(item.key)
-            if hit is not None and hit.shape[0] == rows:
+            if hit is not None and fits(hit, rows, widths, device):
                 sources[i] = hit
                 continue
         if need is None:
@@ -274,9 +290,8 @@ def resolve_sources(
         for key, rows in lookups:
             if cache.get(key, rows=rows) is not None and stream is not None:
                 cache.record_use(key, stream)
+    encoded = [(need, owned(t, device)) for need, t in encoded]  # may fail: before the cache
     for need, t in encoded:
-        if t.device != device:
-            t = t.to(device=device, dtype=dtype)  # convert once, on the way into the cache
         for i in need.waiting:
             sources[i] = t
         if cache is not None and cache.put(need.key, t) and stream is not None:

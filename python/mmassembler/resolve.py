@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from mmassembler.cache import EmbeddingCache
-from mmassembler.encode import Encoder, EncoderFn, _Need, _split, as_rows
+from mmassembler.encode import Encoder, EncoderFn, _Need, _split, as_rows, fits, owned
 from mmassembler.errors import EmbeddingFormatError, MissingEncoderError, RowCountError
 
 
@@ -29,21 +29,6 @@ class Wanted:
     rows: int
     request: int  # index of the request in the step
     handle: int
-
-
-def owned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A detached copy of ``t`` on ``device`` that nothing else writes to."""
-    t = t.detach()
-    if t.device != device:
-        return t.to(device)
-    return t.clone(memory_format=torch.contiguous_format)
-
-
-def _fits(t, rows: int, widths: Sequence[int], device: torch.device) -> bool:
-    """A cache entry usable for an item: 2-D float rows of a known width on ``device``."""
-    return (isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == rows
-            and t.shape[1] in widths and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and t.device == device and (t.shape[1] <= 1 or t.stride(1) == 1))
 
 
 def _precomputed(w: Wanted, widths, device) -> torch.Tensor:
@@ -88,7 +73,7 @@ def resolve(wanted: Sequence[Wanted], *, encoders: Mapping[str, EncoderFn | Enco
     misses: dict[str, list[_Need]] = {}
     for (modality, key), need in needs.items():
         entry = cache.peek(key) if cache is not None else None
-        if entry is not None and _fits(entry, need.rows, widths, device):
+        if entry is not None and fits(entry, need.rows, widths, device):
             hits[key] = entry
             for i in need.waiting:
                 sources[i] = entry
