@@ -105,3 +105,26 @@ def test_one_key_with_two_row_counts_fails_in_either_order(device, hit_first, pa
     assert isinstance(info.value, AssemblyError) and info.value.item_key == 9
     assert "3 rows" in str(info.value) and "4 rows" in str(info.value)
     assert (dict(cache._entries), cache.stats.hits, cache.stats.misses) == before
+
+
+def test_bad_backend_and_graph_capacity_fail_before_the_cache_changes(device, monkeypatch):
+    """Issue 10 item 11: every check before the first cache write or encoder call."""
+    from mmassembler import GraphAssembler
+
+    weight = torch.randn(5, H, device=device)
+    cache = EmbeddingCache(1 << 20)
+    calls = []
+    enc = {"image": lambda items: calls.append(len(items)) or [torch.ones(3, H, device=device)
+                                                                for _ in items]}
+    req = [Request([Item(3, [(1, 3)])], 0, 5)]
+    ids = torch.zeros(5, dtype=torch.long, device=device)
+    with pytest.raises(BatchShapeError, match="backend"):
+        assemble(req, ids, weight=weight, encoders=enc, cache=cache, backend="trtion")
+    monkeypatch.setenv("MMKERNELS_BACKEND", "cuda-fast")
+    with pytest.raises(BatchShapeError, match="MMKERNELS_BACKEND"):
+        assemble(req, ids, weight=weight, encoders=enc, cache=cache)
+    monkeypatch.delenv("MMKERNELS_BACKEND")
+    ga = GraphAssembler(max_tokens=16, max_segments=2, weight=weight, encoders=enc, cache=cache)
+    with pytest.raises(BatchShapeError, match="max_segments"):  # text, item, text: 3 columns
+        ga.prepare(req, ids)
+    assert calls == [] and len(cache) == 0 and (cache.stats.hits, cache.stats.misses) == (0, 0)

@@ -47,6 +47,7 @@ def prepare_batch(
     encoders,
     cache: EmbeddingCache | None,
     buffers_hold_more: bool = False,
+    check_plan=None,
 ):
     """Check everything, plan, and resolve sources: ``(plan, sources, source info)``.
 
@@ -89,6 +90,8 @@ def prepare_batch(
             raise BatchShapeError(f"deepstack_out must be {dtype} on {device}, got "
                                   f"{deepstack_out.dtype} on {deepstack_out.device}")
         ds_cols = deepstack_out.shape[1]
+    if check_plan is not None:  # capacity checks of the caller, before the cache changes
+        check_plan(plan)
     widths = (hidden, hidden + ds_cols)
     stream = torch.cuda.current_stream(device) if cache is not None and device.type == "cuda" else None
     sources, info = resolve_sources(plan, encoders=encoders, cache=cache, device=device,
@@ -145,6 +148,9 @@ def assemble(
     """
     try:
         check_block_rows(block_rows)
+        ref = weight if weight is not None else out
+        if isinstance(ref, torch.Tensor):  # a bad backend fails before the cache changes
+            mmkernels.resolve_backend(backend, ref.device)
     except ValueError as exc:
         raise BatchShapeError(str(exc)) from None
     plan, sources, info = prepare_batch(requests, input_ids, weight=weight, out=out,

@@ -66,10 +66,8 @@ class GraphAssembler:
         plan, sources, info = prepare_batch(
             requests, input_ids, weight=self.weight, out=None if self.weight is not None else self.out,
             deepstack_out=self.deepstack_out, encoders=self.encoders, cache=self.cache,
-            buffers_hold_more=True)
+            buffers_hold_more=True, check_plan=self._check_capacity)
         n = plan.num_tokens
-        if n > self.max_tokens:
-            raise BatchShapeError(f"the batch has {n} tokens, more than max_tokens {self.max_tokens}")
         try:
             self.launcher.update(sources, plan.segments, n, info)
         except ValueError as exc:  # capacity: raised before the buffers are touched
@@ -78,6 +76,23 @@ class GraphAssembler:
             self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.num_tokens = n
         return n
+
+    def _check_capacity(self, plan) -> None:
+        """Tokens and table columns (segments, plus the text runs between them in fused
+        mode) within capacity; called before sources are resolved."""
+        n, segs = plan.num_tokens, plan.segments
+        if n > self.max_tokens:
+            raise BatchShapeError(f"the batch has {n} tokens, more than max_tokens {self.max_tokens}")
+        columns = len(segs)
+        if self.weight is not None:
+            if columns:
+                starts, ends = segs[:, 2], segs[:, 2] + segs[:, 3]
+                columns += int((starts[1:] > ends[:-1]).sum()) + int(starts[0] > 0) + int(ends[-1] < n)
+            else:
+                columns = int(n > 0)
+        if columns > self.launcher.max_segments:
+            raise BatchShapeError(f"Invalid batch: {columns} segments (text runs included) exceed "
+                                  f"max_segments {self.launcher.max_segments}")
 
     def launch(self) -> None:
         """The step's device work: capture it once, replay it after each ``prepare``."""
