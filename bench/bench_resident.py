@@ -152,8 +152,9 @@ def sweep(b) -> list[dict]:
     _, p, e = windows(b)
     out = asm.assemble(h, p, e, b.input_ids)
     rows = []
-    shapes = [(4, 2048, 8), (4, 2048, 4), (4, 1024, 4), (8, 2048, 4), (8, 1024, 8), (16, 1024, 8)]
-    for (block_rows, block_cols, warps), per_sm in itertools.product(shapes, (0, 4, 8, 16)):
+    shapes = [(4, 2048, 4), (2, 4096, 4), (2, 4096, 8), (1, 4096, 4), (1, 8192, 8), (2, 8192, 8),
+              (4, 4096, 8), (4, 1024, 4), (8, 2048, 4)]
+    for (block_rows, block_cols, warps), per_sm in itertools.product(shapes, (0,)):
         cfg = StepConfig(block_rows, min(block_cols, 1 << (b.weight.shape[1] - 1).bit_length()), warps,
                          per_sm)
         op = StepOp(asm.tables, hidden=asm.hidden, ds_cols=0, dtype=asm.dtype, weight=asm.weight,
