@@ -128,3 +128,24 @@ def test_bad_backend_and_graph_capacity_fail_before_the_cache_changes(device, mo
     with pytest.raises(BatchShapeError, match="max_segments"):  # text, item, text: 3 columns
         ga.prepare(req, ids)
     assert calls == [] and len(cache) == 0 and (cache.stats.hits, cache.stats.misses) == (0, 0)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_bf16_sources_convert_exactly_subnormals_included(device, out_dtype):
+    """Issue 10 item 13: the interpreter's own bf16 cast mangles subnormals; both kernels
+    convert every bf16 bit pattern as torch does."""
+    from kernel_utils import assert_bitwise_equal
+
+    bits = torch.randint(-(1 << 15), 1 << 15, (64, H), dtype=torch.int32).to(torch.int16)
+    bits[:8] = torch.randint(-127, 128, (8, H), dtype=torch.int16)  # subnormals and zeros
+    src = bits.view(torch.bfloat16).to(device)
+    src = torch.where(torch.isnan(src), torch.zeros_like(src), src)  # NaN payloads: torch-defined
+    want = src.to(out_dtype)
+    out = torch.zeros(64, H, dtype=out_dtype, device=device)
+    mmkernels.gather_rows(out, [src], [(0, 0, 0, 64)], backend="triton")
+    assert_bitwise_equal(out, want, "segment kernel")
+    asm = Assembler(hidden=H, dtype=out_dtype, device=device, max_tokens=64, max_requests=1,
+                    backend="triton")
+    h = asm.add_request([Item(1, [(0, 63)], embedding=src)])
+    got = asm.assemble([h], [0], [64], out=torch.zeros(64, H, dtype=out_dtype, device=device))
+    assert_bitwise_equal(got, want, "step kernel")
