@@ -422,19 +422,47 @@ def _run(which, out, deepstack_out, sources, segs, input_ids, weight, block_rows
     return out
 
 
-def gather_rows(out: torch.Tensor, sources: Sequence[torch.Tensor], segments, **kwargs) -> torch.Tensor:
+def gather_rows(
+    out: torch.Tensor,
+    sources: Sequence[torch.Tensor],
+    segments,
+    *,
+    deepstack_out: torch.Tensor | None = None,
+    backend: str = "auto",
+    block_rows: int | None = None,
+    validate: bool = True,
+    info: np.ndarray | None = None,
+) -> torch.Tensor:
     if torch.compiler.is_compiling():  # compiled callers get the custom op; eager skips the dispatcher
-        torch.ops.mmkernels.gather_rows(out, list(sources), segments, kwargs.get("deepstack_out"))
+        torch.ops.mmkernels.gather_rows(out, list(sources), segments, deepstack_out, backend, block_rows)
         return out
-    return _gather_rows_eager(out, sources, segments, **kwargs)
+    return _gather_rows_eager(out, sources, segments, deepstack_out=deepstack_out, backend=backend,
+                              block_rows=block_rows, validate=validate, info=info)
 
 
-def embed_and_gather(input_ids: torch.Tensor, weight: torch.Tensor, sources: Sequence[torch.Tensor],
-                     segments, **kwargs) -> torch.Tensor:
+def embed_and_gather(
+    input_ids: torch.Tensor,
+    weight: torch.Tensor,
+    sources: Sequence[torch.Tensor],
+    segments,
+    *,
+    out: torch.Tensor | None = None,
+    deepstack_out: torch.Tensor | None = None,
+    backend: str = "auto",
+    block_rows: int | None = None,
+    validate: bool = True,
+    info: np.ndarray | None = None,
+) -> torch.Tensor:
     if torch.compiler.is_compiling():
-        return torch.ops.mmkernels.embed_and_gather(input_ids, weight, list(sources), segments,
-                                                    kwargs.get("deepstack_out"))
-    return _embed_and_gather_eager(input_ids, weight, sources, segments, **kwargs)
+        if out is None:
+            return torch.ops.mmkernels.embed_and_gather(input_ids, weight, list(sources), segments,
+                                                        deepstack_out, backend, block_rows)
+        torch.ops.mmkernels.embed_and_gather_out(input_ids, weight, list(sources), segments, out,
+                                                 deepstack_out, backend, block_rows)
+        return out
+    return _embed_and_gather_eager(input_ids, weight, sources, segments, out=out,
+                                   deepstack_out=deepstack_out, backend=backend,
+                                   block_rows=block_rows, validate=validate, info=info)
 
 
 gather_rows.__doc__ = _gather_rows_eager.__doc__

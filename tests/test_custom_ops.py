@@ -53,3 +53,39 @@ def test_custom_ops_are_registered_with_mutation_and_fake_shapes():
                                                     torch.empty(50, 16), [torch.empty(6, 16)],
                                                     torch.empty(1, 4, dtype=torch.long), None)
         assert fake.shape == (30, 16)
+
+
+@torch.no_grad()
+def test_compiled_calls_keep_out_backend_and_block_rows():
+    """Issue 10 item 5: under compile, ``out=`` is written, ``backend`` and ``block_rows``
+    reach the op, and the public functions show their real signatures."""
+    import inspect
+
+    torch._dynamo.reset()
+    ids, a, b, segments = _inputs()
+    weight = torch.randn(50, 16)
+
+    def fused_into(buf, ids, a, b, segments):
+        got = mmkernels.embed_and_gather(ids, weight, [a, b], segments, out=buf, backend="torch",
+                                         block_rows=4)
+        return got * 1
+
+    buf = torch.zeros(30, 16)
+    got = torch.compile(fused_into, fullgraph=True, backend="aot_eager")(buf, ids, a, b, segments)
+    want = mmkernels.embed_and_gather(ids, weight, [a, b], segments.numpy(), backend="torch")
+    assert torch.equal(buf, want) and torch.equal(got, want)
+
+    def bad_backend(ids, a, b, segments):
+        return mmkernels.embed_and_gather(ids, weight, [a, b], segments, backend="nope")
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(bad_backend, fullgraph=True, backend="aot_eager")(ids, a, b, segments)
+    except Exception as exc:  # noqa: BLE001 - compile wraps errors; the message must be ours
+        assert "Invalid backend" in str(exc)
+    else:
+        raise AssertionError("a bad backend under compile was ignored")
+    for fn in (mmkernels.embed_and_gather, mmkernels.gather_rows):
+        params = inspect.signature(fn).parameters
+        assert {"out" if fn is mmkernels.embed_and_gather else "deepstack_out", "backend",
+                "block_rows"} <= set(params) and "kwargs" not in params
