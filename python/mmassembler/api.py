@@ -59,7 +59,7 @@ def prepare_batch(
         raise BatchShapeError("pass exactly one of weight (fused mode) and out (scatter mode)")
     for r, req in enumerate(requests):
         if not isinstance(req, Request):
-            raise BatchShapeError(f"requests[{r}] is a {type(req).__name__}, not a Request")
+            raise BatchShapeError(f"requests[{r}] is a {type(req).__name__}, not a Request", request=r)
     plan = plan_batch(requests)  # checks windows and spans
     num_tokens = plan.num_tokens
     rows = None if buffers_hold_more else num_tokens

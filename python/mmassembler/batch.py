@@ -136,8 +136,11 @@ def _build_layout(item: Item, request: int | None) -> ItemLayout:
         starts.append(s)
         ends.append(e + 1)
         prev_end = e
-    starts_a = np.array(starts, dtype=np.int64)
-    ends_a = np.array(ends, dtype=np.int64)
+    try:
+        starts_a = np.array(starts, dtype=np.int64)
+        ends_a = np.array(ends, dtype=np.int64)
+    except OverflowError:
+        raise SpanError("a span position does not fit in 64 bits", request=request, item_key=key) from None
     lengths = ends_a - starts_a
     num_positions = int(lengths.sum())
 
@@ -148,6 +151,9 @@ def _build_layout(item: Item, request: int | None) -> ItemLayout:
     else:
         mask = item.embed_mask
         if isinstance(mask, torch.Tensor):
+            if mask.device.type == "meta":
+                raise EmbedMaskError("embed_mask is on the meta device: it has no values",
+                                     request=request, item_key=key)
             mask = mask.detach().cpu().numpy()  # once per item; engines keep masks on the host
         mask = np.asarray(mask)
         if mask.ndim != 1 or mask.shape[0] != num_positions:

@@ -18,8 +18,8 @@ import torch
 
 from mmassembler.batch import Item
 from mmassembler.cache import EmbeddingCache
-from mmassembler.errors import (EmbeddingFormatError, EncoderOutputError, MissingEncoderError,
-                                RowCountError)
+from mmassembler.errors import (BatchShapeError, EmbeddingFormatError, EncoderOutputError,
+                                MissingEncoderError, RowCountError)
 from mmassembler.planner import IndexedGroup, Plan, PlannedItem
 from mmkernels.ops import source_info
 
@@ -43,6 +43,12 @@ class Encoder:
     fn: EncoderFn
     max_items: int | None = None
     max_rows: int | None = None
+
+    def __post_init__(self):
+        for name in ("max_items", "max_rows"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise BatchShapeError(f"Encoder {name} must be a positive int or None, got {v!r}")
 
     def batches(self, needs: list["_Need"]) -> list[list["_Need"]]:
         """Split ``needs`` into calls that respect the budgets (an item is never split)."""
@@ -116,15 +122,28 @@ def _check_rows(t: torch.Tensor, need: _Need, modality: str) -> None:
             request=need.requests[0], item_key=need.key, expected=need.rows, returned=t.shape[0])
 
 
+def _row_counts(rows_per_item, modality: str, first: _Need) -> list[int]:
+    """An encoder's ``rows_per_item``: a 1-D sequence of ints (list, tuple, array, tensor)."""
+    if isinstance(rows_per_item, torch.Tensor):
+        rows_per_item = rows_per_item.tolist() if rows_per_item.dim() == 1 else None
+    elif isinstance(rows_per_item, np.ndarray):
+        rows_per_item = rows_per_item.tolist() if rows_per_item.ndim == 1 else None
+    if not isinstance(rows_per_item, (list, tuple)) or not all(
+            isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in rows_per_item):
+        raise EncoderOutputError(
+            f"the {modality} encoder returned (tensor, rows_per_item) with rows_per_item "
+            f"{rows_per_item!r}; expected a 1-D sequence of ints, one per item",
+            request=first.requests[0], item_key=first.key)
+    return [int(n) for n in rows_per_item]
+
+
 def _split(result, call: list[_Need], modality: str, widths: Sequence[int]) -> list[torch.Tensor]:
     """Split one encoder call's output into per-item tensors, checking every count."""
     first = call[0]
     if (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.Tensor)
             and not (isinstance(result[1], torch.Tensor) and result[1].is_floating_point())):
         tensor, rows_per_item = result
-        if isinstance(rows_per_item, torch.Tensor):
-            rows_per_item = rows_per_item.tolist()
-        rows_per_item = [int(n) for n in rows_per_item]
+        rows_per_item = _row_counts(rows_per_item, modality, first)
         if len(rows_per_item) != len(call):
             raise EncoderOutputError(
                 f"the {modality} encoder returned rows for {len(rows_per_item)} items, "

@@ -70,6 +70,9 @@ def _check_window(r: int, req: Request) -> tuple[int, int]:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
                 raise ChunkWindowError(f"{name} must be a non-negative int, got {v!r}", request=r)
     lo, hi = int(lo), int(lo) + int(n)
+    pl = req.prompt_len
+    if pl is not None and (isinstance(pl, bool) or not isinstance(pl, (int, np.integer)) or pl < 0):
+        raise ChunkWindowError(f"prompt_len must be a non-negative int or None, got {pl!r}", request=r)
     if req.prompt_len is not None and hi > req.prompt_len:
         raise ChunkWindowError(f"chunk [{lo}, {hi}) runs past the prompt of {req.prompt_len} "
                                "positions", request=r)
@@ -86,6 +89,13 @@ def _check_prompt(r: int, req: Request, layouts: Sequence[ItemLayout]) -> None:
 
 def check_request_items(r: int, req: Request) -> list[ItemLayout]:
     """Check every item's spans and that items of the request never share a position."""
+    for j, item in enumerate(req.items):
+        if not isinstance(item, Item):
+            raise SpanError(f"items[{j}] is a {type(item).__name__}, not an mmassembler.Item", request=r)
+        try:
+            hash(item.key)
+        except TypeError:
+            raise SpanError(f"items[{j}] has an unhashable key {item.key!r}", request=r) from None
     layouts = [item._layout or item.layout(r) for item in req.items]
     _check_prompt(r, req, layouts)
     if len(layouts) > 1 and not all(a.last < b.first for a, b in zip(layouts, layouts[1:])):

@@ -14,12 +14,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from mmassembler.api import assemble
 from mmassembler.batch import Item
 from mmassembler.cache import EmbeddingCache
 from mmassembler.engines._state import remember, request_for
+from mmassembler.errors import EncoderOutputError
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,15 @@ def _item_for(sg_item) -> Item:
 
 def _encoder_key(func) -> tuple:
     return (id(getattr(func, "__func__", func)), id(getattr(func, "__self__", None)))
+
+
+def _rows_of(rows_fn: RowsFn, sg_item) -> int:
+    """``rows_fn(item)``, which must be an int."""
+    n = rows_fn(sg_item)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise EncoderOutputError(f"rows_fn returned {n!r} for an item; expected its row count (an int)",
+                                 item_key=getattr(sg_item, "hash", None))
+    return int(n)
 
 
 def _make_encoder(func: Callable, rows_fn: RowsFn | None, name: str) -> Callable:
@@ -78,7 +89,7 @@ def _make_encoder(func: Callable, rows_fn: RowsFn | None, name: str) -> Callable
             return list(out)                                   # encoder's own per-item split
         _concatenating.add(key)
         if rows_fn is not None:
-            return out, [int(rows_fn(it)) for it in sg_items]
+            return out, [_rows_of(rows_fn, it) for it in sg_items]
         return per_item(sg_items)
 
     return encode

@@ -26,7 +26,7 @@ import mmkernels
 from mmassembler.api import assemble
 from mmassembler.batch import Item
 from mmassembler.engines._state import remember, request_for
-from mmassembler.errors import BatchShapeError, RowCountError
+from mmassembler.errors import BatchShapeError, EmbeddingFormatError, RowCountError
 
 _ITEM_ATTR = "_mmassembler_item"
 
@@ -72,15 +72,29 @@ def _mask_segments(parts: list[torch.Tensor], is_multimodal: torch.Tensor) -> np
     return np.stack((s, starts - first_row[s], pos[starts], lengths), axis=1)
 
 
+def _check_mask(is_multimodal, rows: int, what: str) -> None:
+    if not isinstance(is_multimodal, torch.Tensor) or is_multimodal.dim() != 1:
+        raise BatchShapeError(f"is_multimodal must be a 1-D tensor, got "
+                              f"{getattr(is_multimodal, 'shape', type(is_multimodal).__name__)}")
+    if is_multimodal.shape[0] != rows:
+        raise BatchShapeError(f"is_multimodal has {is_multimodal.shape[0]} rows, {what} {rows}")
+
+
+def _device_op(op, *args, **kwargs) -> torch.Tensor:
+    """A device-layer call whose argument errors become typed ``AssemblyError``s."""
+    try:
+        return op(*args, **kwargs)
+    except ValueError as exc:
+        raise EmbeddingFormatError(str(exc)) from None
+
+
 def merge_multimodal_embeddings(inputs_embeds: torch.Tensor, multimodal_embeddings,
                                 is_multimodal: torch.Tensor) -> torch.Tensor:
     """``inputs_embeds[is_multimodal] = cat(multimodal_embeddings)`` in one launch, in place."""
     parts = _flatten(multimodal_embeddings)
-    if is_multimodal.shape[0] != inputs_embeds.shape[0]:
-        raise BatchShapeError(f"is_multimodal has {is_multimodal.shape[0]} rows, inputs_embeds "
-                              f"{inputs_embeds.shape[0]}")
+    _check_mask(is_multimodal, inputs_embeds.shape[0], "inputs_embeds")
     segments = _mask_segments(parts, is_multimodal)
-    return mmkernels.gather_rows(inputs_embeds, parts, segments)
+    return _device_op(mmkernels.gather_rows, inputs_embeds, parts, segments)
 
 
 def embed_input_ids(input_ids: torch.Tensor, multimodal_embeddings=None, *,
@@ -92,11 +106,13 @@ def embed_input_ids(input_ids: torch.Tensor, multimodal_embeddings=None, *,
     """
     weight = getattr(embed_tokens, "weight", embed_tokens)
     if multimodal_embeddings is None or len(_flatten(multimodal_embeddings)) == 0:
-        return mmkernels.embed_and_gather(input_ids, weight, [], np.zeros((0, 4), np.int64))
+        return _device_op(mmkernels.embed_and_gather, input_ids, weight, [], np.zeros((0, 4), np.int64))
     if is_multimodal is None:
         raise BatchShapeError("`embed_input_ids` requires `is_multimodal` with multimodal embeddings")
+    _check_mask(is_multimodal, input_ids.shape[0], "input_ids")
     parts = _flatten(multimodal_embeddings)
-    return mmkernels.embed_and_gather(input_ids, weight, parts, _mask_segments(parts, is_multimodal))
+    return _device_op(mmkernels.embed_and_gather, input_ids, weight, parts,
+                      _mask_segments(parts, is_multimodal))
 
 
 def _identifier(feature):
