@@ -36,6 +36,10 @@ def test_assemble_writes_only_its_rows_and_reads_only(device, batch, fused, back
     weight = torch.randn(batch.vocab, hidden).to(batch.out_dtype).to(device)
     ids = batch.input_ids.to(device)
     items = [it for r in batch.requests for it in r.items]
+    for it in items:  # the strategy builds on the CPU: move, keeping each row stride
+        emb = it.embedding
+        base = emb if emb._base is None else emb._base
+        it.__dict__["embedding"] = base.to(device)[:, :emb.shape[1]]
     if corrupt == "ids":
         ids = torch.zeros(n + 1, dtype=torch.long, device=device)
     elif corrupt == "rows" and items:
