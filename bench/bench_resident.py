@@ -108,7 +108,8 @@ def measure(b, bw: float, repeat: int) -> dict:
     for name, fn in BASELINES.items():
         call = lambda fn=fn: fn(b.requests, b.input_ids, b.weight)  # noqa: E731
         row[f"wall_{name}_us"] = wall_time_us(call, repeat=repeat, device=dev.type)
-        row[f"gpu_{name}_us"] = gpu_time_us(call) if cuda else None
+        # index_copy pins host memory per call: not capturable
+        row[f"gpu_{name}_us"] = gpu_time_us(call, capturable=name != "index_copy") if cuda else None
     return row
 
 

@@ -15,10 +15,14 @@ from collections.abc import Callable
 import torch
 
 
-def gpu_time_us(fn: Callable[[], object], rep_ms: int = 200) -> float:
-    """Median GPU time of ``fn``'s device work, from CUDA-graph replays (µs)."""
+def gpu_time_us(fn: Callable[[], object], rep_ms: int = 200, capturable: bool = True) -> float:
+    """Median GPU time of ``fn``'s device work, from CUDA-graph replays (µs); events around
+    eager calls for ``fn`` that cannot be captured (a failed capture can leave the context
+    unusable, so such calls must say so rather than rely on the fallback)."""
     import triton.testing
 
+    if not capturable:
+        return 1e3 * triton.testing.do_bench(fn, rep=rep_ms, return_mode="median")
     try:
         return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
     except Exception:  # noqa: BLE001 - an op that cannot be captured: events around eager calls
