@@ -149,3 +149,26 @@ def test_bf16_sources_convert_exactly_subnormals_included(device, out_dtype):
     h = asm.add_request([Item(1, [(0, 63)], embedding=src)])
     got = asm.assemble([h], [0], [64], out=torch.zeros(64, H, dtype=out_dtype, device=device))
     assert_bitwise_equal(got, want, "step kernel")
+
+
+@pytest.mark.parametrize("path", ["stateless", "assembler"])
+def test_a_failed_copy_of_an_encoder_output_is_typed_and_caches_nothing(device, path):
+    """Issue 10 item 11: converting an encoder output to the output device happens before
+    any cache write; a failure is an EmbeddingFormatError naming the item."""
+    from mmassembler import EmbeddingFormatError
+
+    weight = torch.randn(5, H, device=device)
+    cache = EmbeddingCache(1 << 20)
+    cache.put(1, torch.ones(2, H, device=device))
+    enc = {"image": lambda items: [torch.empty(it.data, H, device="meta") for it in items]}
+    items = [Item(1, [(0, 1)]), Item(2, [(3, 5)], data=3)]  # a hit, then a failed copy
+    ids = torch.zeros(6, dtype=torch.long, device=device)
+    before = dict(cache._entries), cache.stats.hits, cache.stats.misses
+    with pytest.raises(EmbeddingFormatError) as info:
+        if path == "stateless":
+            assemble([Request(items, 0, 6)], ids, weight=weight, encoders=enc, cache=cache)
+        else:
+            asm = Assembler(weight=weight, max_tokens=8, max_requests=1, encoders=enc, cache=cache)
+            asm.assemble([asm.add_request(items)], [0], [6], ids)
+    assert info.value.item_key == 2 and info.value.request == 0
+    assert (dict(cache._entries), cache.stats.hits, cache.stats.misses) == before

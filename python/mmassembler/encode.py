@@ -98,13 +98,22 @@ def as_rows(t, widths: Sequence[int], *, request: int, key: int, what: str) -> t
     return t
 
 
-def owned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def owned(t: torch.Tensor, device: torch.device, need: "_Need | None" = None) -> torch.Tensor:
     """A detached copy of ``t`` on ``device`` that nothing else writes to (an encoder may
-    hand out views of a buffer it reuses; a cache entry must not change under it)."""
+    hand out views of a buffer it reuses; a cache entry must not change under it).
+
+    A copy that fails (a meta tensor, an unreachable device) is an ``EmbeddingFormatError``
+    naming ``need``'s request and item, raised before the cache changes.
+    """
     t = t.detach()
-    if t.device != device:
-        return t.to(device)
-    return t.clone(memory_format=torch.contiguous_format)
+    try:
+        if t.device != device:
+            return t.to(device)
+        return t.clone(memory_format=torch.contiguous_format)
+    except (RuntimeError, NotImplementedError) as exc:
+        raise EmbeddingFormatError(
+            f"the encoder's output on {t.device} could not be copied to {device}: {exc}",
+            request=need.requests[0] if need else None, item_key=need.key if need else None) from None
 
 
 def fits(t, rows: int, widths: Sequence[int], device: torch.device) -> bool:
@@ -302,6 +311,7 @@ def resolve_sources(
             encoded.extend(zip(call, _split(result, call, modality, widths)))
         logger.debug("encoded %d %s items", len(needs), modality)
 
+    encoded = [(need, owned(t, device, need)) for need, t in encoded]  # may fail: before the cache
     # Every count is checked: now the cache may change. Lookups count, refresh recency and
     # drop collided entries; uses are recorded before puts so an entry this batch reads
     # and a put evicts is not reused by the allocator before the launch's stream gets there.
@@ -309,7 +319,6 @@ def resolve_sources(
         for key, rows in lookups:
             if cache.get(key, rows=rows) is not None and stream is not None:
                 cache.record_use(key, stream)
-    encoded = [(need, owned(t, device)) for need, t in encoded]  # may fail: before the cache
     for need, t in encoded:
         for i in need.waiting:
             sources[i] = t

@@ -93,7 +93,7 @@ def resolve(wanted: Sequence[Wanted], *, encoders: Mapping[str, EncoderFn | Enco
         for call in enc.batches(group):
             parts = _split(enc.fn([n.item for n in call]), call, modality, widths)
             encoded.extend(zip(call, parts))
-    owned_parts = [(need, owned(t, device)) for need, t in encoded]  # may fail: before the cache
+    owned_parts = [(need, owned(t, device, need)) for need, t in encoded]  # may fail: before the cache
     if cache is not None:
         for key in stale:
             cache.discard(key, "its rows, width, dtype or device do not fit the item")
