@@ -133,3 +133,12 @@ def test_threads_share_a_cache_and_an_assembler(device, shared):
     assert not errors, errors[:3]
     assert cache.bytes == _held_bytes(cache) <= cache.max_bytes
     assert cache.stats.evictions > 0 and cache.stats.hits > 0
+
+
+def test_owned_always_copies(device):
+    from mmassembler.encode import owned
+
+    t = torch.randn(4, H, device=device)
+    for target in (torch.device(device), torch.device(device.split(":")[0])):
+        c = owned(t, target)
+        assert c.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() and torch.equal(c, t)

@@ -106,10 +106,8 @@ def owned(t: torch.Tensor, device: torch.device, need: "_Need | None" = None) ->
     naming ``need``'s request and item, raised before the cache changes.
     """
     t = t.detach()
-    try:
-        if t.device != device:
-            return t.to(device)
-        return t.clone(memory_format=torch.contiguous_format)
+    try:  # copy=True: `to` on the same device (also "cuda" vs "cuda:0") would return t itself
+        return t.to(device=device, copy=True)
     except (RuntimeError, NotImplementedError) as exc:
         raise EmbeddingFormatError(
             f"the encoder's output on {t.device} could not be copied to {device}: {exc}",
