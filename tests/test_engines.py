@@ -230,11 +230,15 @@ def test_vllm_request_state_is_reused_across_chunks():
     req = RunnerRequest(0, 5, [feat])
     weight = torch.randn(3, 4)
     first = gather_mm_embeddings([req], {"x": emb}, torch.zeros(5, dtype=torch.long), embed_tokens=weight)
-    index_owner = req._mmassembler_request
+    from mmassembler.engines._state import _requests
+
+    index_owner = _requests.get(req)
     req.num_computed_tokens, req.num_scheduled_tokens = 5, 4
     second = gather_mm_embeddings([req], {"x": emb}, torch.zeros(4, dtype=torch.long), embed_tokens=weight)
     assert torch.equal(first[2:5], emb[:3]) and torch.equal(second[:3], emb[3:])
-    assert req._mmassembler_request._layouts is index_owner._layouts is not None
+    assert _requests.get(req)._layouts is index_owner._layouts is not None
+    assert vars(req).keys() == {"num_computed_tokens", "num_scheduled_tokens", "mm_features"}
+    assert "_mmassembler_item" not in vars(feat)  # nothing of ours on the engine's objects
 
 
 def test_three_d_encoder_output_is_split_on_its_item_dimension():

@@ -1,30 +1,56 @@
-"""Keeping our objects on the engine's objects between prefill chunks."""
+"""Our state about engine objects, kept beside them, never on them.
+
+Engine objects pass their attributes on (SGLang's Transformers backend forwards a
+``MultimodalDataItem``'s extra fields to ``get_image_features(**...)``), so nothing is
+written onto them. ``ObjectState`` maps an object to a value by identity, holding only a
+weak reference: the entry goes when the object does, and a later object that reuses the
+address never sees it. Objects that cannot be weakly referenced get no state.
+"""
 
 from __future__ import annotations
 
+import weakref
+
 from mmassembler.batch import Request
 
-_REQUEST_ATTR = "_mmassembler_request"
+
+class ObjectState:
+    """Identity-keyed, weakly held ``object -> value`` map."""
+
+    def __init__(self):
+        self._entries: dict[int, tuple] = {}  # id -> (weak reference, value)
+
+    def get(self, obj, default=None):
+        entry = self._entries.get(id(obj))
+        if entry is None or entry[0]() is not obj:
+            return default
+        return entry[1]
+
+    def set(self, obj, value):
+        """Remember ``value`` for ``obj`` (when it takes weak references); return ``value``."""
+        try:
+            ref = weakref.ref(obj, lambda _, key=id(obj), table=self._entries: table.pop(key, None))
+        except TypeError:
+            return value
+        self._entries[id(obj)] = (ref, value)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
-def remember(obj, attr: str, value):
-    """Attach ``value`` to ``obj`` when it takes attributes; return ``value`` either way."""
-    try:
-        setattr(obj, attr, value)
-    except (AttributeError, TypeError):
-        pass
-    return value
+_requests = ObjectState()
 
 
 def request_for(owner, items: list, prefix_len: int, extend_len: int) -> Request:
     """The owner's ``Request`` at this chunk: the last one advanced with ``with_window`` when
     its items are the same objects (so its planning index is reused), else a new one."""
-    last = getattr(owner, _REQUEST_ATTR, None) if owner is not None else None
+    last = _requests.get(owner) if owner is not None else None
     if last is not None and len(last.items) == len(items) and all(
             a is b for a, b in zip(last.items, items)):
         req = last.with_window(prefix_len, extend_len)
     else:
         req = Request(items, prefix_len, extend_len)
     if owner is not None:
-        remember(owner, _REQUEST_ATTR, req)
+        _requests.set(owner, req)
     return req

@@ -20,15 +20,16 @@ import torch
 from mmassembler.api import assemble
 from mmassembler.batch import Item
 from mmassembler.cache import EmbeddingCache
-from mmassembler.engines._state import remember, request_for
+from mmassembler.engines._embedding import plain_table, text_rows
+from mmassembler.engines._state import ObjectState, request_for
 from mmassembler.errors import EncoderOutputError
 
 logger = logging.getLogger(__name__)
 
 RowsFn = Callable[[object], int]
-_ITEM_ATTR = "_mmassembler_item"
-_concatenating: set = set()  # encoders seen returning one tensor for several items
-_warned: set = set()
+_items = ObjectState()  # SGLang item -> our Item
+_concatenating = ObjectState()  # encoder (or bound method's instance) -> functions seen concatenating
+_warned = ObjectState()
 
 
 def _modality_name(modality) -> str:
@@ -36,18 +37,32 @@ def _modality_name(modality) -> str:
 
 
 def _item_for(sg_item) -> Item:
-    """Our ``Item`` for an SGLang item, made once and kept on it."""
-    cached = getattr(sg_item, _ITEM_ATTR, None)
+    """Our ``Item`` for an SGLang item, made once and kept beside it (never on it)."""
+    cached = _items.get(sg_item)
     emb = getattr(sg_item, "precomputed_embeddings", None)
-    if cached is not None and cached.key == sg_item.hash and cached.embedding is emb:
+    spans = [tuple(map(int, o)) for o in sg_item.offsets]
+    if (cached is not None and cached.key == sg_item.hash and cached.embedding is emb
+            and list(cached.spans) == spans):
         return cached
-    item = Item(sg_item.hash, [tuple(map(int, o)) for o in sg_item.offsets],
-                modality=_modality_name(sg_item.modality), embedding=emb, data=sg_item)
-    return remember(sg_item, _ITEM_ATTR, item)
+    item = Item(sg_item.hash, spans, modality=_modality_name(sg_item.modality), embedding=emb,
+                data=sg_item)
+    return _items.set(sg_item, item)
 
 
-def _encoder_key(func) -> tuple:
-    return (id(getattr(func, "__func__", func)), id(getattr(func, "__self__", None)))
+def _seen(table: ObjectState, func) -> bool:
+    """Whether ``func`` (a bound method: its function on its instance) is in ``table``."""
+    owner, fn = getattr(func, "__self__", None), getattr(func, "__func__", func)
+    if owner is None:
+        return table.get(fn, False)
+    return fn in table.get(owner, ())
+
+
+def _mark(table: ObjectState, func) -> None:
+    owner, fn = getattr(func, "__self__", None), getattr(func, "__func__", func)
+    if owner is None:
+        table.set(fn, True)
+    else:
+        table.set(owner, table.get(owner, frozenset()) | {fn})
 
 
 def _rows_of(rows_fn: RowsFn, sg_item) -> int:
@@ -66,11 +81,9 @@ def _make_encoder(func: Callable, rows_fn: RowsFn | None, name: str) -> Callable
     ``rows_fn`` when given; otherwise the items are encoded one at a time, so each output
     belongs to one item, and that encoder is called per item from then on.
     """
-    key = _encoder_key(func)
-
     def per_item(sg_items):
-        if key not in _warned:
-            _warned.add(key)
+        if not _seen(_warned, func):
+            _mark(_warned, func)
             logger.warning("the %s encoder returns one tensor for several items and no row-count "
                            "function was given: encoding one item per call (pass rows_fn to batch)",
                            name)
@@ -78,7 +91,7 @@ def _make_encoder(func: Callable, rows_fn: RowsFn | None, name: str) -> Callable
 
     def encode(items):
         sg_items = [it.data for it in items]
-        if key in _concatenating and rows_fn is None and len(sg_items) > 1:
+        if rows_fn is None and len(sg_items) > 1 and _seen(_concatenating, func):
             return per_item(sg_items)
         out = func(sg_items)
         if isinstance(out, (list, tuple)):
@@ -87,7 +100,7 @@ def _make_encoder(func: Callable, rows_fn: RowsFn | None, name: str) -> Callable
             return [out]
         if out.dim() == 3 and out.shape[0] == len(sg_items):  # [items, rows, hidden]: the
             return list(out)                                   # encoder's own per-item split
-        _concatenating.add(key)
+        _mark(_concatenating, func)
         if rows_fn is not None:
             return out, [_rows_of(rows_fn, it) for it in sg_items]
         return per_item(sg_items)
@@ -131,21 +144,21 @@ def embed_mm_inputs(
                 if func is not None:
                     fn = rows_fn.get(it.modality) if isinstance(rows_fn, Mapping) else rows_fn
                     encoders[it.modality] = _make_encoder(func, fn, it.modality)
-    weight = getattr(input_embedding, "weight", None)
-    fused = isinstance(weight, torch.Tensor) and weight.dim() == 2 and getattr(
-        input_embedding, "tp_size", 1) == 1
+    weight = plain_table(input_embedding)  # else the engine's module computes text rows
+    embeds = None
+    if weight is None:
+        vocab = getattr(input_embedding, "num_embeddings", None) or getattr(input_embedding, "vocab_size", None)
+        embeds = text_rows(input_embedding, input_ids, vocab)
+    ref = weight if weight is not None else embeds
     deepstack_out = None
     if use_deepstack and any(use_deepstack.values()):
         k = len(getattr(multimodal_model, "deepstack_visual_indexes", ()))
-        hidden = weight.shape[1] if fused else input_embedding.embedding_dim
-        dtype = weight.dtype if weight is not None else torch.get_default_dtype()
-        deepstack_out = torch.zeros((input_ids.shape[0], k * hidden), dtype=dtype, device=input_ids.device)
-    if fused:
+        deepstack_out = torch.zeros((input_ids.shape[0], k * ref.shape[1]), dtype=ref.dtype,
+                                    device=input_ids.device)
+    if weight is not None:
         embeds = assemble(requests, input_ids, weight=weight, deepstack_out=deepstack_out,
                           encoders=encoders, cache=cache, backend=backend)
     else:
-        vocab = getattr(input_embedding, "num_embeddings", None) or getattr(input_embedding, "vocab_size")
-        embeds = input_embedding(input_ids.clamp(0, vocab - 1))
         assemble(requests, input_ids, out=embeds, deepstack_out=deepstack_out, encoders=encoders,
                  cache=cache, backend=backend)
     other = {"input_deepstack_embeds": deepstack_out} if deepstack_out is not None else {}

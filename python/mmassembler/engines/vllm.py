@@ -25,10 +25,11 @@ import torch
 import mmkernels
 from mmassembler.api import assemble
 from mmassembler.batch import Item
-from mmassembler.engines._state import remember, request_for
+from mmassembler.engines._embedding import plain_table, text_rows
+from mmassembler.engines._state import ObjectState, request_for
 from mmassembler.errors import BatchShapeError, EmbeddingFormatError, RowCountError
 
-_ITEM_ATTR = "_mmassembler_item"
+_items = ObjectState()  # vLLM feature -> our Item
 
 
 def _flatten(embeddings) -> list[torch.Tensor]:
@@ -101,18 +102,24 @@ def embed_input_ids(input_ids: torch.Tensor, multimodal_embeddings=None, *,
                     is_multimodal: torch.Tensor | None = None, embed_tokens) -> torch.Tensor:
     """Token embeddings with the multimodal rows merged, in one pass over the output.
 
-    ``embed_tokens`` is the model's embedding module (or its weight). Placeholder rows
-    take embedding rows; ids there are never looked up (out-of-vocabulary ids are fine).
+    ``embed_tokens`` is the model's embedding module, its weight, or any callable
+    ``ids -> [n, hidden]`` (e.g. the language model's own ``embed_input_ids``, which
+    carries Gemma3's scale). Only a plain ``nn.Embedding`` (or a weight) is looked up in
+    the same pass; anything else is called and the multimodal rows are written over its
+    output, so a scaled or tensor-parallel embedding is never bypassed.
     """
-    weight = getattr(embed_tokens, "weight", embed_tokens)
-    if multimodal_embeddings is None or len(_flatten(multimodal_embeddings)) == 0:
-        return _device_op(mmkernels.embed_and_gather, input_ids, weight, [], np.zeros((0, 4), np.int64))
-    if is_multimodal is None:
-        raise BatchShapeError("`embed_input_ids` requires `is_multimodal` with multimodal embeddings")
-    _check_mask(is_multimodal, input_ids.shape[0], "input_ids")
-    parts = _flatten(multimodal_embeddings)
-    return _device_op(mmkernels.embed_and_gather, input_ids, weight, parts,
-                      _mask_segments(parts, is_multimodal))
+    weight = plain_table(embed_tokens)
+    empty = multimodal_embeddings is None or len(_flatten(multimodal_embeddings)) == 0
+    if not empty:
+        if is_multimodal is None:
+            raise BatchShapeError("`embed_input_ids` requires `is_multimodal` with multimodal embeddings")
+        _check_mask(is_multimodal, input_ids.shape[0], "input_ids")
+    parts = [] if empty else _flatten(multimodal_embeddings)
+    segments = np.zeros((0, 4), np.int64) if empty else _mask_segments(parts, is_multimodal)
+    if weight is not None:
+        return _device_op(mmkernels.embed_and_gather, input_ids, weight, parts, segments)
+    rows = text_rows(embed_tokens, input_ids)
+    return _device_op(mmkernels.gather_rows, rows, parts, segments)
 
 
 def _identifier(feature):
@@ -120,15 +127,15 @@ def _identifier(feature):
 
 
 def _item_for(feature, embedding) -> Item:
-    """Our ``Item`` for a feature (placeholder range + encoder-cache entry), kept on it."""
-    cached = getattr(feature, _ITEM_ATTR, None)
-    if cached is not None and cached.embedding is embedding:
-        return cached
+    """Our ``Item`` for a feature (placeholder range + encoder-cache entry), kept beside it."""
+    cached = _items.get(feature)
     pos = feature.mm_position
-    item = Item(_identifier(feature), [(int(pos.offset), int(pos.offset) + int(pos.length) - 1)],
-                modality=str(getattr(feature, "modality", "image")), embedding=embedding,
-                embed_mask=getattr(pos, "is_embed", None))
-    return remember(feature, _ITEM_ATTR, item)
+    span = (int(pos.offset), int(pos.offset) + int(pos.length) - 1)
+    if cached is not None and cached.embedding is embedding and tuple(cached.spans[0]) == span:
+        return cached
+    item = Item(_identifier(feature), [span], modality=str(getattr(feature, "modality", "image")),
+                embedding=embedding, embed_mask=getattr(pos, "is_embed", None))
+    return _items.set(feature, item)
 
 
 def gather_mm_embeddings(requests: Sequence, encoder_cache: Mapping, input_ids: torch.Tensor, *,
@@ -138,15 +145,25 @@ def gather_mm_embeddings(requests: Sequence, encoder_cache: Mapping, input_ids: 
 
     ``requests``: objects with ``num_computed_tokens``, ``num_scheduled_tokens`` and
     ``mm_features`` (each with ``identifier`` and ``mm_position``: ``offset``, ``length``,
-    ``is_embed``). ``encoder_cache`` maps identifiers to encoder outputs. Fused mode with
-    ``embed_tokens``; scatter mode into ``out``. An item of this chunk missing from the
-    cache is a ``MissingEncoderError`` naming the request and identifier.
+    ``is_embed``). ``encoder_cache`` maps identifiers to encoder outputs. With
+    ``embed_tokens`` (see ``embed_input_ids``: a plain table is looked up in the same pass,
+    any other module or callable is called) text rows are computed, into ``out`` when
+    given; with ``out`` alone they keep what the buffer holds (the engine looked them up)
+    and only multimodal rows are written. An item of this chunk missing from the cache is
+    a ``MissingEncoderError`` naming the request and identifier.
     """
     reqs = []
     for r in requests:
         items = [_item_for(f, encoder_cache.get(_identifier(f))) for f in r.mm_features]
         reqs.append(request_for(r, items, int(r.num_computed_tokens), int(r.num_scheduled_tokens)))
-    if embed_tokens is not None:
-        return assemble(reqs, input_ids, weight=getattr(embed_tokens, "weight", embed_tokens),
-                        backend=backend)
-    return assemble(reqs, input_ids, out=out, backend=backend)
+    if embed_tokens is None:
+        return assemble(reqs, input_ids, out=out, backend=backend)
+    weight = plain_table(embed_tokens)
+    if weight is not None and out is None:
+        return assemble(reqs, input_ids, weight=weight, backend=backend)
+    rows = (weight[input_ids.clamp(0, weight.shape[0] - 1)] if weight is not None
+            else text_rows(embed_tokens, input_ids))
+    if out is not None:
+        out.copy_(rows)
+        rows = out
+    return assemble(reqs, input_ids, out=rows, backend=backend)

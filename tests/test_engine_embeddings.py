@@ -1,0 +1,114 @@
+"""Adapters never bypass the engine's embedding module, keep nothing on engine objects,
+and key their state by the objects themselves (issue 11, items 2, 3, 4 and offsets)."""
+
+import gc
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+
+from mmassembler.engines import embed_input_ids, embed_mm_inputs, gather_mm_embeddings
+
+H, V = 8, 20
+
+
+class ScaledEmbedding(torch.nn.Embedding):
+    """Gemma3's text embedding: the table's rows times sqrt(hidden)."""
+
+    def forward(self, ids):
+        return super().forward(ids) * (H ** 0.5)
+
+
+class ShardEmbedding(torch.nn.Module):
+    """One tensor-parallel rank's shard: rows [0, V/2) of the vocabulary; ids outside it
+    give zeros (the all-reduce over ranks would add the other shard)."""
+
+    def __init__(self, full: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(full[: V // 2].clone())
+        self.num_embeddings, self.tp_size = V, 2
+
+    def forward(self, ids):
+        inside = ids < V // 2
+        return torch.where(inside[:, None], self.weight[ids.clamp(0, V // 2 - 1)], 0.0)
+
+
+@dataclass(eq=False)
+class SGItem:
+    hash: int
+    offsets: list
+    modality: object = field(default_factory=lambda: SimpleNamespace(name="IMAGE"))
+    precomputed_embeddings: object = None
+    feature: object = None
+
+
+def _sglang(embedding, items, ids, encoder=None, rows_fn=None):
+    mm = SimpleNamespace(mm_items=items)
+    enc = encoder or (lambda its: [torch.full((3, H), float(it.hash)) for it in its])
+    with torch.no_grad():
+        return embed_mm_inputs([mm], [0], [ids.shape[0]], ids, embedding,
+                               data_embedding_func_mapping={"image": enc}, rows_fn=rows_fn)[0]
+
+
+def test_sglang_scaled_and_sharded_embeddings_compute_text_rows():
+    torch.manual_seed(0)
+    ids = torch.randint(0, V, (10,))
+    for module in (ScaledEmbedding(V, H), ShardEmbedding(torch.randn(V, H))):
+        got = _sglang(module, [SGItem(7, [(2, 4)])], ids)
+        with torch.no_grad():
+            want = module(ids).clone()
+        want[2:5] = 7.0
+        assert torch.equal(got, want), type(module).__name__
+
+
+def test_vllm_embed_tokens_callable_or_sharded_is_called_not_read():
+    torch.manual_seed(0)
+    full = torch.randn(V, H)
+    ids = torch.randint(0, V, (10,))
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[3:6] = True
+    mm = [torch.ones(3, H)]
+    emb = torch.nn.Embedding(V, H)
+    for embed in (ShardEmbedding(full), lambda x: emb(x) * 3.0, ScaledEmbedding(V, H)):
+        with torch.no_grad():
+            want = embed(ids).clone()
+            want[3:6] = 1.0
+            assert torch.equal(embed_input_ids(ids, mm, is_multimodal=mask, embed_tokens=embed), want)
+            feat = SimpleNamespace(identifier="a", mm_position=SimpleNamespace(offset=3, length=3, is_embed=None))
+            req = SimpleNamespace(num_computed_tokens=0, num_scheduled_tokens=10, mm_features=[feat])
+            got = gather_mm_embeddings([req], {"a": mm[0]}, ids, embed_tokens=embed)
+            assert torch.equal(got, want)
+            out = torch.full((10, H), 5.0)  # out given with embed_tokens: written, text rows included
+            assert gather_mm_embeddings([req], {"a": mm[0]}, ids, embed_tokens=embed, out=out) is out
+            assert torch.equal(out, want)
+
+
+def test_sglang_keeps_nothing_on_engine_items_and_follows_moved_offsets():
+    item = SGItem(3, [(1, 3)])
+    ids = torch.zeros(8, dtype=torch.long)
+    emb = torch.nn.Embedding(V, H)
+    got = _sglang(emb, [item], ids)
+    assert set(vars(item)) == {"hash", "offsets", "modality", "precomputed_embeddings", "feature"}
+    assert torch.equal(got[1:4], torch.full((3, H), 3.0))
+    item.offsets = [(4, 6)]  # the same item object, placed elsewhere on a later call
+    got = _sglang(emb, [item], ids)
+    assert torch.equal(got[4:7], torch.full((3, H), 3.0))
+    with torch.no_grad():
+        assert torch.equal(got[1:4], emb(ids[1:4]))
+
+
+def test_encoder_classification_survives_reused_ids():
+    """A concatenating encoder marks itself; list-returning encoders made after it is freed
+    (which may reuse its address) are used as they are."""
+    items = [SGItem(1, [(0, 2)]), SGItem(2, [(4, 6)])]
+    ids = torch.zeros(8, dtype=torch.long)
+    emb = torch.nn.Embedding(V, H)
+    concat = lambda its: torch.cat([torch.full((3, H), float(it.hash)) for it in its])  # noqa: E731
+    _sglang(emb, items, ids, encoder=concat)
+    del concat
+    gc.collect()
+    for _ in range(50):
+        listing = lambda its: [torch.full((3, H), float(it.hash) + 10) for it in its]  # noqa: E731
+        got = _sglang(emb, [SGItem(1, [(0, 2)]), SGItem(2, [(4, 6)])], ids, encoder=listing)
+        assert torch.equal(got[0:3], torch.full((3, H), 11.0)) and torch.equal(got[4:7], torch.full((3, H), 12.0))
+        del listing
