@@ -35,7 +35,12 @@ def device(request) -> str:
 
 @pytest.fixture(autouse=True)
 def _seed_and_restore():
-    """Seed the RNG and restore torch's default dtype after each test."""
+    """Seed the RNG, empty the SGLang adapter's process-wide cache (tests reuse item hashes
+    for other contents) and restore torch's default dtype after each test."""
+    from mmassembler.engines import sglang
+
+    if sglang._default_cache is not None:
+        sglang._default_cache.clear()
     torch.manual_seed(0)
     dtype = torch.get_default_dtype()
     yield

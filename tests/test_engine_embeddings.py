@@ -2,6 +2,8 @@
 and key their state by the objects themselves (issue 11, items 2, 3, 4 and offsets)."""
 
 import gc
+
+import pytest
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -43,11 +45,13 @@ class SGItem:
 
 
 def _sglang(embedding, items, ids, encoder=None, rows_fn=None):
+    """One chunk through the adapter, without a cache (tests give one hash other contents)."""
     mm = SimpleNamespace(mm_items=items)
     enc = encoder or (lambda its: [torch.full((3, H), float(it.hash)) for it in its])
     with torch.no_grad():
         return embed_mm_inputs([mm], [0], [ids.shape[0]], ids, embedding,
-                               data_embedding_func_mapping={"image": enc}, rows_fn=rows_fn)[0]
+                               data_embedding_func_mapping={"image": enc}, rows_fn=rows_fn,
+                               cache=None)[0]
 
 
 def test_sglang_scaled_and_sharded_embeddings_compute_text_rows():
@@ -112,3 +116,34 @@ def test_encoder_classification_survives_reused_ids():
         got = _sglang(emb, [SGItem(1, [(0, 2)]), SGItem(2, [(4, 6)])], ids, encoder=listing)
         assert torch.equal(got[0:3], torch.full((3, H), 11.0)) and torch.equal(got[4:7], torch.full((3, H), 12.0))
         del listing
+
+
+def test_sglang_none_batch_deepstack_key_and_default_cache():
+    """Issue 11 item 6: None in, None out; a use_deepstack mapping always yields the key;
+    by default an item cut by two chunks is encoded once."""
+    emb = torch.nn.Embedding(V, H)
+    assert embed_mm_inputs(None, [], [], torch.zeros(0, dtype=torch.long), emb) is None
+    calls = []
+    enc = lambda its: calls.append(len(its)) or [torch.full((6, H), 4.0) for _ in its]  # noqa: E731
+    item = SGItem(12345, [(2, 7)])
+    mm = SimpleNamespace(mm_items=[item])
+    model = SimpleNamespace(deepstack_visual_indexes=[0, 1])
+    for prefix, extend in ((0, 4), (4, 6)):
+        ids = torch.zeros(extend, dtype=torch.long)
+        with torch.no_grad():
+            out, other = embed_mm_inputs([mm], [prefix], [extend], ids, emb, model,
+                                         data_embedding_func_mapping={"image": enc},
+                                         use_deepstack={"IMAGE": False})
+        assert other["input_deepstack_embeds"].shape == (extend, 2 * H)
+    assert calls == [1]  # the second chunk hit the default cache
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_sglang_precomputed_on_the_cpu_is_moved_once():
+    emb = torch.nn.Embedding(V, H).cuda()
+    pre = torch.randn(3, H)  # offloaded to the host between chunks
+    item = SGItem(9, [(1, 3)], precomputed_embeddings=pre)
+    ids = torch.zeros(6, dtype=torch.long, device="cuda")
+    with torch.no_grad():
+        got = _sglang(emb, [item], ids)
+    assert torch.equal(got[1:4].cpu(), pre)

@@ -12,6 +12,7 @@ placeholder counts; without one, such an encoder is called one item at a time (l
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -22,7 +23,7 @@ from mmassembler.batch import Item
 from mmassembler.cache import EmbeddingCache
 from mmassembler.engines._embedding import plain_table, text_rows
 from mmassembler.engines._state import ObjectState, request_for
-from mmassembler.errors import EncoderOutputError
+from mmassembler.errors import BatchShapeError, EncoderOutputError
 
 logger = logging.getLogger(__name__)
 
@@ -30,16 +31,33 @@ RowsFn = Callable[[object], int]
 _items = ObjectState()  # SGLang item -> our Item
 _concatenating = ObjectState()  # encoder (or bound method's instance) -> functions seen concatenating
 _warned = ObjectState()
+_moved = ObjectState()  # SGLang item -> (its offloaded embedding, the copy on the ids' device)
+DEFAULT_CACHE_BYTES = 1 << 30
+_default_cache: EmbeddingCache | None = None
+
+
+def default_cache() -> EmbeddingCache:
+    """The adapter-wide cache ``embed_mm_inputs`` uses unless given one (1 GiB; the
+    ``MMASSEMBLER_CACHE_BYTES`` environment variable sets another size)."""
+    global _default_cache
+    if _default_cache is None:
+        _default_cache = EmbeddingCache(int(os.environ.get("MMASSEMBLER_CACHE_BYTES", DEFAULT_CACHE_BYTES)))
+    return _default_cache
 
 
 def _modality_name(modality) -> str:
     return (getattr(modality, "name", None) or str(modality)).lower()
 
 
-def _item_for(sg_item) -> Item:
+def _item_for(sg_item, device: torch.device) -> Item:
     """Our ``Item`` for an SGLang item, made once and kept beside it (never on it)."""
     cached = _items.get(sg_item)
     emb = getattr(sg_item, "precomputed_embeddings", None)
+    if isinstance(emb, torch.Tensor) and emb.device != device:  # offloaded between chunks
+        moved = _moved.get(sg_item)
+        if moved is None or moved[0] is not emb:
+            moved = _moved.set(sg_item, (emb, emb.to(device)))
+        emb = moved[1]
     spans = [tuple(map(int, o)) for o in sg_item.offsets]
     if (cached is not None and cached.key == sg_item.hash and cached.embedding is emb
             and list(cached.spans) == spans):
@@ -119,23 +137,35 @@ def embed_mm_inputs(
     placeholder_tokens=None,
     use_deepstack: Mapping | None = None,
     *,
-    cache: EmbeddingCache | None = None,
+    cache: EmbeddingCache | None | str = "default",
     rows_fn: RowsFn | Mapping[str, RowsFn] | None = None,
     backend: str = "auto",
-) -> tuple[torch.Tensor, dict]:
+) -> tuple[torch.Tensor, dict] | None:
     """``(input_embeds, other_info)`` for an SGLang extend batch, in one launch.
 
-    ``input_embedding`` with a plain ``weight`` (no tensor-parallel vocabulary) is looked
-    up in the same pass (fused mode); otherwise it is called on the clamped ids and the
-    multimodal rows are written over its output. With deepstack (``use_deepstack``),
+    ``input_embedding`` that is exactly ``nn.Embedding`` is looked up in the same pass
+    (fused mode); any other module (Gemma3's scaled embedding, a tensor-parallel
+    vocabulary) is called on the clamped ids and the multimodal rows are written over its
+    output. With ``use_deepstack`` (a non-empty mapping, as the engine reads it),
     ``other_info["input_deepstack_embeds"]`` is ``[tokens, k * hidden]``, zero on text rows.
-    ``placeholder_tokens`` is accepted for signature compatibility: placement is by offsets.
+    ``cache``: ``"default"`` is one adapter-wide ``EmbeddingCache`` (``default_cache()``),
+    so items cut by chunks are encoded once, as the engine's own cache does; ``None``
+    disables it. A precomputed embedding on another device (SGLang offloads them between
+    chunks) is moved to the ids' device once. ``placeholder_tokens`` is accepted for
+    signature compatibility: placement is by offsets. ``mm_inputs_list=None`` returns
+    ``None``, as the engine does.
     """
+    if mm_inputs_list is None:
+        return None
+    if isinstance(cache, str):
+        if cache != "default":
+            raise BatchShapeError(f"cache must be an EmbeddingCache, None or 'default', got {cache!r}")
+        cache = default_cache()
     requests, encoders = [], {}
     funcs = {_modality_name(k): v for k, v in (data_embedding_func_mapping or {}).items()}
     for mm_inputs, prefix, extend in zip(mm_inputs_list, extend_prefix_lens, extend_seq_lens):
         sg_items = list(getattr(mm_inputs, "mm_items", None) or []) if mm_inputs is not None else []
-        items = [_item_for(it) for it in sg_items]
+        items = [_item_for(it, input_ids.device) for it in sg_items]
         requests.append(request_for(mm_inputs, items, int(prefix), int(extend)))
         for it in items:
             if it.embedding is None and it.modality not in encoders:
@@ -151,7 +181,7 @@ def embed_mm_inputs(
         embeds = text_rows(input_embedding, input_ids, vocab)
     ref = weight if weight is not None else embeds
     deepstack_out = None
-    if use_deepstack and any(use_deepstack.values()):
+    if use_deepstack:  # the engine returns the buffer whenever the mapping is given
         k = len(getattr(multimodal_model, "deepstack_visual_indexes", ()))
         deepstack_out = torch.zeros((input_ids.shape[0], k * ref.shape[1]), dtype=ref.dtype,
                                     device=input_ids.device)
