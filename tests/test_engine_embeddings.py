@@ -147,3 +147,19 @@ def test_sglang_precomputed_on_the_cpu_is_moved_once():
     with torch.no_grad():
         got = _sglang(emb, [item], ids)
     assert torch.equal(got[1:4].cpu(), pre)
+
+
+def test_vllm_token_counts_from_the_scheduler_output():
+    """Issue 11 item 5: vLLM keeps this step's counts in the scheduler output's dict."""
+    emb = torch.nn.Embedding(V, H)
+    feat = SimpleNamespace(identifier="a", mm_position=SimpleNamespace(offset=1, length=3, is_embed=None))
+    reqs = [SimpleNamespace(req_id="r0", num_computed_tokens=0, mm_features=[feat]),
+            SimpleNamespace(req_id="r1", num_computed_tokens=2, mm_features=[])]
+    ids = torch.randint(0, V, (7,))
+    with torch.no_grad():
+        want = emb(ids).clone()
+        want[1:4] = 2.0
+        for counts in ({"r1": 3, "r0": 4}, [4, 3]):
+            got = gather_mm_embeddings(reqs, {"a": torch.full((3, H), 2.0)}, ids,
+                                       num_scheduled_tokens=counts, embed_tokens=emb)
+            assert torch.equal(got, want)

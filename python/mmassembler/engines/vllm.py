@@ -139,13 +139,16 @@ def _item_for(feature, embedding) -> Item:
 
 
 def gather_mm_embeddings(requests: Sequence, encoder_cache: Mapping, input_ids: torch.Tensor, *,
+                         num_scheduled_tokens: Mapping | Sequence[int] | None = None,
                          embed_tokens=None, out: torch.Tensor | None = None,
                          backend: str = "auto") -> torch.Tensor:
     """The batch's input embeddings from the runner's state, in one launch.
 
-    ``requests``: objects with ``num_computed_tokens``, ``num_scheduled_tokens`` and
-    ``mm_features`` (each with ``identifier`` and ``mm_position``: ``offset``, ``length``,
-    ``is_embed``). ``encoder_cache`` maps identifiers to encoder outputs. With
+    ``requests``: objects with ``num_computed_tokens`` and ``mm_features`` (each with
+    ``identifier`` and ``mm_position``: ``offset``, ``length``, ``is_embed``). This step's
+    token counts come from ``num_scheduled_tokens``: the scheduler output's dict (keyed by
+    each request's ``req_id``) or a sequence in request order; without it, from each
+    request's own ``num_scheduled_tokens``. ``encoder_cache`` maps identifiers to encoder outputs. With
     ``embed_tokens`` (see ``embed_input_ids``: a plain table is looked up in the same pass,
     any other module or callable is called) text rows are computed, into ``out`` when
     given; with ``out`` alone they keep what the buffer holds (the engine looked them up)
@@ -153,9 +156,15 @@ def gather_mm_embeddings(requests: Sequence, encoder_cache: Mapping, input_ids: 
     a ``MissingEncoderError`` naming the request and identifier.
     """
     reqs = []
-    for r in requests:
+    for i, r in enumerate(requests):
+        if num_scheduled_tokens is None:
+            n = r.num_scheduled_tokens
+        elif isinstance(num_scheduled_tokens, Mapping):
+            n = num_scheduled_tokens[r.req_id]
+        else:
+            n = num_scheduled_tokens[i]
         items = [_item_for(f, encoder_cache.get(_identifier(f))) for f in r.mm_features]
-        reqs.append(request_for(r, items, int(r.num_computed_tokens), int(r.num_scheduled_tokens)))
+        reqs.append(request_for(r, items, int(r.num_computed_tokens), int(n)))
     if embed_tokens is None:
         return assemble(reqs, input_ids, out=out, backend=backend)
     weight = plain_table(embed_tokens)
