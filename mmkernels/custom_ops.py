@@ -25,9 +25,9 @@ def gather_rows_op(out: torch.Tensor, sources: list[torch.Tensor], segments: tor
                    deepstack_out: torch.Tensor | None, backend: str = "auto",
                    block_rows: int | None = None) -> None:
     """Scatter mode as a custom op (see ``mmkernels.gather_rows``)."""
-    from mmkernels.ops import _gather_rows_eager
+    from mmkernels.ops import gather_rows
 
-    _gather_rows_eager(out, sources, segments, deepstack_out=deepstack_out, backend=backend,
+    gather_rows(out, sources, segments, deepstack_out=deepstack_out, backend=backend,
                        block_rows=block_rows)
 
 
@@ -41,9 +41,9 @@ def embed_and_gather_op(input_ids: torch.Tensor, weight: torch.Tensor, sources: 
                         segments: torch.Tensor, deepstack_out: torch.Tensor | None,
                         backend: str = "auto", block_rows: int | None = None) -> torch.Tensor:
     """Fused mode into a new tensor, as a custom op (see ``mmkernels.embed_and_gather``)."""
-    from mmkernels.ops import _embed_and_gather_eager
+    from mmkernels.ops import embed_and_gather
 
-    return _embed_and_gather_eager(input_ids, weight, sources, segments, deepstack_out=deepstack_out,
+    return embed_and_gather(input_ids, weight, sources, segments, deepstack_out=deepstack_out,
                                    backend=backend, block_rows=block_rows)
 
 
@@ -57,9 +57,9 @@ def embed_and_gather_out_op(input_ids: torch.Tensor, weight: torch.Tensor, sourc
                             segments: torch.Tensor, out: torch.Tensor, deepstack_out: torch.Tensor | None,
                             backend: str = "auto", block_rows: int | None = None) -> None:
     """Fused mode into a given ``out``, as a custom op (see ``mmkernels.embed_and_gather``)."""
-    from mmkernels.ops import _embed_and_gather_eager
+    from mmkernels.ops import embed_and_gather
 
-    _embed_and_gather_eager(input_ids, weight, sources, segments, out=out, deepstack_out=deepstack_out,
+    embed_and_gather(input_ids, weight, sources, segments, out=out, deepstack_out=deepstack_out,
                             backend=backend, block_rows=block_rows)
 
 

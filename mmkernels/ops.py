@@ -287,7 +287,7 @@ def _check_deepstack(deepstack_out: torch.Tensor | None, out: torch.Tensor) -> i
     return deepstack_out.shape[1]
 
 
-def _gather_rows_eager(
+def gather_rows(
     out: torch.Tensor,
     sources: Sequence[torch.Tensor],
     segments,
@@ -332,6 +332,9 @@ def _gather_rows_eager(
     >>> gather_rows(out, [torch.ones(3, 2)], [(0, 1, 2, 2)], backend="torch")[:, 0]
     tensor([0., 0., 1., 1.])
     """
+    if torch.compiler.is_compiling():  # compiled callers get the custom op; eager skips the dispatcher
+        torch.ops.mmkernels.gather_rows(out, list(sources), segments, deepstack_out, backend, block_rows)
+        return out
     if validate:
         check_output("out", out)
         ds_cols = _check_deepstack(deepstack_out, out)
@@ -343,7 +346,7 @@ def _gather_rows_eager(
                 block_rows, info)
 
 
-def _embed_and_gather_eager(
+def embed_and_gather(
     input_ids: torch.Tensor,
     weight: torch.Tensor,
     sources: Sequence[torch.Tensor],
@@ -380,6 +383,13 @@ def _embed_and_gather_eager(
     ...                  backend="torch")[:, 0]
     tensor([ 4., -1.,  4.])
     """
+    if torch.compiler.is_compiling():  # the custom ops carry every argument
+        if out is None:
+            return torch.ops.mmkernels.embed_and_gather(input_ids, weight, list(sources), segments,
+                                                        deepstack_out, backend, block_rows)
+        torch.ops.mmkernels.embed_and_gather_out(input_ids, weight, list(sources), segments, out,
+                                                 deepstack_out, backend, block_rows)
+        return out
     n, hidden = input_ids.shape[0], weight.shape[1]
     if not validate:
         if out is None:
@@ -420,50 +430,3 @@ def _run(which, out, deepstack_out, sources, segs, input_ids, weight, block_rows
     prepare_launch(out, deepstack_out, sources, segs, input_ids, weight,
                    interpreted=which == "interpreter", block_rows=block_rows, info=info).run()
     return out
-
-
-def gather_rows(
-    out: torch.Tensor,
-    sources: Sequence[torch.Tensor],
-    segments,
-    *,
-    deepstack_out: torch.Tensor | None = None,
-    backend: str = "auto",
-    block_rows: int | None = None,
-    validate: bool = True,
-    info: np.ndarray | None = None,
-) -> torch.Tensor:
-    if torch.compiler.is_compiling():  # compiled callers get the custom op; eager skips the dispatcher
-        torch.ops.mmkernels.gather_rows(out, list(sources), segments, deepstack_out, backend, block_rows)
-        return out
-    return _gather_rows_eager(out, sources, segments, deepstack_out=deepstack_out, backend=backend,
-                              block_rows=block_rows, validate=validate, info=info)
-
-
-def embed_and_gather(
-    input_ids: torch.Tensor,
-    weight: torch.Tensor,
-    sources: Sequence[torch.Tensor],
-    segments,
-    *,
-    out: torch.Tensor | None = None,
-    deepstack_out: torch.Tensor | None = None,
-    backend: str = "auto",
-    block_rows: int | None = None,
-    validate: bool = True,
-    info: np.ndarray | None = None,
-) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        if out is None:
-            return torch.ops.mmkernels.embed_and_gather(input_ids, weight, list(sources), segments,
-                                                        deepstack_out, backend, block_rows)
-        torch.ops.mmkernels.embed_and_gather_out(input_ids, weight, list(sources), segments, out,
-                                                 deepstack_out, backend, block_rows)
-        return out
-    return _embed_and_gather_eager(input_ids, weight, sources, segments, out=out,
-                                   deepstack_out=deepstack_out, backend=backend,
-                                   block_rows=block_rows, validate=validate, info=info)
-
-
-gather_rows.__doc__ = _gather_rows_eager.__doc__
-embed_and_gather.__doc__ = _embed_and_gather_eager.__doc__
