@@ -16,7 +16,7 @@ import time
 import torch
 
 from bench.harness import copy_bandwidth
-from mmassembler.encode import owned
+from mmassembler.embeddings import owned
 
 CASES = [(32, 1296, 3584), (32, 256, 3584), (64, 64, 4096), (256, 64, 4096)]  # items, rows, hidden
 

@@ -136,7 +136,7 @@ def test_threads_share_a_cache_and_an_assembler(device, shared):
 
 
 def test_owned_always_copies(device):
-    from mmassembler.encode import owned
+    from mmassembler.embeddings import owned
 
     t = torch.randn(4, H, device=device)
     for target in (torch.device(device), torch.device(device.split(":")[0])):

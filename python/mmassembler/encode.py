@@ -18,6 +18,7 @@ import torch
 
 from mmassembler.batch import Item
 from mmassembler.cache import EmbeddingCache
+from mmassembler.embeddings import as_rows, fits, owned
 from mmassembler.errors import (BatchShapeError, EmbeddingFormatError, EncoderOutputError,
                                 MissingEncoderError, RowCountError)
 from mmassembler.planner import IndexedGroup, Plan, PlannedItem
@@ -28,7 +29,6 @@ logger = logging.getLogger(__name__)
 EncoderOutput = Sequence[torch.Tensor] | tuple[torch.Tensor, Sequence[int]]
 EncoderFn = Callable[[list[Item]], EncoderOutput]
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -75,50 +75,6 @@ class _Need:
     rows: int
     waiting: list[int] = field(default_factory=list)  # indices into plan.items
     requests: list[int] = field(default_factory=list)
-
-
-def as_rows(t, widths: Sequence[int], *, request: int, key: int, what: str) -> torch.Tensor:
-    """View an embedding as 2-D ``[rows, width]`` (higher rank read as ``reshape(-1, width)``)."""
-    if not isinstance(t, torch.Tensor):
-        raise EmbeddingFormatError(f"{what} is a {type(t).__name__}, not a torch.Tensor",
-                                   request=request, item_key=key)
-    t = t.detach()  # assembly is inference: no autograd graph is kept or returned
-    if t.dtype not in _FLOATS:
-        raise EmbeddingFormatError(f"{what} has dtype {t.dtype}; expected one of "
-                                   f"{[str(d) for d in _FLOATS]}", request=request, item_key=key)
-    if t.dim() < 2 or t.shape[-1] not in widths:
-        raise EmbeddingFormatError(f"{what} has shape {list(t.shape)}; its last dimension must be "
-                                   f"the hidden size {sorted(set(widths))[0]}"
-                                   + (f" or {max(widths)} (with deepstack)" if len(set(widths)) > 1
-                                      else ""), request=request, item_key=key)
-    if t.dim() > 2:
-        t = t.reshape(-1, t.shape[-1])
-    if t.shape[1] > 1 and t.stride(1) != 1:
-        t = t.contiguous()  # the kernel reads rows with unit column stride
-    return t
-
-
-def owned(t: torch.Tensor, device: torch.device, need: "_Need | None" = None) -> torch.Tensor:
-    """A detached copy of ``t`` on ``device`` that nothing else writes to (an encoder may
-    hand out views of a buffer it reuses; a cache entry must not change under it).
-
-    A copy that fails (a meta tensor, an unreachable device) is an ``EmbeddingFormatError``
-    naming ``need``'s request and item, raised before the cache changes.
-    """
-    t = t.detach()
-    try:  # copy=True: `to` on the same device (also "cuda" vs "cuda:0") would return t itself
-        return t.to(device=device, copy=True)
-    except (RuntimeError, NotImplementedError) as exc:
-        raise EmbeddingFormatError(
-            f"the encoder's output on {t.device} could not be copied to {device}: {exc}",
-            request=need.requests[0] if need else None, item_key=need.key if need else None) from None
-
-
-def fits(t, rows: int, widths: Sequence[int], device: torch.device) -> bool:
-    """A cache entry usable for an item: 2-D float rows of a known width on ``device``."""
-    return (isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == rows
-            and t.shape[1] in widths and t.dtype in _FLOATS and t.device == device
-            and (t.shape[1] <= 1 or t.stride(1) == 1))
 
 
 def _check_rows(t: torch.Tensor, need: _Need, modality: str) -> None:

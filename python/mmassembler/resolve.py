@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from mmassembler.cache import EmbeddingCache
-from mmassembler.encode import Encoder, EncoderFn, _Need, _split, as_rows, fits, owned
+from mmassembler.embeddings import as_rows, fits, owned
+from mmassembler.encode import Encoder, EncoderFn, _Need, _split
 from mmassembler.errors import EmbeddingFormatError, MissingEncoderError, RowCountError
 
 
