@@ -70,13 +70,11 @@ class StepOp:
         from mmkernels.backend import _kernel_module
 
         self.kernel_module = _kernel_module("step")
-        self.tables, self.hidden, self.ds_cols, self.weight = tables, hidden, ds_cols, weight
-        self.dtype = dtype
+        self.tables = tables
         self.cfg = config or step_config(max(hidden, ds_cols), interpreted, block_rows)
         self.vec = 16 // torch.empty((), dtype=dtype).element_size()
         self.launcher = DirectLauncher(self.kernel_module._assemble_step_kernel,
                                        interpreted=interpreted)
-        self.interpreted = interpreted
         fused = weight is not None
         anchors = [tables.anchors[k] for k in (L.KIND_F32, L.KIND_F16, L.KIND_BF16)]
         # arguments after the six that change per call (out, ds, ids and their strides)

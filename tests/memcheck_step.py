@@ -15,7 +15,7 @@ def main() -> None:
     for hidden, ds, graph in ((8192, 0, False), (3584, 7168, False), (1000, 0, False), (17, 34, False),
                               (4096, 0, True), (1000, 2000, True)):
         weight = torch.randn(64, hidden, device=dev, dtype=torch.bfloat16)
-        reqs, items_all = [], []
+        reqs = []
         for r in range(5):
             items, pos = [], r
             for k in range(3):

@@ -205,8 +205,7 @@ class Assembler:
         slots = slots[~reg.held[slots]]
         passed = iidx[reg.held[iidx] & (reg.item_end[iidx] <= pw[iwin])]
         index_of = dict(zip(h.tolist(), range(len(h))))
-        wanted = [Wanted(s, reg.item_obj[s], int(reg.item_rows[s]),
-                         index_of[int(reg.item_owner[s])], int(reg.item_owner[s]))
+        wanted = [Wanted(s, reg.item_obj[s], int(reg.item_rows[s]), index_of[int(reg.item_owner[s])])
                   for s in slots.tolist()]
         sources = resolve(wanted, encoders=self.encoders, cache=self.cache, device=self.device,
                           widths=self.widths)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mmassembler.errors import EmbeddingFormatError
+from mmassembler.errors import EmbeddingFormatError, RowCountError
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -58,3 +58,22 @@ def owned(t: torch.Tensor, device: torch.device, need: object | None = None) -> 
         raise EmbeddingFormatError(
             f"the encoder's output on {t.device} could not be copied to {device}: {exc}",
             request=need.requests[0] if need else None, item_key=need.key if need else None) from None
+
+
+def precomputed_rows(embedding, widths: Sequence[int], device: torch.device, *, request: int | None,
+                     key) -> torch.Tensor:
+    """A precomputed embedding as checked rows on ``device`` (its row count is checked by
+    ``check_row_count``, every time it is used)."""
+    t = as_rows(embedding, widths, request=request, key=key, what="the precomputed embedding")
+    if t.device != device:
+        raise EmbeddingFormatError(f"the precomputed embedding is on {t.device}, the output on "
+                                   f"{device}", request=request, item_key=key)
+    return t
+
+
+def check_row_count(t: torch.Tensor, rows: int, *, request: int | None, key) -> None:
+    """A precomputed embedding has exactly the rows its item's placeholders take."""
+    if t.shape[0] != rows:
+        raise RowCountError(f"the precomputed embedding has {t.shape[0]} rows but the item's "
+                            f"placeholders take {rows}", request=request, item_key=key,
+                            expected=rows, returned=t.shape[0])

@@ -18,8 +18,8 @@ import torch
 
 from mmassembler.batch import Item
 from mmassembler.cache import EmbeddingCache
-from mmassembler.embeddings import as_rows, fits, owned
-from mmassembler.errors import (BatchShapeError, EmbeddingFormatError, EncoderOutputError,
+from mmassembler.embeddings import as_rows, check_row_count, fits, owned, precomputed_rows
+from mmassembler.errors import (BatchShapeError, EncoderOutputError,
                                 MissingEncoderError, RowCountError)
 from mmassembler.planner import IndexedGroup, Plan, PlannedItem
 from mmkernels.ops import source_info
@@ -149,17 +149,10 @@ def _precomputed(p, widths: Sequence[int], device: torch.device) -> tuple[torch.
     if memo is not None and memo[0] == widths and memo[1] == device:
         t, info = memo[2], memo[3]
     else:
-        t = as_rows(item.embedding, widths, request=p.request, key=item.key,
-                    what="the precomputed embedding")
-        if t.device != device:
-            raise EmbeddingFormatError(f"the precomputed embedding is on {t.device}, the "
-                                       f"output on {device}", request=p.request, item_key=item.key)
+        t = precomputed_rows(item.embedding, widths, device, request=p.request, key=item.key)
         info = source_info(t)
         object.__setattr__(item, "_checked_embedding", (widths, device, t, info))
-    if t.shape[0] != rows:
-        raise RowCountError(f"the precomputed embedding has {t.shape[0]} rows but the item's "
-                            f"placeholders take {rows}", request=p.request,
-                            item_key=item.key, expected=rows, returned=t.shape[0])
+    check_row_count(t, rows, request=p.request, key=item.key)
     return t, info
 
 

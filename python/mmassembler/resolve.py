@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from mmassembler.cache import EmbeddingCache
-from mmassembler.embeddings import as_rows, fits, owned
+from mmassembler.embeddings import check_row_count, fits, owned, precomputed_rows
 from mmassembler.encode import Encoder, EncoderFn, _Need, _split
-from mmassembler.errors import EmbeddingFormatError, MissingEncoderError, RowCountError
+from mmassembler.errors import MissingEncoderError, RowCountError
 
 
 @dataclass(frozen=True)
@@ -29,19 +29,11 @@ class Wanted:
     item: object
     rows: int
     request: int  # index of the request in the step
-    handle: int
 
 
 def _precomputed(w: Wanted, widths, device) -> torch.Tensor:
-    t = as_rows(w.item.embedding, widths, request=w.request, key=w.item.key,
-                what="the precomputed embedding").detach()
-    if t.device != device:
-        raise EmbeddingFormatError(f"the precomputed embedding is on {t.device}, the output on "
-                                   f"{device}", request=w.request, item_key=w.item.key)
-    if t.shape[0] != w.rows:
-        raise RowCountError(f"the precomputed embedding has {t.shape[0]} rows but the item's "
-                            f"placeholders take {w.rows}", request=w.request, item_key=w.item.key,
-                            expected=w.rows, returned=t.shape[0])
+    t = precomputed_rows(w.item.embedding, widths, device, request=w.request, key=w.item.key)
+    check_row_count(t, w.rows, request=w.request, key=w.item.key)
     return t
 
 
