@@ -161,6 +161,12 @@ def embed_mm_inputs(
         if cache != "default":
             raise BatchShapeError(f"cache must be an EmbeddingCache, None or 'default', got {cache!r}")
         cache = default_cache()
+    if not len(mm_inputs_list) == len(extend_prefix_lens) == len(extend_seq_lens):
+        raise BatchShapeError(
+            f"mm_inputs_list, extend_prefix_lens and extend_seq_lens have {len(mm_inputs_list)}, "
+            f"{len(extend_prefix_lens)} and {len(extend_seq_lens)} entries; they must describe the same "
+            f"requests (for a batch that mixes text-only requests use prepare_mm_inputs, or pass None "
+            f"for each text-only request)")
     requests, encoders = [], {}
     funcs = {_modality_name(k): v for k, v in (data_embedding_func_mapping or {}).items()}
     for mm_inputs, prefix, extend in zip(mm_inputs_list, extend_prefix_lens, extend_seq_lens):
@@ -193,3 +199,77 @@ def embed_mm_inputs(
                  cache=cache, backend=backend)
     other = {"input_deepstack_embeds": deepstack_out} if deepstack_out is not None else {}
     return embeds, other
+
+
+def prepare_mm_inputs(
+    input_ids: torch.Tensor,
+    forward_batch,
+    language_model,
+    kwargs: dict,
+    multimodal_model=None,
+    data_embedding_funcs: Mapping | None = None,
+    placeholder_tokens=None,
+    use_deepstack: Mapping | None = None,
+    feature_dtypes: Mapping | None = None,
+    *,
+    cache: EmbeddingCache | None | str = "default",
+    rows_fn: RowsFn | Mapping[str, RowsFn] | None = None,
+    backend: str = "auto",
+) -> torch.Tensor | None:
+    """SGLang's ``prepare_mm_inputs``: the batch's input embeddings, text-only and
+    multimodal requests mixed.
+
+    Reads the whole batch from ``forward_batch`` (``mm_inputs`` with ``None`` for a
+    text-only request, ``extend_prefix_lens_cpu``, ``extend_seq_lens_cpu``), so every
+    request's rows are located by its own window. Like the engine: decode and
+    target-verify batches and batches without multimodal inputs take the text
+    embedding; deepstack rows go to ``kwargs["input_deepstack_embeds"]``;
+    ``forward_batch.mm_inputs`` is cleared, ``mm_input_embeds`` set (a copy for EAGLE)
+    and a preallocated ``forward_batch.input_embeds`` is filled; a non-first pipeline
+    rank returns ``None``. Not done: casting features to ``feature_dtypes`` and moving
+    features to the CPU after the step (the engine's memory policy around its encoder).
+    """
+    embed_tokens = language_model.get_input_embeddings()
+    pp_group = getattr(language_model, "pp_group", None)
+    if pp_group is not None and not pp_group.is_first_rank:
+        return None
+    mode = forward_batch.forward_mode
+    if not mode.is_decode() and not mode.is_target_verify() and forward_batch.contains_mm_inputs():
+        input_embeds, other = embed_mm_inputs(
+            forward_batch.mm_inputs, forward_batch.extend_prefix_lens_cpu,
+            forward_batch.extend_seq_lens_cpu, input_ids, embed_tokens, multimodal_model,
+            data_embedding_funcs, placeholder_tokens, use_deepstack, cache=cache, rows_fn=rows_fn,
+            backend=backend)
+        if use_deepstack:
+            kwargs["input_deepstack_embeds"] = other["input_deepstack_embeds"]
+        forward_batch.mm_inputs = None
+        spec = getattr(forward_batch, "spec_algorithm", None)
+        eagle = spec is not None and spec.is_eagle()
+        forward_batch.mm_input_embeds = input_embeds.clone() if eagle else input_embeds
+    else:
+        input_embeds = embed_tokens(input_ids)
+    if getattr(forward_batch, "input_embeds", None) is not None:
+        forward_batch.input_embeds.copy_(input_embeds)
+        input_embeds = forward_batch.input_embeds
+    return input_embeds
+
+
+def general_mm_embed_routine(
+    input_ids: torch.Tensor,
+    forward_batch,
+    language_model,
+    multimodal_model=None,
+    data_embedding_funcs: Mapping | None = None,
+    placeholder_tokens=None,
+    use_deepstack: Mapping | None = None,
+    feature_dtypes: Mapping | None = None,
+    **kwargs,
+):
+    """SGLang's ``general_mm_embed_routine``: ``prepare_mm_inputs``, then the language
+    model on the embeddings. ``cache``, ``rows_fn`` and ``backend`` may be passed as
+    keywords; everything else in ``kwargs`` goes to the language model."""
+    ours = {k: kwargs.pop(k) for k in ("cache", "rows_fn", "backend") if k in kwargs}
+    input_embeds = prepare_mm_inputs(input_ids, forward_batch, language_model, kwargs, multimodal_model,
+                                     data_embedding_funcs, placeholder_tokens, use_deepstack,
+                                     feature_dtypes, **ours)
+    return language_model(input_ids=None, forward_batch=forward_batch, input_embeds=input_embeds, **kwargs)

@@ -1,0 +1,189 @@
+"""Load chosen modules of an engine's published wheel, with every other import stubbed.
+
+The conformance tests run the engines' own functions and classes (SGLang, vLLM) on a
+CPU-only machine without installing them: ``pip download --no-deps`` fetches the wheel
+into a cache outside the repository, its Python files are unpacked there, and an import
+hook serves the named modules from those files while any other module of the engine (and
+the heavy native packages it pulls in) becomes a permissive stub. Nothing of the engines'
+code is kept in this repository.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CACHE = Path(os.environ.get("MMASSEMBLER_WHEEL_CACHE", Path.home() / ".cache" / "mmassembler" / "wheels"))
+
+
+class WheelUnavailable(RuntimeError):
+    """The wheel could not be fetched (no network, no registry)."""
+
+
+def fetch(spec: str) -> Path:
+    """The wheel for ``spec`` (``name==version``), downloaded once into the cache."""
+    name, version = spec.split("==")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    found = sorted(CACHE.glob(pattern))
+    if not found:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+               "-d", str(CACHE), spec]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        found = sorted(CACHE.glob(pattern))
+        if proc.returncode != 0 or not found:
+            raise WheelUnavailable(f"pip download {spec} failed: {proc.stderr.strip()[-400:]}")
+    return found[-1]
+
+
+def unpack(wheel: Path, suffixes: tuple[str, ...] = (".py",)) -> Path:
+    """The wheel's files with ``suffixes``, unpacked once beside it; returns the root."""
+    root = wheel.with_suffix("")
+    done = root / ".unpacked"
+    if not done.exists():
+        with zipfile.ZipFile(wheel) as zf:
+            for name in zf.namelist():
+                if name.endswith(suffixes) and ".dist-info/" not in name:
+                    zf.extract(name, root)
+        done.touch()
+    return root
+
+
+class Stub(type):
+    """A stand-in for anything a stubbed module exports: a class that can be subclassed,
+    called, indexed, used as a decorator or read for attributes, and does nothing."""
+
+    def __new__(mcs, name="Stub", bases=(), ns=None):
+        return super().__new__(mcs, name, bases, dict(ns or {}))
+
+    def __init__(cls, *args, **kwargs):
+        pass
+
+    def __getattr__(cls, name):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return Stub(name)
+
+    def __call__(cls, *args, **kwargs):
+        if len(args) == 1 and not kwargs and callable(args[0]) and not isinstance(args[0], Stub):
+            return args[0]  # used as a decorator: keep the decorated function
+        return Stub(cls.__name__)
+
+    def __getitem__(cls, item):
+        return cls
+
+    def __or__(cls, other):
+        return cls
+
+    __ror__ = __or__
+
+    def __bool__(cls):
+        return False
+
+    def __iter__(cls):
+        return iter(())
+
+    def __mro_entries__(cls, bases):
+        return (object,)
+
+
+class StubModule(types.ModuleType):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.__path__ = []  # a package, so submodules resolve too
+        self.__file__ = f"<stub {name}>"
+
+    def __getattr__(self, name):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        value = Stub(name)
+        setattr(self, name, value)
+        return value
+
+
+class _Loader(importlib.abc.Loader):
+    def __init__(self, importer: "EngineImporter", kind: str, path: Path | None = None):
+        self.importer, self.kind, self.path = importer, kind, path
+
+    def create_module(self, spec):
+        if self.kind == "stub":
+            return StubModule(spec.name)
+        return None
+
+    def exec_module(self, module):
+        if self.kind == "package":
+            module.__path__ = [str(self.path)]
+        elif self.kind == "real":
+            if self.path.name == "__init__.py":
+                module.__path__ = [str(self.path.parent)]
+            code = compile(self.path.read_text(), str(self.path), "exec")
+            exec(code, module.__dict__)
+
+
+class EngineImporter(importlib.abc.MetaPathFinder):
+    """Serves ``real`` modules of ``package`` from ``root``; stubs the rest of ``package``
+    and every top-level name in ``stubbed``. Package ``__init__`` files are never run."""
+
+    def __init__(self, root: Path, package: str, real: set[str], stubbed: set[str] = frozenset()):
+        self.root, self.package, self.real, self.stubbed = root, package, set(real), set(stubbed)
+
+    def _ours(self, fullname: str) -> bool:
+        top = fullname.split(".")[0]
+        return top == self.package or top in self.stubbed
+
+    def find_spec(self, fullname, path=None, target=None):
+        if not self._ours(fullname):
+            return None
+        rel = self.root.joinpath(*fullname.split("."))
+        if fullname.split(".")[0] == self.package:
+            if fullname in self.real:
+                package = not rel.with_suffix(".py").exists()
+                file = rel / "__init__.py" if package else rel.with_suffix(".py")
+                spec = importlib.machinery.ModuleSpec(fullname, _Loader(self, "real", file),
+                                                      origin=str(file), is_package=package)
+                if package:
+                    spec.submodule_search_locations = [str(rel)]
+                return spec
+            if rel.is_dir() and any(r.startswith(fullname + ".") for r in self.real):
+                return importlib.machinery.ModuleSpec(fullname, _Loader(self, "package", rel),
+                                                      is_package=True)
+        return importlib.machinery.ModuleSpec(fullname, _Loader(self, "stub"), is_package=True)
+
+
+def install(importer: EngineImporter) -> None:
+    """Put ``importer`` first on the import path (once per package)."""
+    for finder in sys.meta_path:
+        if isinstance(finder, EngineImporter) and finder.package == importer.package:
+            finder.real |= importer.real
+            finder.stubbed |= importer.stubbed
+            return
+    sys.meta_path.insert(0, importer)
+
+
+def import_with_stubs(importer: EngineImporter, modules: list[str]) -> list[types.ModuleType]:
+    """Import ``modules`` through ``importer``; a third-party package the engine's real
+    modules need but this machine lacks (PIL, psutil, ...) is stubbed and the import retried.
+    Returns the modules; logs what was stubbed."""
+    install(importer)
+    for _ in range(100):
+        try:
+            return [importlib.import_module(name) for name in modules]
+        except ModuleNotFoundError as exc:
+            top = (exc.name or "").split(".")[0]
+            if not top or top in importer.stubbed or top == importer.package:
+                raise
+            logger.info("stubbing %s for %s", top, importer.package)
+            importer.stubbed.add(top)
+            for name in [n for n in sys.modules if n.split(".")[0] in (importer.package, top)]:
+                del sys.modules[name]
+    raise RuntimeError(f"could not import {modules}")
