@@ -28,3 +28,12 @@ def sg():
     import sglang_real
 
     return engine(sglang_real.load)
+
+
+@pytest.fixture(scope="session")
+def vl():
+    import vllm_real
+
+    ns = engine(vllm_real.load)
+    ns.runner.PIN_MEMORY = False  # what vLLM itself has on a machine without CUDA
+    return ns

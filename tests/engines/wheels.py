@@ -136,10 +136,11 @@ class EngineImporter(importlib.abc.MetaPathFinder):
 
     def __init__(self, root: Path, package: str, real: set[str], stubbed: set[str] = frozenset()):
         self.root, self.package, self.real, self.stubbed = root, package, set(real), set(stubbed)
+        self.loading = True  # third-party stubs only while the engine's modules import
 
     def _ours(self, fullname: str) -> bool:
         top = fullname.split(".")[0]
-        return top == self.package or top in self.stubbed
+        return top == self.package or (self.loading and top in self.stubbed)
 
     def find_spec(self, fullname, path=None, target=None):
         if not self._ours(fullname):
@@ -164,9 +165,8 @@ def install(importer: EngineImporter) -> None:
     """Put ``importer`` first on the import path (once per package)."""
     for finder in sys.meta_path:
         if isinstance(finder, EngineImporter) and finder.package == importer.package:
-            finder.real |= importer.real
-            finder.stubbed |= importer.stubbed
-            return
+            sys.meta_path.remove(finder)
+            break
     sys.meta_path.insert(0, importer)
 
 
@@ -177,7 +177,7 @@ def import_with_stubs(importer: EngineImporter, modules: list[str]) -> list[type
     install(importer)
     for _ in range(100):
         try:
-            return [importlib.import_module(name) for name in modules]
+            loaded = [importlib.import_module(name) for name in modules]
         except ModuleNotFoundError as exc:
             top = (exc.name or "").split(".")[0]
             if not top or top in importer.stubbed or top == importer.package:
@@ -186,4 +186,12 @@ def import_with_stubs(importer: EngineImporter, modules: list[str]) -> list[type
             importer.stubbed.add(top)
             for name in [n for n in sys.modules if n.split(".")[0] in (importer.package, top)]:
                 del sys.modules[name]
+            continue
+        # The engine's modules keep the stubs they bound; the rest of the process gets
+        # the real third-party packages (or ImportError) from here on.
+        importer.loading = False
+        for name in [n for n in sys.modules if isinstance(sys.modules[n], StubModule)
+                     and n.split(".")[0] != importer.package]:
+            del sys.modules[name]
+        return loaded
     raise RuntimeError(f"could not import {modules}")

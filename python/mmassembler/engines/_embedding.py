@@ -24,11 +24,24 @@ def plain_table(embed) -> torch.Tensor | None:
     return None
 
 
-def text_rows(embed, input_ids: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
-    """``embed(ids)`` (ids clamped to ``vocab`` when known, as the engines do), checked."""
+def vocab_size(embed) -> int | None:
+    """The full vocabulary of an embedding module, when it says (``num_embeddings``, as
+    ``nn.Embedding`` and the engines' vocabulary-parallel embeddings do, or ``vocab_size``)."""
+    for name in ("num_embeddings", "vocab_size", "org_vocab_size"):
+        n = getattr(embed, name, None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
+
+
+def text_rows(embed, input_ids: torch.Tensor) -> torch.Tensor:
+    """``embed(ids)``, checked. Ids are clamped into the vocabulary when the module gives
+    its size: placeholder ids may lie outside it (SGLang's pad values, vLLM's out-of-vocabulary
+    media tokens) and their rows are overwritten anyway."""
     if not callable(embed):
         raise BatchShapeError(f"embed_tokens must be an embedding module, a callable ids -> "
                               f"[n, hidden] or a 2-D weight, got {type(embed).__name__}")
+    vocab = vocab_size(embed)
     ids = input_ids.clamp(0, vocab - 1) if vocab else input_ids
     rows = embed(ids)
     if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[0] != input_ids.shape[0]:

@@ -183,8 +183,7 @@ def embed_mm_inputs(
     weight = plain_table(input_embedding)  # else the engine's module computes text rows
     embeds = None
     if weight is None:
-        vocab = getattr(input_embedding, "num_embeddings", None) or getattr(input_embedding, "vocab_size", None)
-        embeds = text_rows(input_embedding, input_ids, vocab)
+        embeds = text_rows(input_embedding, input_ids)
     ref = weight if weight is not None else embeds
     deepstack_out = None
     if use_deepstack:  # the engine returns the buffer whenever the mapping is given

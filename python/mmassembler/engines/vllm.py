@@ -90,23 +90,27 @@ def _device_op(op, *args, **kwargs) -> torch.Tensor:
 
 
 def merge_multimodal_embeddings(inputs_embeds: torch.Tensor, multimodal_embeddings,
-                                is_multimodal: torch.Tensor) -> torch.Tensor:
-    """``inputs_embeds[is_multimodal] = cat(multimodal_embeddings)`` in one launch, in place."""
+                                is_multimodal: torch.Tensor, *,
+                                deepstack_out: torch.Tensor | None = None) -> torch.Tensor:
+    """``inputs_embeds[is_multimodal] = cat(multimodal_embeddings)`` in one launch, in place.
+    With ``deepstack_out``, the columns past ``hidden`` go there (see ``gather_mm_embeddings``)."""
     parts = _flatten(multimodal_embeddings)
     _check_mask(is_multimodal, inputs_embeds.shape[0], "inputs_embeds")
     segments = _mask_segments(parts, is_multimodal)
-    return _device_op(mmkernels.gather_rows, inputs_embeds, parts, segments)
+    return _device_op(mmkernels.gather_rows, inputs_embeds, parts, segments, deepstack_out=deepstack_out)
 
 
 def embed_input_ids(input_ids: torch.Tensor, multimodal_embeddings=None, *,
-                    is_multimodal: torch.Tensor | None = None, embed_tokens) -> torch.Tensor:
+                    is_multimodal: torch.Tensor | None = None, embed_tokens,
+                    deepstack_out: torch.Tensor | None = None) -> torch.Tensor:
     """Token embeddings with the multimodal rows merged, in one pass over the output.
 
     ``embed_tokens`` is the model's embedding module, its weight, or any callable
     ``ids -> [n, hidden]`` (e.g. the language model's own ``embed_input_ids``, which
     carries Gemma3's scale). Only a plain ``nn.Embedding`` (or a weight) is looked up in
     the same pass; anything else is called and the multimodal rows are written over its
-    output, so a scaled or tensor-parallel embedding is never bypassed.
+    output, so a scaled or tensor-parallel embedding is never bypassed. ``deepstack_out``
+    as in ``gather_mm_embeddings``.
     """
     weight = plain_table(embed_tokens)
     empty = multimodal_embeddings is None or len(_flatten(multimodal_embeddings)) == 0
@@ -117,9 +121,10 @@ def embed_input_ids(input_ids: torch.Tensor, multimodal_embeddings=None, *,
     parts = [] if empty else _flatten(multimodal_embeddings)
     segments = np.zeros((0, 4), np.int64) if empty else _mask_segments(parts, is_multimodal)
     if weight is not None:
-        return _device_op(mmkernels.embed_and_gather, input_ids, weight, parts, segments)
+        return _device_op(mmkernels.embed_and_gather, input_ids, weight, parts, segments,
+                          deepstack_out=deepstack_out)
     rows = text_rows(embed_tokens, input_ids)
-    return _device_op(mmkernels.gather_rows, rows, parts, segments)
+    return _device_op(mmkernels.gather_rows, rows, parts, segments, deepstack_out=deepstack_out)
 
 
 def _identifier(feature):
@@ -138,41 +143,64 @@ def _item_for(feature, embedding) -> Item:
     return _items.set(feature, item)
 
 
+def _scheduled(requests: Sequence, num_scheduled_tokens) -> list[int]:
+    """This step's token count per request, from the scheduler output's dict (by
+    ``req_id``), a sequence in request order, or each request's own attribute."""
+    if num_scheduled_tokens is None:
+        return [int(r.num_scheduled_tokens) for r in requests]
+    if isinstance(num_scheduled_tokens, Mapping):
+        return [int(num_scheduled_tokens[r.req_id]) for r in requests]
+    if len(num_scheduled_tokens) != len(requests):
+        raise BatchShapeError(f"num_scheduled_tokens has {len(num_scheduled_tokens)} entries for "
+                              f"{len(requests)} requests")
+    return [int(n) for n in num_scheduled_tokens]
+
+
 def gather_mm_embeddings(requests: Sequence, encoder_cache: Mapping, input_ids: torch.Tensor, *,
                          num_scheduled_tokens: Mapping | Sequence[int] | None = None,
-                         embed_tokens=None, out: torch.Tensor | None = None,
+                         shift_computed_tokens: int = 0, embed_tokens=None,
+                         out: torch.Tensor | None = None, deepstack_out: torch.Tensor | None = None,
                          backend: str = "auto") -> torch.Tensor:
-    """The batch's input embeddings from the runner's state, in one launch.
+    """The batch's input embeddings from the runner's state, in one launch: the runner's
+    ``_gather_mm_embeddings`` followed by the model's ``embed_input_ids``.
 
-    ``requests``: objects with ``num_computed_tokens`` and ``mm_features`` (each with
-    ``identifier`` and ``mm_position``: ``offset``, ``length``, ``is_embed``). This step's
-    token counts come from ``num_scheduled_tokens``: the scheduler output's dict (keyed by
-    each request's ``req_id``) or a sequence in request order; without it, from each
-    request's own ``num_scheduled_tokens``. ``encoder_cache`` maps identifiers to encoder outputs. With
-    ``embed_tokens`` (see ``embed_input_ids``: a plain table is looked up in the same pass,
-    any other module or callable is called) text rows are computed, into ``out`` when
-    given; with ``out`` alone they keep what the buffer holds (the engine looked them up)
-    and only multimodal rows are written. An item of this chunk missing from the cache is
-    a ``MissingEncoderError`` naming the request and identifier.
+    ``requests``: the runner's ``CachedRequestState``s in batch order (``req_id``,
+    ``num_computed_tokens``, ``mm_features`` with ``identifier`` and ``mm_position``:
+    ``offset``, ``length``, ``is_embed``). ``num_scheduled_tokens``: the scheduler
+    output's dict (or a sequence in request order). ``shift_computed_tokens`` moves every
+    window forward (the drafter's look-ahead); as in the runner, a feature that starts at or
+    after the processed boundary and is not in ``encoder_cache`` keeps its token
+    embeddings, while any other missing feature is a ``MissingEncoderError`` naming the
+    request and identifier. ``embed_tokens``: a plain ``nn.Embedding`` (or weight) is
+    looked up in the same pass; any other module or callable (Gemma3's scaled embedding,
+    a tensor-parallel embedding, the model's own ``embed_input_ids``) computes the text
+    rows, into ``out`` when given. With ``out`` alone, text rows keep what the buffer holds
+    and only multimodal rows are written. ``deepstack_out`` ``[tokens, levels * hidden]``
+    takes the columns past ``hidden`` of each embedding (Qwen3-VL's multiscale features;
+    zero on other rows; the engine's ``[levels, tokens, hidden]`` is
+    ``deepstack_out.view(tokens, levels, hidden).permute(1, 0, 2)``).
     """
+    counts = _scheduled(requests, num_scheduled_tokens)
+    shift = int(shift_computed_tokens)
     reqs = []
-    for i, r in enumerate(requests):
-        if num_scheduled_tokens is None:
-            n = r.num_scheduled_tokens
-        elif isinstance(num_scheduled_tokens, Mapping):
-            n = num_scheduled_tokens[r.req_id]
-        else:
-            n = num_scheduled_tokens[i]
-        items = [_item_for(f, encoder_cache.get(_identifier(f))) for f in r.mm_features]
-        reqs.append(request_for(r, items, int(r.num_computed_tokens), int(n)))
+    for r, n in zip(requests, counts):
+        done = int(r.num_computed_tokens)
+        items = []
+        for f in r.mm_features:
+            embedding = encoder_cache.get(_identifier(f))
+            if embedding is None and int(f.mm_position.offset) >= done + n:
+                continue  # only the look-ahead reaches it: token embeddings, as the runner does
+            items.append(_item_for(f, embedding))
+        reqs.append(request_for(r, items, done + shift, n))
+    kw = dict(deepstack_out=deepstack_out, backend=backend)
     if embed_tokens is None:
-        return assemble(reqs, input_ids, out=out, backend=backend)
+        return assemble(reqs, input_ids, out=out, **kw)
     weight = plain_table(embed_tokens)
     if weight is not None and out is None:
-        return assemble(reqs, input_ids, weight=weight, backend=backend)
+        return assemble(reqs, input_ids, weight=weight, **kw)
     rows = (weight[input_ids.clamp(0, weight.shape[0] - 1)] if weight is not None
             else text_rows(embed_tokens, input_ids))
     if out is not None:
         out.copy_(rows)
         rows = out
-    return assemble(reqs, input_ids, out=rows, backend=backend)
+    return assemble(reqs, input_ids, out=rows, **kw)
