@@ -1,5 +1,6 @@
 """The benchmark runner: ``python -m bench``.
 
+    python -m bench --peers [--scenario SUBSTR ...] [--out DIR]   (bench/bench_peers.py)
     python -m bench [--suite kernel rows items hidden] [--scenario SUBSTR ...]
                     [--mode fused scatter] [--dtype bfloat16] [--backend auto]
                     [--repeat 100] [--sweep] [--out DIR]
@@ -135,6 +136,13 @@ def plot(rows: list[dict], path: Path, device_name: str) -> bool:
 
 
 def main(argv=None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--peers" in argv:  # ours beside the engines' own code: bench/bench_peers.py
+        from bench.bench_peers import main as peers
+
+        return peers([a for a in argv if a != "--peers"])
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", nargs="*", default=["kernel", "rows", "items", "hidden"],

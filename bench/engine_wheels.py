@@ -30,20 +30,58 @@ class WheelUnavailable(RuntimeError):
     """The wheel could not be fetched (no network, no registry)."""
 
 
-def fetch(spec: str) -> Path:
-    """The wheel for ``spec`` (``name==version``), downloaded once into the cache."""
+def _suits(name: str) -> bool:
+    """Whether a wheel (or its unpacked tree) named ``name`` runs on this interpreter:
+    pure Python (``py3-none``), the stable ABI (``abi3``) or this CPython's own tag."""
+    tag = f"-cp{sys.version_info.major}{sys.version_info.minor}-"
+    return tag in name or "-abi3-" in name or "-none-" in name
+
+
+def fetch(spec: str, native: bool = False) -> Path:
+    """The wheel for ``spec`` (``name==version``), downloaded once into the cache. With
+    ``native``, one built for this interpreter (its compiled modules are used)."""
     name, version = spec.split("==")
     CACHE.mkdir(parents=True, exist_ok=True)
     pattern = f"{name.replace('-', '_')}-{version}-*.whl"
-    found = sorted(CACHE.glob(pattern))
+    found = [w for w in sorted(CACHE.glob(pattern)) if not native or _suits(w.name)]
     if not found:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
                "-d", str(CACHE), spec]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        found = sorted(CACHE.glob(pattern))
+        found = [w for w in sorted(CACHE.glob(pattern)) if not native or _suits(w.name)]
         if proc.returncode != 0 or not found:
             raise WheelUnavailable(f"pip download {spec} failed: {proc.stderr.strip()[-400:]}")
     return found[-1]
+
+
+def source(spec: str, suffixes: tuple[str, ...] = (".py",)) -> Path:
+    """The unpacked files of ``spec``'s wheel: already in the cache (as ``export`` leaves
+    them on a machine without a registry), else fetched and unpacked. Only Python files
+    are read unless ``suffixes`` asks for compiled modules, which must suit this interpreter."""
+    native = ".so" in suffixes
+    name, version = spec.split("==")
+    for root in sorted(CACHE.glob(f"{name.replace('-', '_')}-{version}-*")):
+        if root.is_dir() and (not native or _suits(root.name)) and (root / ".unpacked").exists():
+            return root
+    return unpack(fetch(spec, native), suffixes)
+
+
+def export(roots: dict[Path, set[str]], dest: Path) -> None:
+    """Copy just the named modules (dotted names) of each unpacked root into ``dest``,
+    same layout, marked unpacked: enough for ``source`` on a machine without a registry."""
+    import shutil
+
+    for root, modules in roots.items():
+        out = dest / root.name
+        for mod in modules:
+            rel = Path(*mod.split("."))
+            for cand in (rel.with_suffix(".py"), rel / "__init__.py"):
+                if (root / cand).exists():
+                    (out / cand).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(root / cand, out / cand)
+        if not modules:  # the whole tree (a small dependency such as msgspec)
+            shutil.copytree(root, out, dirs_exist_ok=True)
+        (out / ".unpacked").touch()
 
 
 def unpack(wheel: Path, suffixes: tuple[str, ...] = (".py",)) -> Path:

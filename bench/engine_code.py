@@ -1,0 +1,100 @@
+"""The engines' own multimodal embedding code, loaded from their published wheels.
+
+``load_sglang()``: SGLang 0.5.23's ``mm_utils`` (``embed_mm_inputs``, ``prepare_mm_inputs``),
+``mm_schedule`` (chunking, cache, encoder batching), ``schedule_batch``
+(``MultimodalDataItem``, ``MultimodalInputs``), ``Modality`` and its multimodal embedding
+cache. ``load_vllm()``: vLLM 0.33.0's ``_merge_multimodal_embeddings``,
+``SupportsMultiModal.embed_input_ids``, ``PlaceholderRange`` / ``MultiModalFeatureSpec``,
+``get_mm_features_in_window``, ``CachedRequestState`` and the model runner's
+``_gather_mm_embeddings`` (called on a stand-in runner holding the state it reads).
+Everything else the engines import is a stub (see ``engine_wheels``). Used by the
+conformance tests (``tests/engines``) and ``python -m bench --peers``.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+from bench import engine_wheels as wheels
+
+SGLANG = "sglang==0.5.23"
+MSGSPEC = "msgspec==0.19.0"  # SGLang's dependency for MultimodalDataItem (a msgspec.Struct)
+SGLANG_REAL = {
+    "sglang.srt.managers.mm_utils",
+    "sglang.srt.managers.mm_schedule",
+    "sglang.srt.managers.schedule_batch",
+    "sglang.srt.multimodal.modality",
+    "sglang.srt.mem_cache.multimodal_cache",
+    "sglang.srt.utils",  # flatten_nested_list, is_hip & co.: their real answers
+    "sglang.srt.utils.common",
+}
+SGLANG_STUBBED = {"sgl_kernel", "flashinfer", "triton_kernels", "deep_gemm"}  # more are added when missing
+
+
+@functools.cache
+def load_sglang() -> types.SimpleNamespace:
+    """The real modules and classes; raises ``wheels.WheelUnavailable`` without the wheels."""
+    msgspec_root = wheels.source(MSGSPEC, (".py", ".so", ".pyi"))
+    if str(msgspec_root) not in sys.path:
+        sys.path.append(str(msgspec_root))
+    root = wheels.source(SGLANG)
+    importer = wheels.EngineImporter(root, "sglang", SGLANG_REAL, SGLANG_STUBBED)
+    mm_schedule, mm_utils, schedule_batch, modality = wheels.import_with_stubs(importer, [
+        "sglang.srt.managers.mm_schedule", "sglang.srt.managers.mm_utils",
+        "sglang.srt.managers.schedule_batch", "sglang.srt.multimodal.modality"])
+    Modality = modality.Modality
+
+    return types.SimpleNamespace(mm_utils=mm_utils, mm_schedule=mm_schedule, Modality=Modality,
+                                 MultimodalDataItem=schedule_batch.MultimodalDataItem,
+                                 MultimodalInputs=schedule_batch.MultimodalInputs)
+
+
+VLLM = "vllm==0.33.0"
+VLLM_REAL = {
+    "vllm.model_executor.models.utils",
+    "vllm.model_executor.models.interfaces",
+    "vllm.multimodal.inputs",
+    "vllm.multimodal.utils",
+    "vllm.v1.worker.gpu_input_batch",
+    "vllm.v1.worker.gpu_model_runner",
+    "vllm.utils",
+    "vllm.utils.collection_utils",
+    "vllm.utils.jsontree",
+}
+VLLM_STUBBED = {"flashinfer", "xformers", "deep_gemm"}
+
+
+@functools.cache
+def load_vllm() -> types.SimpleNamespace:
+    root = wheels.source(VLLM)
+    importer = wheels.EngineImporter(root, "vllm", VLLM_REAL, VLLM_STUBBED)
+    utils, interfaces, inputs, mm_utils, input_batch, runner = wheels.import_with_stubs(importer, [
+        "vllm.model_executor.models.utils", "vllm.model_executor.models.interfaces",
+        "vllm.multimodal.inputs", "vllm.multimodal.utils", "vllm.v1.worker.gpu_input_batch",
+        "vllm.v1.worker.gpu_model_runner"])
+    runner.PIN_MEMORY = torch.cuda.is_available()  # what vLLM has: pinned staging only with CUDA
+    return types.SimpleNamespace(
+        merge=utils._merge_multimodal_embeddings, SupportsMultiModal=interfaces.SupportsMultiModal,
+        PlaceholderRange=inputs.PlaceholderRange, MultiModalFeatureSpec=inputs.MultiModalFeatureSpec,
+        get_mm_features_in_window=mm_utils.get_mm_features_in_window,
+        CachedRequestState=input_batch.CachedRequestState,
+        gather_mm_embeddings=runner.GPUModelRunner._gather_mm_embeddings, runner=runner)
+
+
+def export(dest: Path) -> None:
+    """Copy the engines' modules these loaders run into ``dest``, with msgspec for every
+    interpreter whose wheel is in the cache, so a machine without a registry (the GPU
+    machine) loads them with ``MMASSEMBLER_WHEEL_CACHE=dest``."""
+    native = (".py", ".so", ".pyi")
+    msgspec = {wheels.unpack(w, native): set() for w in wheels.CACHE.glob("msgspec-*.whl")}
+    wheels.export({wheels.source(SGLANG): SGLANG_REAL, wheels.source(VLLM): VLLM_REAL,
+                   wheels.source(MSGSPEC, native): set(), **msgspec}, dest)
+
+
+if __name__ == "__main__":  # python -m bench.engine_code DEST
+    export(Path(sys.argv[1]))
