@@ -18,11 +18,11 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from mmassembler.api import assemble
 from mmassembler.batch import Item
 from mmassembler.cache import EmbeddingCache
 from mmassembler.engines._embedding import plain_table, text_rows
-from mmassembler.engines._state import ObjectState, request_for
+from mmassembler.engines._resident import resident_for
+from mmassembler.engines._state import ObjectState
 from mmassembler.errors import BatchShapeError, EncoderOutputError
 
 logger = logging.getLogger(__name__)
@@ -167,38 +167,66 @@ def embed_mm_inputs(
             f"{len(extend_prefix_lens)} and {len(extend_seq_lens)} entries; they must describe the same "
             f"requests (for a batch that mixes text-only requests use prepare_mm_inputs, or pass None "
             f"for each text-only request)")
-    requests, encoders = [], {}
     funcs = {_modality_name(k): v for k, v in (data_embedding_func_mapping or {}).items()}
-    for mm_inputs, prefix, extend in zip(mm_inputs_list, extend_prefix_lens, extend_seq_lens):
-        sg_items = list(getattr(mm_inputs, "mm_items", None) or []) if mm_inputs is not None else []
-        items = [_item_for(it, input_ids.device) for it in sg_items]
-        requests.append(request_for(mm_inputs, items, int(prefix), int(extend)))
-        for it in items:
-            if it.embedding is None and it.modality not in encoders:
-                func = funcs.get(it.modality) or getattr(multimodal_model, f"get_{it.modality}_feature",
-                                                         None)
-                if func is not None:
-                    fn = rows_fn.get(it.modality) if isinstance(rows_fn, Mapping) else rows_fn
-                    encoders[it.modality] = _make_encoder(func, fn, it.modality)
+    encoders = _Encoders(funcs, multimodal_model, rows_fn)
+    device = input_ids.device
     weight = plain_table(input_embedding)  # else the engine's module computes text rows
-    embeds = None
-    if weight is None:
-        embeds = text_rows(input_embedding, input_ids)
+    embeds = None if weight is not None else text_rows(input_embedding, input_ids)
     ref = weight if weight is not None else embeds
     deepstack_out = None
     if use_deepstack:  # the engine returns the buffer whenever the mapping is given
         k = len(getattr(multimodal_model, "deepstack_visual_indexes", ()))
         deepstack_out = torch.zeros((input_ids.shape[0], k * ref.shape[1]), dtype=ref.dtype,
-                                    device=input_ids.device)
-    if weight is not None:
-        embeds = assemble(requests, input_ids, weight=weight, deepstack_out=deepstack_out,
-                          encoders=encoders, cache=cache, backend=backend)
-    else:
-        assemble(requests, input_ids, out=embeds, deepstack_out=deepstack_out, encoders=encoders,
-                 cache=cache, backend=backend)
+                                    device=device)
+    ds_cols = 0 if deepstack_out is None else deepstack_out.shape[1]
+    resident = resident_for(input_embedding, weight, ref, ds_cols, backend)
+    owners = [m if m is not None and getattr(m, "mm_items", None) else None for m in mm_inputs_list]
+    embeds = resident.step(owners, _snapshot, lambda m: _register(m, device), extend_prefix_lens,
+                           extend_seq_lens, input_ids, encoders=encoders, cache=cache,
+                           out=embeds, deepstack_out=deepstack_out)
     other = {"input_deepstack_embeds": deepstack_out} if deepstack_out is not None else {}
     return embeds, other
 
+
+def _snapshot(mm_inputs) -> tuple:
+    """What must not change for a registered request: its item objects, their placement
+    and their precomputed tensors (see ``_resident``)."""
+    items = mm_inputs.mm_items
+    embs = [getattr(it, "precomputed_embeddings", None) for it in items]
+    return [*map(id, items), *map(id, embs), *[getattr(it, "offsets", None) for it in items]], (list(items), embs)
+
+
+def _register(mm_inputs, device: torch.device) -> tuple[list, None]:
+    return [_item_for(it, device) for it in mm_inputs.mm_items if it is not None], None
+
+
+class _Encoders(Mapping):
+    """The step's encoders by modality name, wrapped on first use: the engine's
+    ``data_embedding_func_mapping``, else ``multimodal_model.get_<modality>_feature``."""
+
+    def __init__(self, funcs: dict, model, rows_fn):
+        self._funcs, self._model, self._rows_fn, self._made = funcs, model, rows_fn, {}
+
+    def _func(self, modality: str):
+        return self._funcs.get(modality) or getattr(self._model, f"get_{modality}_feature", None)
+
+    def __contains__(self, modality) -> bool:
+        return self._func(modality) is not None
+
+    def __getitem__(self, modality: str):
+        if modality not in self._made:
+            func = self._func(modality)
+            if func is None:
+                raise KeyError(modality)
+            fn = self._rows_fn.get(modality) if isinstance(self._rows_fn, Mapping) else self._rows_fn
+            self._made[modality] = _make_encoder(func, fn, modality)
+        return self._made[modality]
+
+    def __iter__(self):
+        return iter(self._funcs)
+
+    def __len__(self) -> int:
+        return len(self._funcs)
 
 def prepare_mm_inputs(
     input_ids: torch.Tensor,

@@ -1,0 +1,157 @@
+"""The adapters' resident ``Assembler``: each engine request registered once, a step sends
+only windows.
+
+An adapter keeps one ``Resident`` per text embedding (its weight table in fused mode, or
+its module in scatter mode), device and deepstack width. An engine request object (SGLang's
+``MultimodalInputs``, vLLM's ``CachedRequestState``) gets a handle the first step it
+appears; while the request lives, a step compares a snapshot of its items (the item
+objects, their placement and their precomputed tensors, by identity or value -- a few list
+operations, no per-item calls) and re-registers the request if anything changed, so rows
+never land where an item used to be. When the engine drops the request object, its handle
+is queued and removed at the next step (never inside a garbage-collector callback).
+Capacity grows by doubling: a step that does not fit rebuilds the Assembler and requests
+register again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from mmassembler.assembler import Assembler
+from mmassembler.engines._state import ObjectState
+from mmassembler.errors import CapacityError
+
+logger = logging.getLogger(__name__)
+
+MIN_TOKENS, MIN_REQUESTS = 8192, 64
+
+
+class Resident:
+    """An ``Assembler`` plus the engine-request -> handle map the adapter keeps beside it."""
+
+    def __init__(self, *, weight: torch.Tensor | None, hidden: int, dtype: torch.dtype, device,
+                 deepstack_cols: int, backend: str = "auto"):
+        self._spec = dict(weight=weight, hidden=hidden, dtype=dtype, device=device,
+                          deepstack_cols=deepstack_cols, backend=backend)
+        self._lock = threading.RLock()
+        self._dead: list[int] = []  # handles whose engine request was dropped
+        self.asm: Assembler | None = None
+        self._build(MIN_TOKENS, MIN_REQUESTS)
+
+    def _build(self, max_tokens: int, max_requests: int) -> None:
+        spec = self._spec
+        kw = (dict(weight=spec["weight"]) if spec["weight"] is not None else
+              dict(hidden=spec["hidden"], dtype=spec["dtype"], device=spec["device"]))
+        self.asm = Assembler(max_tokens=max_tokens, max_requests=max_requests,
+                             deepstack_cols=spec["deepstack_cols"], backend=spec["backend"], **kw)
+        self._entries: dict[int, tuple] = {}  # id(request) -> (weakref, handle, snapshot)
+        self._dead = []  # handles of the old Assembler mean nothing to the new one
+        self._text: list[int] = []  # empty requests: the k-th text-only request of a step uses [k]
+
+    def _grow(self, tokens: int, requests: int) -> None:
+        asm = self.asm
+        t, r = asm.max_tokens, asm.max_requests
+        while t < tokens:
+            t *= 2
+        while r < requests:
+            r *= 2
+        logger.info("growing the adapter's Assembler to %d tokens, %d requests", t, r)
+        self._build(t, r)
+
+    def _drop(self, key: int) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._dead.append(entry[1])
+
+    def _remove_dead(self) -> None:
+        while self._dead:
+            self.asm.remove_request(self._dead.pop())
+
+    def handles(self, owners: Sequence, snapshot: Callable, register: Callable) -> np.ndarray:
+        """A handle per request: ``owners[i]`` (``None`` for a text-only request) registered
+        with ``register(owner) -> (items, prompt_len)`` when new or when ``snapshot(owner)``
+        -- ``(values, keep)``: a list compared with ``==``, and the objects whose ``id``s it
+        holds, kept alive so an id cannot be reused -- differs from the registered one."""
+        asm = self.asm
+        self._remove_dead()
+        out = np.empty(len(owners), np.int64)
+        texts = 0
+        for i, owner in enumerate(owners):
+            if owner is None:
+                if texts == len(self._text):
+                    self._text.append(asm.add_request([], None))
+                out[i] = self._text[texts]
+                texts += 1
+                continue
+            snap = snapshot(owner)
+            entry = self._entries.get(id(owner))
+            if entry is not None and entry[0]() is owner and entry[2][0] == snap[0]:
+                out[i] = entry[1]
+                continue
+            if entry is not None:
+                asm.remove_request(entry[1])
+                del self._entries[id(owner)]
+            items, prompt_len = register(owner)
+            h = asm.add_request(items, prompt_len)
+            out[i] = h
+            try:
+                ref = weakref.ref(owner, lambda _, key=id(owner), me=weakref.ref(self): (
+                    me() is not None and me()._drop(key)))
+            except TypeError:  # no weak reference, no way to see it go: for this step only
+                self._dead.append(h)
+                continue
+            self._entries[id(owner)] = (ref, h, snap)
+        return out
+
+    def step(self, owners: Sequence, snapshot: Callable, register: Callable, prefix, extend,
+             input_ids: torch.Tensor, *, encoders, cache, out=None, deepstack_out=None) -> torch.Tensor:
+        """``Assembler.assemble`` for the engine's requests, growing capacity as needed."""
+        with self._lock:
+            n, r = int(np.sum(extend)), len(owners)
+            if n > self.asm.max_tokens or r > self.asm.max_requests:
+                self._grow(n, r)
+            try:
+                h = self.handles(owners, snapshot, register)
+            except CapacityError:
+                self._grow(self.asm.max_tokens, 2 * self.asm.max_requests)
+                h = self.handles(owners, snapshot, register)
+            self.asm.encoders, self.asm.cache = encoders, cache
+            try:
+                return self.asm.assemble(h, prefix, extend, input_ids, out=out, deepstack_out=deepstack_out)
+            finally:
+                self.asm.encoders = self.asm.cache = None  # hold no engine callables between steps
+                self._remove_dead()  # requests registered for this step only
+
+
+_by_module = ObjectState()  # embedding module -> {config: Resident}
+_by_table: list = []  # (weight, {config: Resident}) for bare weight tables, most recent last
+MAX_TABLES = 2  # bare tables are held strongly: keep few
+
+
+def resident_for(embed, weight: torch.Tensor | None, ref: torch.Tensor, deepstack_cols: int,
+                 backend: str) -> Resident:
+    """The ``Resident`` for a text embedding: fused on ``weight`` when it is a plain table,
+    else scatter mode with ``ref``'s width, dtype and device. Kept beside the module (weakly:
+    it goes with the module) or, for a bare weight tensor, among the last ``MAX_TABLES``."""
+    if isinstance(embed, torch.Tensor):
+        table = next((t for w, t in _by_table if w is embed), None)
+        if table is None:
+            table = {}
+            _by_table.append((embed, table))
+            del _by_table[:-MAX_TABLES]
+    else:
+        table = _by_module.get(embed)
+        if table is None:
+            table = _by_module.set(embed, {})
+    key = (ref.device, ref.dtype, int(ref.shape[1]), deepstack_cols, backend, weight is not None)
+    res = table.get(key)
+    if res is None or res.asm.weight is not weight:  # a new module weight: a new Assembler
+        res = table[key] = Resident(weight=weight, hidden=int(ref.shape[1]), dtype=ref.dtype,
+                                    device=ref.device, deepstack_cols=deepstack_cols, backend=backend)
+    return res
