@@ -227,18 +227,19 @@ def test_vllm_mismatch_keeps_its_message_and_writes_nothing():
 
 
 def test_vllm_request_state_is_reused_across_chunks():
+    from mmassembler.engines._resident import resident_for
+
     emb = torch.randn(6, 4)
     feat = Feature("x", PlaceholderRange(2, 6))
     req = RunnerRequest(0, 5, [feat])
     weight = torch.randn(3, 4)
     first = gather_mm_embeddings([req], {"x": emb}, torch.zeros(5, dtype=torch.long), embed_tokens=weight)
-    from mmassembler.engines._state import _requests
-
-    index_owner = _requests.get(req)
+    asm = resident_for(weight, weight, weight, 0, "auto").asm
+    handles = asm.registry.live.nonzero()[0].tolist()
     req.num_computed_tokens, req.num_scheduled_tokens = 5, 4
     second = gather_mm_embeddings([req], {"x": emb}, torch.zeros(4, dtype=torch.long), embed_tokens=weight)
     assert torch.equal(first[2:5], emb[:3]) and torch.equal(second[:3], emb[3:])
-    assert _requests.get(req)._layouts is index_owner._layouts is not None
+    assert asm.registry.live.nonzero()[0].tolist() == handles and len(handles) == 1  # registered once
     assert vars(req).keys() == {"num_computed_tokens", "num_scheduled_tokens", "mm_features"}
     assert "_mmassembler_item" not in vars(feat)  # nothing of ours on the engine's objects
 

@@ -60,6 +60,18 @@ def owned(t: torch.Tensor, device: torch.device, need: object | None = None) -> 
             request=need.requests[0] if need else None, item_key=need.key if need else None) from None
 
 
+def kept(t: torch.Tensor, device: torch.device, need: object | None, stable: bool) -> torch.Tensor:
+    """An encoder's output as the step keeps it: ``owned`` (a copy), or for a ``stable``
+    encoder the tensor itself, detached, which must already be on ``device``."""
+    if not stable:
+        return owned(t, device, need)
+    if t.device != device:
+        raise EmbeddingFormatError(f"the stable encoder's output is on {t.device}, the output on {device}",
+                                   request=need.requests[0] if need else None,
+                                   item_key=need.key if need else None)
+    return t.detach()
+
+
 def precomputed_rows(embedding, widths: Sequence[int], device: torch.device, *, request: int | None,
                      key) -> torch.Tensor:
     """A precomputed embedding as checked rows on ``device`` (its row count is checked by

@@ -18,7 +18,7 @@ import torch
 
 from mmassembler.batch import Item
 from mmassembler.cache import EmbeddingCache
-from mmassembler.embeddings import as_rows, check_row_count, fits, owned, precomputed_rows
+from mmassembler.embeddings import as_rows, check_row_count, fits, kept, precomputed_rows
 from mmassembler.errors import (BatchShapeError, EncoderOutputError,
                                 MissingEncoderError, RowCountError)
 from mmassembler.planner import IndexedGroup, Plan, PlannedItem
@@ -37,12 +37,16 @@ class Encoder:
 
     ``fn(items)`` returns one tensor per item, or ``(tensor, rows_per_item)`` with the
     items' rows concatenated. ``max_items`` / ``max_rows`` cap one call; more calls
-    are made when the batch needs more.
+    are made when the batch needs more. Outputs are copied into tensors the library owns
+    (an encoder may reuse its buffers) unless ``stable``: the caller keeps them unchanged
+    while they may be read (an engine's own encoder cache), so they are read in place, must
+    already be on the output's device, and are not put in the ``EmbeddingCache``.
     """
 
     fn: EncoderFn
     max_items: int | None = None
     max_rows: int | None = None
+    stable: bool = False
 
     def __post_init__(self):
         for name in ("max_items", "max_rows"):
@@ -248,17 +252,18 @@ def resolve_sources(
             raise MissingEncoderError(f"no embedding, no cache entry and no encoder for modality "
                                       f"{modality!r}", request=need.requests[0], item_key=need.key)
 
-    encoded: list[tuple[_Need, torch.Tensor]] = []
+    encoded: list[tuple[_Need, torch.Tensor, bool]] = []
     for modality, needs in pending.items():
         enc = encoders[modality]
         if not isinstance(enc, Encoder):
             enc = Encoder(enc)
         for call in enc.batches(list(needs.values())):
             result = enc.fn([n.item for n in call])
-            encoded.extend(zip(call, _split(result, call, modality, widths)))
+            encoded.extend((need, t, enc.stable) for need, t in zip(call, _split(result, call, modality, widths)))
         logger.debug("encoded %d %s items", len(needs), modality)
 
-    encoded = [(need, owned(t, device, need)) for need, t in encoded]  # may fail: before the cache
+    encoded = [(need, kept(t, device, need, stable), stable)  # may fail: before the cache
+               for need, t, stable in encoded]
     # Every count is checked: now the cache may change. Lookups count, refresh recency and
     # drop collided entries; uses are recorded before puts so an entry this batch reads
     # and a put evicts is not reused by the allocator before the launch's stream gets there.
@@ -266,10 +271,10 @@ def resolve_sources(
         for key, rows in lookups:
             if cache.get(key, rows=rows) is not None and stream is not None:
                 cache.record_use(key, stream)
-    for need, t in encoded:
+    for need, t, stable in encoded:
         for i in need.waiting:
             sources[i] = t
-        if cache is not None and cache.put(need.key, t) and stream is not None:
+        if cache is not None and not stable and cache.put(need.key, t) and stream is not None:
             cache.record_use(need.key, stream)
 
     info = np.empty((n, 5), dtype=np.int64)

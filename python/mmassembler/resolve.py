@@ -5,7 +5,8 @@ are deduped by key, looked up in the cache (with the same checks as a precompute
 embedding), and the misses sent to their modality's encoder once (``Encoder`` budgets
 apply), split by the rows the encoder returned. Every count and format is checked before
 the cache changes; what is encoded is copied into tensors the library owns (an encoder
-may hand out views of a buffer it reuses) and detached (assembly is inference).
+may hand out views of a buffer it reuses; a ``stable`` encoder's outputs are read in
+place) and detached (assembly is inference).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from mmassembler.cache import EmbeddingCache
-from mmassembler.embeddings import check_row_count, fits, owned, precomputed_rows
+from mmassembler.embeddings import check_row_count, fits, kept, precomputed_rows
 from mmassembler.encode import Encoder, EncoderFn, _Need, _split
 from mmassembler.errors import MissingEncoderError, RowCountError
 
@@ -79,22 +80,24 @@ def resolve(wanted: Sequence[Wanted], *, encoders: Mapping[str, EncoderFn | Enco
             raise MissingEncoderError(f"no embedding, no cache entry and no encoder for modality "
                                       f"{modality!r}", request=group[0].requests[0],
                                       item_key=group[0].key)
-    encoded: list[tuple[_Need, torch.Tensor]] = []
+    encoded: list[tuple[_Need, torch.Tensor, bool]] = []
     for modality, group in misses.items():
         enc = encoders[modality]
         enc = enc if isinstance(enc, Encoder) else Encoder(enc)
         for call in enc.batches(group):
             parts = _split(enc.fn([n.item for n in call]), call, modality, widths)
-            encoded.extend(zip(call, parts))
-    owned_parts = [(need, owned(t, device, need)) for need, t in encoded]  # may fail: before the cache
+            encoded.extend((need, t, enc.stable) for need, t in zip(call, parts))
+    kept_parts = [(need, kept(t, device, need, stable), stable)  # may fail: before the cache
+                  for need, t, stable in encoded]
     if cache is not None:
         for key in stale:
             cache.discard(key, "its rows, width, dtype or device do not fit the item")
         for key in hits:
             cache.get(key)
-        for need, t in owned_parts:
-            cache.put(need.key, t)
-    for need, t in owned_parts:
+        for need, t, stable in kept_parts:
+            if not stable:
+                cache.put(need.key, t)
+    for need, t, _ in kept_parts:
         for i in need.waiting:
             sources[i] = t
     return sources

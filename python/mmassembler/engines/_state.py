@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import weakref
 
-from mmassembler.batch import Request
-
-
 class ObjectState:
     """Identity-keyed, weakly held ``object -> value`` map."""
 
@@ -37,20 +34,3 @@ class ObjectState:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-
-_requests = ObjectState()
-
-
-def request_for(owner, items: list, prefix_len: int, extend_len: int) -> Request:
-    """The owner's ``Request`` at this chunk: the last one advanced with ``with_window`` when
-    its items are the same objects (so its planning index is reused), else a new one."""
-    last = _requests.get(owner) if owner is not None else None
-    if last is not None and len(last.items) == len(items) and all(
-            a is b for a, b in zip(last.items, items)):
-        req = last.with_window(prefix_len, extend_len)
-    else:
-        req = Request(items, prefix_len, extend_len)
-    if owner is not None:
-        _requests.set(owner, req)
-    return req

@@ -24,12 +24,11 @@ import torch
 
 import mmkernels
 from mmassembler.api import assemble
-from mmassembler.batch import Item
+from mmassembler.batch import Item, Request
+from mmassembler.encode import Encoder
 from mmassembler.engines._embedding import plain_table, text_rows
-from mmassembler.engines._state import ObjectState, request_for
-from mmassembler.errors import BatchShapeError, EmbeddingFormatError, RowCountError
-
-_items = ObjectState()  # vLLM feature -> our Item
+from mmassembler.engines._resident import resident_for
+from mmassembler.errors import BatchShapeError, EmbeddingFormatError, MissingEncoderError, RowCountError
 
 
 def _flatten(embeddings) -> list[torch.Tensor]:
@@ -131,16 +130,12 @@ def _identifier(feature):
     return getattr(feature, "identifier", None) or getattr(feature, "mm_hash")
 
 
-def _item_for(feature, embedding) -> Item:
-    """Our ``Item`` for a feature (placeholder range + encoder-cache entry), kept beside it."""
-    cached = _items.get(feature)
+def _item_for(feature, embedding, req_id=None) -> Item:
+    """Our ``Item`` for a feature (placeholder range; the encoder-cache entry when given)."""
     pos = feature.mm_position
     span = (int(pos.offset), int(pos.offset) + int(pos.length) - 1)
-    if cached is not None and cached.embedding is embedding and tuple(cached.spans[0]) == span:
-        return cached
-    item = Item(_identifier(feature), [span], modality=str(getattr(feature, "modality", "image")),
-                embedding=embedding, embed_mask=getattr(pos, "is_embed", None))
-    return _items.set(feature, item)
+    return Item(_identifier(feature), [span], modality=str(getattr(feature, "modality", "image")),
+                embedding=embedding, embed_mask=getattr(pos, "is_embed", None), data=(feature, req_id))
 
 
 def _scheduled(requests: Sequence, num_scheduled_tokens) -> list[int]:
@@ -166,22 +161,105 @@ def gather_mm_embeddings(requests: Sequence, encoder_cache: Mapping, input_ids: 
 
     ``requests``: the runner's ``CachedRequestState``s in batch order (``req_id``,
     ``num_computed_tokens``, ``mm_features`` with ``identifier`` and ``mm_position``:
-    ``offset``, ``length``, ``is_embed``). ``num_scheduled_tokens``: the scheduler
-    output's dict (or a sequence in request order). ``shift_computed_tokens`` moves every
-    window forward (the drafter's look-ahead); as in the runner, a feature that starts at or
-    after the processed boundary and is not in ``encoder_cache`` keeps its token
-    embeddings, while any other missing feature is a ``MissingEncoderError`` naming the
-    request and identifier. ``embed_tokens``: a plain ``nn.Embedding`` (or weight) is
-    looked up in the same pass; any other module or callable (Gemma3's scaled embedding,
-    a tensor-parallel embedding, the model's own ``embed_input_ids``) computes the text
-    rows, into ``out`` when given. With ``out`` alone, text rows keep what the buffer holds
-    and only multimodal rows are written. ``deepstack_out`` ``[tokens, levels * hidden]``
-    takes the columns past ``hidden`` of each embedding (Qwen3-VL's multiscale features;
-    zero on other rows; the engine's ``[levels, tokens, hidden]`` is
-    ``deepstack_out.view(tokens, levels, hidden).permute(1, 0, 2)``).
+    ``offset``, ``length``, ``is_embed``). Each is registered on a resident ``Assembler``
+    the first step it appears (again only if its features change) and removed when the
+    runner drops it; a feature's encoder output is read from ``encoder_cache`` in place the
+    first step a window reaches it and held until windows have passed it. A feature a
+    window reaches that is not in ``encoder_cache`` is a ``MissingEncoderError`` naming the
+    request and identifier. ``num_scheduled_tokens``: the scheduler output's dict (or a
+    sequence in request order). ``shift_computed_tokens`` moves every window forward (the
+    drafter's look-ahead); as in the runner, a feature that starts at or after the processed
+    boundary and is not encoded yet keeps its token embeddings (such steps take the
+    stateless path). ``embed_tokens``: a plain ``nn.Embedding`` (or weight) is looked up in
+    the same pass; any other module or callable (Gemma3's scaled embedding, a
+    tensor-parallel embedding, the model's own ``embed_input_ids``) computes the text rows,
+    into ``out`` when given. With ``out`` alone, text rows keep what the buffer holds and only
+    multimodal rows are written. ``deepstack_out`` ``[tokens, levels * hidden]`` takes the
+    columns past ``hidden`` of each embedding (Qwen3-VL's multiscale features; zero on text
+    rows in fused mode, as the buffer was otherwise; the engine's ``[levels, tokens, hidden]``
+    is ``deepstack_out.view(tokens, levels, hidden).permute(1, 0, 2)``).
     """
     counts = _scheduled(requests, num_scheduled_tokens)
-    shift = int(shift_computed_tokens)
+    weight = plain_table(embed_tokens) if embed_tokens is not None else None
+    rows = out
+    if embed_tokens is not None and (weight is None or out is not None):
+        rows = (weight[input_ids.clamp(0, weight.shape[0] - 1)] if weight is not None
+                else text_rows(embed_tokens, input_ids))
+        if out is not None:
+            out.copy_(rows)
+            rows = out
+    fused = weight is not None and rows is None
+    if not fused and rows is None:
+        raise BatchShapeError("gather_mm_embeddings needs embed_tokens (text rows) or out (a buffer to "
+                              "write multimodal rows into)")
+    if shift_computed_tokens:
+        return _gather_stateless(requests, counts, encoder_cache, input_ids, int(shift_computed_tokens),
+                                 weight if fused else None, rows, deepstack_out, backend)
+    ds_cols = 0 if deepstack_out is None else int(deepstack_out.shape[1])
+    key = embed_tokens if embed_tokens is not None else _SCATTER
+    resident = resident_for(key, weight if fused else None, weight if fused else rows, ds_cols, backend)
+    prefix = [int(r.num_computed_tokens) for r in requests]
+    return resident.step(requests, _snapshot, _register, prefix, counts, input_ids,
+                         encoders=_EncoderCache(encoder_cache), cache=None,
+                         out=None if fused else rows, deepstack_out=deepstack_out)
+
+
+class _Key:
+    """A weakly referable key: the resident Assembler of calls without ``embed_tokens``."""
+
+
+_SCATTER = _Key()
+
+
+def _snapshot(r) -> tuple:
+    """What must not change for a registered request: its features and their placement."""
+    feats = r.mm_features
+    pos = [f.mm_position for f in feats]
+    return ([*map(id, feats), *map(id, pos), *[(p.offset, p.length, id(p.is_embed)) for p in pos]],
+            (list(feats), pos))
+
+
+def _register(r) -> tuple[list, None]:
+    req_id = getattr(r, "req_id", None)
+    return [_item_for(f, None, req_id) for f in r.mm_features], None
+
+
+class _EncoderCache(Mapping):
+    """The runner's encoder cache as a ``stable`` encoder for every modality: an item's
+    rows are its entry, read in place."""
+
+    def __init__(self, cache: Mapping):
+        self._cache = cache
+        self._enc = Encoder(self._lookup, stable=True)
+
+    def _lookup(self, items) -> list:
+        found = []
+        for it in items:
+            t = self._cache.get(it.key)
+            if t is None:
+                feature, req_id = it.data
+                raise MissingEncoderError(f"request {req_id!r}: feature {it.key!r} is not in the encoder "
+                                          f"cache (vLLM: 'Encoder cache miss')", item_key=it.key)
+            found.append(t)
+        return found
+
+    def __contains__(self, modality) -> bool:
+        return True
+
+    def __getitem__(self, modality):
+        return self._enc
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def _gather_stateless(requests, counts, encoder_cache, input_ids, shift, weight, rows, deepstack_out,
+                      backend) -> torch.Tensor:
+    """A look-ahead step (``shift_computed_tokens``): windows past the processed boundary,
+    where a feature not encoded yet keeps its token embeddings."""
     reqs = []
     for r, n in zip(requests, counts):
         done = int(r.num_computed_tokens)
@@ -190,17 +268,8 @@ def gather_mm_embeddings(requests: Sequence, encoder_cache: Mapping, input_ids: 
             embedding = encoder_cache.get(_identifier(f))
             if embedding is None and int(f.mm_position.offset) >= done + n:
                 continue  # only the look-ahead reaches it: token embeddings, as the runner does
-            items.append(_item_for(f, embedding))
-        reqs.append(request_for(r, items, done + shift, n))
-    kw = dict(deepstack_out=deepstack_out, backend=backend)
-    if embed_tokens is None:
-        return assemble(reqs, input_ids, out=out, **kw)
-    weight = plain_table(embed_tokens)
-    if weight is not None and out is None:
-        return assemble(reqs, input_ids, weight=weight, **kw)
-    rows = (weight[input_ids.clamp(0, weight.shape[0] - 1)] if weight is not None
-            else text_rows(embed_tokens, input_ids))
-    if out is not None:
-        out.copy_(rows)
-        rows = out
-    return assemble(reqs, input_ids, out=rows, **kw)
+            items.append(_item_for(f, embedding, getattr(r, "req_id", None)))
+        reqs.append(Request(items, done + shift, n))
+    if weight is not None:
+        return assemble(reqs, input_ids, weight=weight, deepstack_out=deepstack_out, backend=backend)
+    return assemble(reqs, input_ids, out=rows, deepstack_out=deepstack_out, backend=backend)

@@ -1,0 +1,81 @@
+"""The SGLang adapter on the resident Assembler: a request registers once, re-registers
+only when its items change, and goes when the engine drops it."""
+
+import gc
+
+import torch
+from test_engines import Modality, SgInputs, SgItem
+from torch import nn
+
+from mmassembler import assemble_oracle
+from mmassembler.batch import Item, Request
+from mmassembler.engines import sglang
+from mmassembler.engines._resident import MIN_REQUESTS, resident_for
+
+H = 6
+
+
+def _items(n, start=2, rows=3):
+    return [SgItem(Modality.IMAGE, 100 + i, [(start + 5 * i, start + 5 * i + rows - 1)],
+                   precomputed_embeddings=torch.randn(rows, H)) for i in range(n)]
+
+
+def _want(inputs, prefix, extend, ids, embed):
+    reqs = [Request([Item(it.hash, it.offsets, embedding=it.precomputed_embeddings) for it in m.mm_items],
+                    p, e) for m, p, e in zip(inputs, prefix, extend)]
+    return assemble_oracle(reqs, ids, lambda it: it.embedding, weight=embed.weight)[0]
+
+
+def _step(inputs, prefix, extend, embed):
+    ids = torch.randint(0, 10, (sum(extend),))
+    with torch.no_grad():
+        got, _ = sglang.embed_mm_inputs(inputs, prefix, extend, ids, embed, cache=None)
+    assert torch.equal(got, _want(inputs, prefix, extend, ids, embed))
+
+
+def _registered(embed):
+    return int(resident_for(embed, embed.weight, embed.weight, 0, "auto").asm.registry.live.sum())
+
+
+def test_registers_once_across_chunks_and_removes_dropped_requests(monkeypatch):
+    embed = nn.Embedding(10, H)
+    a, b = SgInputs(_items(3)), SgInputs(_items(2))
+    res = resident_for(embed, embed.weight, embed.weight, 0, "auto")
+    adds = []
+    real_add = res.asm.add_request
+    monkeypatch.setattr(res.asm, "add_request", lambda *a_, **k: adds.append(1) or real_add(*a_, **k))
+    for prefix in (0, 6, 12):  # three chunks of both requests
+        _step([a, b], [prefix, prefix], [6, 6], embed)
+    assert len(adds) == 2
+    assert _registered(embed) == 2
+    del a
+    gc.collect()
+    _step([b], [12], [3], embed)
+    assert _registered(embed) == 1  # a's handle went at the step after the engine dropped it
+
+
+def test_changed_items_are_registered_again_never_read_at_old_positions():
+    embed = nn.Embedding(10, H)
+    m = SgInputs(_items(2))
+    _step([m], [0], [14], embed)
+    m.mm_items[0].offsets = [(0, 2)]  # moved (SGLang's EVS rewrites placeholder spans)
+    _step([m], [0], [14], embed)
+    m.mm_items[1].precomputed_embeddings = torch.randn(3, H)  # replaced (offloaded, re-sent)
+    _step([m], [0], [14], embed)
+    m.mm_items.append(_items(3)[2])  # one more item
+    _step([m], [0], [16], embed)
+    assert _registered(embed) == 1
+
+
+def test_text_only_requests_and_capacity_growth():
+    embed = nn.Embedding(10, H)
+    n = MIN_REQUESTS + 5
+    inputs = [SgInputs(_items(1)) if i % 2 else None for i in range(n)]
+    prefix, extend = [0] * n, [5] * n
+    ids = torch.randint(0, 10, (sum(extend),))
+    with torch.no_grad():
+        got, _ = sglang.embed_mm_inputs(inputs, prefix, extend, ids, embed, cache=None)
+    empty = SgInputs([])
+    want = _want([m or empty for m in inputs], prefix, extend, ids, embed)
+    assert torch.equal(got, want)
+    assert resident_for(embed, embed.weight, embed.weight, 0, "auto").asm.max_requests >= n
