@@ -79,3 +79,33 @@ def test_text_only_requests_and_capacity_growth():
     want = _want([m or empty for m in inputs], prefix, extend, ids, embed)
     assert torch.equal(got, want)
     assert resident_for(embed, embed.weight, embed.weight, 0, "auto").asm.max_requests >= n
+
+
+def test_stable_encoder_outputs_are_read_in_place_and_not_cached():
+    from mmassembler import Assembler, EmbeddingCache
+    from mmassembler.encode import Encoder
+
+    outputs = {7: torch.randn(3, H)}
+    cache = EmbeddingCache(1 << 20)
+    asm = Assembler(hidden=H, dtype=torch.float32, device="cpu", max_tokens=16, max_requests=2,
+                    encoders={"image": Encoder(lambda items: [outputs[it.key] for it in items], stable=True)},
+                    cache=cache)
+    h = asm.add_request([Item(7, [(1, 3)])], 6)
+    out = torch.zeros(6, H)
+    asm.assemble([h], [0], [6], out=out)
+    assert torch.equal(out[1:4], outputs[7]) and len(cache) == 0
+    assert any(t is not None and t.data_ptr() == outputs[7].data_ptr() for t in asm.registry.item_src)
+
+
+def test_vllm_feature_missing_from_the_encoder_cache_names_request_and_identifier():
+    import pytest
+    from test_engines import Feature, PlaceholderRange, RunnerRequest
+
+    from mmassembler import MissingEncoderError
+    from mmassembler.engines import gather_mm_embeddings
+
+    req = RunnerRequest(0, 5, [Feature("img-1", PlaceholderRange(1, 3))])
+    req.req_id = "req-9"
+    weight = torch.randn(3, H)
+    with pytest.raises(MissingEncoderError, match="req-9.*img-1"):
+        gather_mm_embeddings([req], {}, torch.zeros(5, dtype=torch.long), embed_tokens=weight)
