@@ -10,6 +10,7 @@ code is kept in this repository.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -60,10 +61,28 @@ def source(spec: str, suffixes: tuple[str, ...] = (".py",)) -> Path:
     are read unless ``suffixes`` asks for compiled modules, which must suit this interpreter."""
     native = ".so" in suffixes
     name, version = spec.split("==")
-    for root in sorted(CACHE.glob(f"{name.replace('-', '_')}-{version}-*")):
-        if root.is_dir() and (not native or _suits(root.name)) and (root / ".unpacked").exists():
-            return root
-    return unpack(fetch(spec, native), suffixes)
+    with _locked():  # test workers share the cache: one fetches and unpacks, the others wait
+        for root in sorted(CACHE.glob(f"{name.replace('-', '_')}-{version}-*")):
+            if root.is_dir() and (not native or _suits(root.name)) and (root / ".unpacked").exists():
+                return root
+        return unpack(fetch(spec, native), suffixes)
+
+
+@contextlib.contextmanager
+def _locked():
+    """An exclusive lock on the cache directory (across processes, where fcntl exists)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(CACHE / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def export(roots: dict[Path, set[str]], dest: Path) -> None:
