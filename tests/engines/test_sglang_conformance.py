@@ -12,7 +12,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -129,6 +129,11 @@ class DeepstackModel:
 
 def run_both(sg, sc, *, precomputed, enc_kind, emb_kind, mixed_entry):
     """(engine output, ours, engine encoder calls, our encoder calls)."""
+    event(f"{'precomputed' if precomputed else enc_kind + ' encoder'}, {emb_kind} embedding"
+          f"{', deepstack' if sc['deepstack'] else ''}")
+    kinds = {m for r in sc["requests"] for m, spans in r["items"] for _ in spans[1:]}
+    event("multi-span items: " + (", ".join(sorted(kinds)) if kinds else "none"))
+    event("text-only requests" if any(not r["items"] for r in sc["requests"]) else "all multimodal")
     mm_inputs, ids = build(sg, sc, precomputed=precomputed)
     embed = make_embedding(emb_kind, sc["vocab"], sc["hidden"], sc["dtype"])
     k = sc["deepstack"]
@@ -179,7 +184,7 @@ def _all_multimodal(sc):
     return all(r["items"] for r in sc["requests"])
 
 
-@settings(max_examples=150)
+@settings(max_examples=400)
 @given(sc=scenarios().filter(_all_multimodal), precomputed=st.booleans(),
        enc_kind=st.sampled_from(["list", "stacked", "concat"]),
        emb_kind=st.sampled_from(["plain", "scaled", "tensor_parallel"]))
@@ -189,7 +194,7 @@ def test_embed_mm_inputs_matches_engine(sg, sc, precomputed, enc_kind, emb_kind)
     assert_same(engine, mine)
 
 
-@settings(max_examples=150)
+@settings(max_examples=400)
 @given(sc=scenarios(), precomputed=st.booleans(), enc_kind=st.sampled_from(["list", "concat"]),
        emb_kind=st.sampled_from(["plain", "scaled", "tensor_parallel"]))
 def test_prepare_mm_inputs_mixed_batches_match_engine(sg, sc, precomputed, enc_kind, emb_kind):

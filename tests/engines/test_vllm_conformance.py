@@ -15,7 +15,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from test_sglang_conformance import DTYPES, make_embedding
 
@@ -114,9 +114,12 @@ def engine_step(vl, sc, states, cache, counts, ids, embed):
     return out, deepstack
 
 
-@settings(max_examples=200)
+@settings(max_examples=600)
 @given(sc=steps(), emb_kind=st.sampled_from(["plain", "scaled", "tensor_parallel"]))
 def test_gather_and_embed_match_engine(vl, sc, emb_kind):
+    event(f"{emb_kind} embedding, shift {sc['shift']}, deepstack levels {sc['levels']}")
+    if any(f["is_embed"] is not None for r in sc["requests"] for f in r["features"]):
+        event("is_embed masks")
     states, cache, counts, ids = build(vl, sc)
     embed = make_embedding(emb_kind, sc["vocab"], sc["hidden"], sc["dtype"])
     with torch.no_grad():
