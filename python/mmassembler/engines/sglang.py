@@ -1,4 +1,5 @@
-"""SGLang's ``embed_mm_inputs`` shape, backed by one ``assemble`` call.
+"""SGLang's ``general_mm_embed_routine``, ``prepare_mm_inputs`` and ``embed_mm_inputs``,
+on a resident ``Assembler`` (see ``_resident``): a ``MultimodalInputs`` registers once.
 
 Reads objects with ``.mm_items``; items with ``.modality`` (an enum with ``.name``),
 ``.hash``, ``.offsets`` (inclusive spans), ``.precomputed_embeddings`` and ``.feature``.
@@ -13,24 +14,21 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 
 from mmassembler.batch import Item
 from mmassembler.cache import EmbeddingCache
 from mmassembler.engines._embedding import plain_table, text_rows
 from mmassembler.engines._resident import resident_for
+from mmassembler.engines._sglang_encoders import RowsFn, StepEncoders
 from mmassembler.engines._state import ObjectState
-from mmassembler.errors import BatchShapeError, EncoderOutputError
+from mmassembler.errors import BatchShapeError
 
 logger = logging.getLogger(__name__)
 
-RowsFn = Callable[[object], int]
 _items = ObjectState()  # SGLang item -> our Item
-_concatenating = ObjectState()  # encoder (or bound method's instance) -> functions seen concatenating
-_warned = ObjectState()
 _moved = ObjectState()  # SGLang item -> (its offloaded embedding, the copy on the ids' device)
 DEFAULT_CACHE_BYTES = 1 << 30
 _default_cache: EmbeddingCache | None = None
@@ -65,65 +63,6 @@ def _item_for(sg_item, device: torch.device) -> Item:
     item = Item(sg_item.hash, spans, modality=_modality_name(sg_item.modality), embedding=emb,
                 data=sg_item)
     return _items.set(sg_item, item)
-
-
-def _seen(table: ObjectState, func) -> bool:
-    """Whether ``func`` (a bound method: its function on its instance) is in ``table``."""
-    owner, fn = getattr(func, "__self__", None), getattr(func, "__func__", func)
-    if owner is None:
-        return table.get(fn, False)
-    return fn in table.get(owner, ())
-
-
-def _mark(table: ObjectState, func) -> None:
-    owner, fn = getattr(func, "__self__", None), getattr(func, "__func__", func)
-    if owner is None:
-        table.set(fn, True)
-    else:
-        table.set(owner, table.get(owner, frozenset()) | {fn})
-
-
-def _rows_of(rows_fn: RowsFn, sg_item) -> int:
-    """``rows_fn(item)``, which must be an int."""
-    n = rows_fn(sg_item)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise EncoderOutputError(f"rows_fn returned {n!r} for an item; expected its row count (an int)",
-                                 item_key=getattr(sg_item, "hash", None))
-    return int(n)
-
-
-def _make_encoder(func: Callable, rows_fn: RowsFn | None, name: str) -> Callable:
-    """Wrap an SGLang data-embedding function as an ``assemble`` encoder.
-
-    A list output is used as it is. A single tensor for several items is split by
-    ``rows_fn`` when given; otherwise the items are encoded one at a time, so each output
-    belongs to one item, and that encoder is called per item from then on.
-    """
-    def per_item(sg_items):
-        if not _seen(_warned, func):
-            _mark(_warned, func)
-            logger.warning("the %s encoder returns one tensor for several items and no row-count "
-                           "function was given: encoding one item per call (pass rows_fn to batch)",
-                           name)
-        return [func([it]) for it in sg_items]
-
-    def encode(items):
-        sg_items = [it.data for it in items]
-        if rows_fn is None and len(sg_items) > 1 and _seen(_concatenating, func):
-            return per_item(sg_items)
-        out = func(sg_items)
-        if isinstance(out, (list, tuple)):
-            return list(out)
-        if len(sg_items) == 1:
-            return [out]
-        if out.dim() == 3 and out.shape[0] == len(sg_items):  # [items, rows, hidden]: the
-            return list(out)                                   # encoder's own per-item split
-        _mark(_concatenating, func)
-        if rows_fn is not None:
-            return out, [_rows_of(rows_fn, it) for it in sg_items]
-        return per_item(sg_items)
-
-    return encode
 
 
 def embed_mm_inputs(
@@ -168,7 +107,7 @@ def embed_mm_inputs(
             f"requests (for a batch that mixes text-only requests use prepare_mm_inputs, or pass None "
             f"for each text-only request)")
     funcs = {_modality_name(k): v for k, v in (data_embedding_func_mapping or {}).items()}
-    encoders = _Encoders(funcs, multimodal_model, rows_fn)
+    encoders = StepEncoders(funcs, multimodal_model, rows_fn)
     device = input_ids.device
     weight = plain_table(input_embedding)  # else the engine's module computes text rows
     embeds = None if weight is not None else text_rows(input_embedding, input_ids)
@@ -199,34 +138,6 @@ def _snapshot(mm_inputs) -> tuple:
 def _register(mm_inputs, device: torch.device) -> tuple[list, None]:
     return [_item_for(it, device) for it in mm_inputs.mm_items if it is not None], None
 
-
-class _Encoders(Mapping):
-    """The step's encoders by modality name, wrapped on first use: the engine's
-    ``data_embedding_func_mapping``, else ``multimodal_model.get_<modality>_feature``."""
-
-    def __init__(self, funcs: dict, model, rows_fn):
-        self._funcs, self._model, self._rows_fn, self._made = funcs, model, rows_fn, {}
-
-    def _func(self, modality: str):
-        return self._funcs.get(modality) or getattr(self._model, f"get_{modality}_feature", None)
-
-    def __contains__(self, modality) -> bool:
-        return self._func(modality) is not None
-
-    def __getitem__(self, modality: str):
-        if modality not in self._made:
-            func = self._func(modality)
-            if func is None:
-                raise KeyError(modality)
-            fn = self._rows_fn.get(modality) if isinstance(self._rows_fn, Mapping) else self._rows_fn
-            self._made[modality] = _make_encoder(func, fn, modality)
-        return self._made[modality]
-
-    def __iter__(self):
-        return iter(self._funcs)
-
-    def __len__(self) -> int:
-        return len(self._funcs)
 
 def prepare_mm_inputs(
     input_ids: torch.Tensor,

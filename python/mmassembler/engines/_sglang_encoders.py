@@ -1,0 +1,111 @@
+"""SGLang's data-embedding functions as the Assembler's encoders.
+
+A function may return a list (one tensor per item), a ``[items, rows, hidden]`` tensor, or
+one concatenated 2-D tensor. A concatenated output is split by ``rows_fn`` (rows from the
+item's own metadata, e.g. its image grid), never by placeholder counts; without one, such
+an encoder is called one item at a time from then on (logged once).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from mmassembler.engines._state import ObjectState
+from mmassembler.errors import EncoderOutputError
+
+logger = logging.getLogger(__name__)
+
+RowsFn = Callable[[object], int]
+_concatenating = ObjectState()  # encoder (or bound method's instance) -> functions seen concatenating
+_warned = ObjectState()
+
+
+def _seen(table: ObjectState, func) -> bool:
+    """Whether ``func`` (a bound method: its function on its instance) is in ``table``."""
+    owner, fn = getattr(func, "__self__", None), getattr(func, "__func__", func)
+    if owner is None:
+        return table.get(fn, False)
+    return fn in table.get(owner, ())
+
+
+def _mark(table: ObjectState, func) -> None:
+    owner, fn = getattr(func, "__self__", None), getattr(func, "__func__", func)
+    if owner is None:
+        table.set(fn, True)
+    else:
+        table.set(owner, table.get(owner, frozenset()) | {fn})
+
+
+def _rows_of(rows_fn: RowsFn, sg_item) -> int:
+    """``rows_fn(item)``, which must be an int."""
+    n = rows_fn(sg_item)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise EncoderOutputError(f"rows_fn returned {n!r} for an item; expected its row count (an int)",
+                                 item_key=getattr(sg_item, "hash", None))
+    return int(n)
+
+
+def _make_encoder(func: Callable, rows_fn: RowsFn | None, name: str) -> Callable:
+    """Wrap an SGLang data-embedding function as an ``assemble`` encoder.
+
+    A list output is used as it is. A single tensor for several items is split by
+    ``rows_fn`` when given; otherwise the items are encoded one at a time, so each output
+    belongs to one item, and that encoder is called per item from then on.
+    """
+    def per_item(sg_items):
+        if not _seen(_warned, func):
+            _mark(_warned, func)
+            logger.warning("the %s encoder returns one tensor for several items and no row-count "
+                           "function was given: encoding one item per call (pass rows_fn to batch)",
+                           name)
+        return [func([it]) for it in sg_items]
+
+    def encode(items):
+        sg_items = [it.data for it in items]
+        if rows_fn is None and len(sg_items) > 1 and _seen(_concatenating, func):
+            return per_item(sg_items)
+        out = func(sg_items)
+        if isinstance(out, (list, tuple)):
+            return list(out)
+        if len(sg_items) == 1:
+            return [out]
+        if out.dim() == 3 and out.shape[0] == len(sg_items):  # [items, rows, hidden]: the
+            return list(out)                                   # encoder's own per-item split
+        _mark(_concatenating, func)
+        if rows_fn is not None:
+            return out, [_rows_of(rows_fn, it) for it in sg_items]
+        return per_item(sg_items)
+
+    return encode
+
+
+class StepEncoders(Mapping):
+    """The step's encoders by modality name, wrapped on first use: the engine's
+    ``data_embedding_func_mapping``, else ``multimodal_model.get_<modality>_feature``."""
+
+    def __init__(self, funcs: dict, model, rows_fn):
+        self._funcs, self._model, self._rows_fn, self._made = funcs, model, rows_fn, {}
+
+    def _func(self, modality: str):
+        return self._funcs.get(modality) or getattr(self._model, f"get_{modality}_feature", None)
+
+    def __contains__(self, modality) -> bool:
+        return self._func(modality) is not None
+
+    def __getitem__(self, modality: str):
+        if modality not in self._made:
+            func = self._func(modality)
+            if func is None:
+                raise KeyError(modality)
+            fn = self._rows_fn.get(modality) if isinstance(self._rows_fn, Mapping) else self._rows_fn
+            self._made[modality] = _make_encoder(func, fn, modality)
+        return self._made[modality]
+
+    def __iter__(self):
+        return iter(self._funcs)
+
+    def __len__(self) -> int:
+        return len(self._funcs)
