@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from bench.bench_resident import RESIDENT_SCENARIOS, host_us
-from bench.engine_code import load_sglang, load_vllm
+from bench.engine_code import VllmModel, load_sglang, load_vllm, vllm_runner
 from bench.harness import copy_bandwidth, gpu_time_us, wall_time_us
 from bench.scenarios import build
 from mmassembler import Assembler, assemble
@@ -80,19 +80,6 @@ def vllm_batch(vl, b):
     return states, cache, counts
 
 
-class _Model:
-    _has_oov_mm_tokens = True  # the bench's placeholder ids lie past the vocabulary
-
-    def __init__(self, vl, embed):
-        self.vl, self.embed = vl, embed
-
-    def get_language_model(self):
-        return SimpleNamespace(embed_input_ids=self.embed)
-
-    def _embed_text_input_ids(self, *args, **kwargs):
-        return self.vl.SupportsMultiModal._embed_text_input_ids(self, *args, **kwargs)
-
-
 def calls(sg, vl, b) -> dict:
     """One zero-argument call per path, each returning the batch's embeddings."""
     embed = nn.Embedding.from_pretrained(b.weight, freeze=True)
@@ -103,11 +90,9 @@ def calls(sg, vl, b) -> dict:
     sg.mm_schedule.init_mm_embedding_cache(64 << 30)
     cache = our_sglang.EmbeddingCache(64 << 30)
     states, enc_cache, counts = vllm_batch(vl, b)
-    runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=[s.req_id for s in states]),
-                             requests={s.req_id: s for s in states}, is_multimodal_pruning_enabled=False,
-                             uses_mrope=False, _get_encoder_output_from_cache=enc_cache.get)
+    runner = vllm_runner(states, enc_cache)
     sched = SimpleNamespace(total_num_scheduled_tokens=b.num_tokens, num_scheduled_tokens=counts)
-    model = _Model(vl, embed)
+    model = VllmModel(vl, embed, oov_mm_tokens=True)  # the bench's placeholder ids lie past the vocabulary
     n_items = sum(len(r.items) for r in b.requests)
     asm = Assembler(weight=b.weight, max_tokens=b.num_tokens, max_requests=len(b.requests),
                     max_items=max(1, n_items), max_runs=max(1, n_items))
@@ -116,7 +101,7 @@ def calls(sg, vl, b) -> dict:
 
     def vllm_engine():
         mm, is_mm = vl.gather_mm_embeddings(runner, sched, 0)
-        return vl.SupportsMultiModal.embed_input_ids(model, b.input_ids, mm, is_multimodal=is_mm)
+        return model.embed_input_ids(b.input_ids, mm, is_multimodal=is_mm)
 
     with torch.no_grad():
         return {

@@ -98,3 +98,31 @@ def export(dest: Path) -> None:
 
 if __name__ == "__main__":  # python -m bench.engine_code DEST
     export(Path(sys.argv[1]))
+
+
+class VllmModel:
+    """What vLLM's ``SupportsMultiModal.embed_input_ids`` reads off a model: the language
+    model's ``embed_input_ids`` and whether placeholder ids lie past the vocabulary. Its
+    ``embed_input_ids`` is the engine's real one."""
+
+    def __init__(self, vl: types.SimpleNamespace, embed_input_ids, oov_mm_tokens: bool = False):
+        self._vl, self._lm = vl, types.SimpleNamespace(embed_input_ids=embed_input_ids)
+        self._has_oov_mm_tokens = oov_mm_tokens
+
+    def get_language_model(self):
+        return self._lm
+
+    def embed_input_ids(self, *args, **kwargs):
+        return self._vl.SupportsMultiModal.embed_input_ids(self, *args, **kwargs)
+
+    def _embed_text_input_ids(self, *args, **kwargs):
+        return self._vl.SupportsMultiModal._embed_text_input_ids(self, *args, **kwargs)
+
+
+def vllm_runner(states: list, encoder_cache: dict, **attrs) -> types.SimpleNamespace:
+    """A stand-in ``GPUModelRunner`` with the state its ``_gather_mm_embeddings`` reads."""
+    return types.SimpleNamespace(
+        input_batch=types.SimpleNamespace(req_ids=[s.req_id for s in states]),
+        requests={s.req_id: s for s in states}, encoder_cache=encoder_cache,
+        is_multimodal_pruning_enabled=False, uses_mrope=False,
+        _get_encoder_output_from_cache=encoder_cache.get, **attrs)

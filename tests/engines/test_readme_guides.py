@@ -12,6 +12,8 @@ import torch
 from test_sglang_conformance import ScaledEmbedding
 from torch import nn
 
+from bench.engine_code import VllmModel, vllm_runner
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
@@ -97,19 +99,7 @@ def test_sglang_guide(sg, embed_kind):
 def test_vllm_guide(vl):
     h, vocab = 8, 20
     gen = torch.Generator().manual_seed(2)
-    lm = SimpleNamespace(embed_input_ids=ScaledEmbedding(vocab, h))  # Gemma3-like text rows
-
-    class Model:
-        _has_oov_mm_tokens = False
-
-        def get_language_model(self):
-            return lm
-
-        def embed_input_ids(self, *args, **kwargs):
-            return vl.SupportsMultiModal.embed_input_ids(self, *args, **kwargs)
-
-        def _embed_text_input_ids(self, *args, **kwargs):
-            return vl.SupportsMultiModal._embed_text_input_ids(self, *args, **kwargs)
+    model = VllmModel(vl, ScaledEmbedding(vocab, h))  # Gemma3-like text rows
 
     specs = [("a", [(3, 6, None), (12, 5, [True, False, True, True, True])], 4, 11),
              ("b", [], 0, 3), ("c", [(0, 9, None)], 2, 5)]
@@ -131,10 +121,8 @@ def test_vllm_guide(vl):
         counts[req_id] = n
         ids.append(prompt[done: done + n])
     ids = torch.cat(ids)
-    runner = SimpleNamespace(
-        requests=requests, input_batch=SimpleNamespace(req_ids=[s[0] for s in specs]), encoder_cache=cache,
-        input_ids=SimpleNamespace(gpu=ids), model=Model(), is_multimodal_pruning_enabled=False,
-        uses_mrope=False, _get_encoder_output_from_cache=cache.get)
+    runner = vllm_runner([requests[s[0]] for s in specs], cache, input_ids=SimpleNamespace(gpu=ids),
+                         model=model)
     sched = SimpleNamespace(total_num_scheduled_tokens=len(ids), num_scheduled_tokens=counts)
     with torch.no_grad():
         mm_embeds, is_mm = vl.gather_mm_embeddings(runner, sched)

@@ -19,6 +19,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from test_sglang_conformance import DTYPES, make_embedding
 
+from bench.engine_code import VllmModel, vllm_runner
+
 from mmassembler.engines import vllm as ours
 
 
@@ -80,27 +82,10 @@ def build(vl, sc):
     return states, cache, counts, torch.cat(ids)
 
 
-class Model:
-    """What ``SupportsMultiModal.embed_input_ids`` reads off a model."""
-
-    _has_oov_mm_tokens = False
-
-    def __init__(self, vl, embed):
-        self.vl, self.embed = vl, embed
-
-    def get_language_model(self):
-        return SimpleNamespace(embed_input_ids=self.embed)
-
-    def _embed_text_input_ids(self, *args, **kwargs):
-        return self.vl.SupportsMultiModal._embed_text_input_ids(self, *args, **kwargs)
-
-
 def engine_step(vl, sc, states, cache, counts, ids, embed):
     """The runner's gather, then the model's embed_input_ids (Qwen3-VL's deepstack split
     through the real merge when ``levels``)."""
-    runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=[s.req_id for s in states]),
-                             requests={s.req_id: s for s in states}, is_multimodal_pruning_enabled=False,
-                             uses_mrope=False, _get_encoder_output_from_cache=cache.get)
+    runner = vllm_runner(states, cache)
     sched = SimpleNamespace(total_num_scheduled_tokens=int(ids.shape[0]), num_scheduled_tokens=counts)
     mm_embeds, is_mm = vl.gather_mm_embeddings(runner, sched, sc["shift"])
     hidden, levels = sc["hidden"], sc["levels"]
@@ -110,7 +95,7 @@ def engine_step(vl, sc, states, cache, counts, ids, embed):
         deepstack = vl.merge(text.new_zeros(text.shape[0], levels * hidden),
                              [e[:, hidden:] for e in mm_embeds], is_mm)
         mm_embeds = [e[:, :hidden] for e in mm_embeds]
-    out = vl.SupportsMultiModal.embed_input_ids(Model(vl, embed), ids, mm_embeds, is_multimodal=is_mm)
+    out = VllmModel(vl, embed).embed_input_ids(ids, mm_embeds, is_multimodal=is_mm)
     return out, deepstack
 
 
