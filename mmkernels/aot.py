@@ -36,7 +36,6 @@ def _compilable_kernel(module: str = "assemble", name: str = "_assemble_kernel")
     Tests set ``TRITON_INTERPRET=1`` before import; compiling needs the compiled form, so
     the kernel file is loaded again, under another module name, with the interpreter off.
     """
-    import importlib
 
     import triton
 
