@@ -108,7 +108,15 @@ def check_request_items(r: int, req: Request) -> list[ItemLayout]:
 
 
 def _check_interleaved(r: int, req: Request) -> None:
-    spans = [(int(s), int(e), item.key) for item in req.items for s, e in item.spans]
+    """Spans of different items never share a position -- except that a masked item's
+    spans may overlap others where its mask leaves the positions to them (Qwen-Omni's audio
+    in video): then the positions that take rows must not overlap."""
+    spans = []
+    for item in req.items:
+        if item.embed_mask is None:
+            spans.extend((int(s), int(e), item.key) for s, e in item.spans)
+        else:
+            spans.extend((s, e - 1, item.key) for s, e, _ in item.layout(r).runs_list)
     spans.sort()
     for (s0, e0, k0), (s1, e1, k1) in zip(spans, spans[1:]):
         if s1 <= e0:

@@ -102,19 +102,25 @@ def request_runs(items: Sequence, prompt_len: int | None) -> RequestRuns:
     prev = None
     for span in spans:
         s, e, j, row = span
+        if j in masked:  # masked spans may overlap others: their embedded positions are checked below
+            continue
         if prev is not None and s <= prev[1]:
             raise _span_error(items, j, f"span ({s}, {e}) overlaps span ({prev[0]}, {prev[1]}) of "
                               f"items[{prev[2]}]")
         prev = span
-        if j in masked:
-            continue
         last = runs[-1] if runs else None
         if last is not None and last[3] == j and last[1] == s and last[2] + s - last[0] == row:
             runs[-1] = (last[0], e + 1, last[2], j)  # continues the previous run: coalesce
         else:
             runs.append((s, e + 1, row, j))
     if masked:
+        # Spans of masked items may overlap (Qwen-Omni's audio in video: one range, two
+        # items, complementary masks); the positions that take rows may not.
         runs.extend((s, e, r, j) for j in masked for s, e, r in items[j].layout().runs_list)
         runs.sort()
+        for a, b in zip(runs, runs[1:]):
+            if b[0] < a[1]:
+                raise _span_error(items, b[3], f"its embedded positions from {b[0]} overlap those of "
+                                  f"items[{a[3]}] (positions {a[0]}..{a[1] - 1})")
     return RequestRuns(np.array(runs, dtype=np.int64).reshape(len(runs), 4),
                        np.array([(a, b, 0) for a, b in zip(rows, ends)], dtype=np.int64).reshape(n, 3))

@@ -10,6 +10,8 @@ spans of one modality, which the engine fills in item order.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from test_sglang_conformance import DeepstackModel
@@ -170,3 +172,35 @@ def test_none_batch_and_deepstack_key_like_engine(sg):
     assert set(e_other) == set(o_other) == {"input_deepstack_embeds"}
     assert torch.equal(e_out, o_out) and torch.equal(e_other["input_deepstack_embeds"],
                                                      o_other["input_deepstack_embeds"])
+
+
+def test_vllm_audio_in_video_needs_no_model_override(vl):
+    """Qwen-Omni's ``use_audio_in_video``: a video and an audio feature share one placeholder
+    range and split it by ``is_embed``. vLLM's runner ORs the masks and concatenates the
+    features' rows, so the generic ``embed_input_ids`` fills the range video-first; the
+    Omni models override ``embed_input_ids`` to interleave. Ours places each feature's rows
+    at its own masked positions with no override."""
+    from bench.engine_code import VllmModel, vllm_runner
+    from mmassembler.engines import gather_mm_embeddings
+
+    video_mask = torch.tensor([True, True, False, False, True, True, False, False])
+    rows = {"v": torch.arange(4 * H, dtype=torch.float32).reshape(4, H) + 100,
+            "a": torch.arange(4 * H, dtype=torch.float32).reshape(4, H) + 200}
+    feats = [vl.MultiModalFeatureSpec(data=None, modality=m, identifier=k,
+                                      mm_position=vl.PlaceholderRange(offset=2, length=8, is_embed=mask))
+             for k, m, mask in (("v", "video", video_mask), ("a", "audio", ~video_mask))]
+    state = vl.CachedRequestState(req_id="r", prompt_token_ids=[0] * 12, mm_features=feats, sampling_params=None,
+                                  generator=None, block_ids=([],), num_computed_tokens=0, output_token_ids=[])
+    ids = torch.zeros(12, dtype=torch.long)
+    embed = nn.Embedding(7, H)
+    want = embed(ids).detach().clone()
+    want[2 + video_mask.nonzero()[:, 0]] = rows["v"]
+    want[2 + (~video_mask).nonzero()[:, 0]] = rows["a"]
+    sched = SimpleNamespace(total_num_scheduled_tokens=12, num_scheduled_tokens={"r": 12})
+    with torch.no_grad():
+        mm_embeds, is_mm = vl.gather_mm_embeddings(vllm_runner([state], rows), sched)
+        engine = VllmModel(vl, embed).embed_input_ids(ids, mm_embeds, is_multimodal=is_mm)
+        mine = gather_mm_embeddings([state], rows, ids, num_scheduled_tokens={"r": 12}, embed_tokens=embed)
+    assert not torch.equal(engine, want)  # the generic merge: video rows first
+    assert torch.equal(engine[2:6], rows["v"]) and torch.equal(engine[6:10], rows["a"])
+    assert torch.equal(mine, want)
