@@ -78,7 +78,7 @@ def measure(b, bw: float, repeat: int) -> dict:
             else:
                 asm = Assembler(weight=b.weight if mode == "fused" else None, hidden=hidden,
                                 dtype=b.weight.dtype, device=dev, cuda_graph=graph, **cap)
-            h = np.array([asm.add_request(r.items, r.prompt_len) for r in b.requests])
+            h = np.array(asm.add_requests([(r.items, r.prompt_len) for r in b.requests]))
             kw = {} if mode == "fused" or graph else {"out": out_buf}
             if mode == "scatter":
                 out_buf.copy_(b.out)
@@ -114,7 +114,8 @@ def measure(b, bw: float, repeat: int) -> dict:
 
 
 def first_chunk(asm, b, p, e, repeat, sync):
-    """(host, wall) of register + first step + remove, and registration µs per item."""
+    """(host, wall) of registering every request (one ``add_requests`` call, as an engine
+    registers a step's new requests) + the first step, and registration µs per item."""
     host, wall, reg = [], [], []
     for _ in range(max(5, repeat // 10)):
         for h in range(len(b.requests)):
@@ -122,7 +123,7 @@ def first_chunk(asm, b, p, e, repeat, sync):
                 asm.remove_request(h)
         sync()
         t0 = time.perf_counter()
-        h = np.array([asm.add_request(r.items, r.prompt_len) for r in b.requests])
+        h = np.array(asm.add_requests([(r.items, r.prompt_len) for r in b.requests]))
         t1 = time.perf_counter()
         asm.assemble(h, p, e, b.input_ids)
         t2 = time.perf_counter()

@@ -38,9 +38,12 @@ def run_schedule(sched, backend: str, device: str, block_rows=None, cache_bytes=
     for step in sched.steps:
         for r in step.remove:
             asm.remove_request(handles.pop(r))
+        if len(step.add) > 1 and step.add[0] % 2:  # a step's new requests together, or one by one
+            handles.update(zip(step.add, asm.add_requests([requests[r] for r in step.add])))
         for r in step.add:
-            items, prompt_len = requests[r]
-            handles[r] = asm.add_request(items, prompt_len=prompt_len)
+            if r not in handles:
+                items, prompt_len = requests[r]
+                handles[r] = asm.add_request(items, prompt_len=prompt_len)
         n = sum(e for _, _, e in step.windows)
         ids = torch.randint(-3, sched.vocab + 3, (n,), generator=gen).to(device)
         big = torch.randn(n + 4, sched.hidden, generator=gen).to(sched.dtype).to(device)

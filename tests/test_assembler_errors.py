@@ -155,3 +155,20 @@ def test_capacity_of_requests_and_removed_handles(device):
         asm.assemble([h2], [0], [1], torch.zeros(1, dtype=torch.int64, device=device))
     assert asm.add_request([], prompt_len=4) == h2
     asm.assemble([h, h1], [0, 0], [3, 2], torch.zeros(5, dtype=torch.int64, device=device))
+
+
+def test_add_requests_registers_all_or_nothing():
+    """A bad request among several: a SpanError naming its index, and nothing registered."""
+    import pytest
+    import torch
+
+    from mmassembler import Assembler, Item, SpanError
+
+    asm = Assembler(hidden=4, dtype=torch.float32, device="cpu", max_tokens=16, max_requests=4)
+    good = [Item(1, [(0, 1)], embedding=torch.zeros(2, 4))]
+    bad = [Item(2, [(3, 2)], embedding=torch.zeros(2, 4))]
+    with pytest.raises(SpanError) as err:
+        asm.add_requests([(good, 8), (bad, 8)])
+    assert err.value.request == 1 and not asm.registry.live.any()
+    h = asm.add_requests([(good, 8), ([], None)])
+    assert len(set(h)) == 2 and asm.registry.live.sum() == 2

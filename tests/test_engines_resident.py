@@ -42,11 +42,11 @@ def test_registers_once_across_chunks_and_removes_dropped_requests(monkeypatch):
     a, b = SgInputs(_items(3)), SgInputs(_items(2))
     res = resident_for(embed, embed.weight, embed.weight, 0, "auto")
     adds = []
-    real_add = res.asm.add_request
-    monkeypatch.setattr(res.asm, "add_request", lambda *a_, **k: adds.append(1) or real_add(*a_, **k))
+    real_add = res.asm.add_requests
+    monkeypatch.setattr(res.asm, "add_requests", lambda reqs: adds.extend(reqs) or real_add(reqs))
     for prefix in (0, 6, 12):  # three chunks of both requests
         _step([a, b], [prefix, prefix], [6, 6], embed)
-    assert len(adds) == 2
+    assert len(adds) == 2  # registered together at the first step, never again
     assert _registered(embed) == 2
     del a
     gc.collect()

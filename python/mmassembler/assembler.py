@@ -103,6 +103,19 @@ class Assembler:
         with self._lock:
             return self.registry.add(items, None if prompt_len is None else int(prompt_len))
 
+    def add_requests(self, requests: Sequence[tuple[Sequence, int | None]]) -> list[int]:
+        """Register several requests ``(items, prompt_len)`` at once (one write per table:
+        what a step with many new requests wants); their handles, in order. Raises
+        ``SpanError`` naming the request's index, or ``CapacityError``, before any change."""
+        requests = list(requests)
+        for i, (_, prompt_len) in enumerate(requests):
+            if prompt_len is not None and (isinstance(prompt_len, bool) or not isinstance(
+                    prompt_len, (int, np.integer)) or prompt_len < 0):
+                raise BatchShapeError(f"prompt_len must be a non-negative int or None, got {prompt_len!r}",
+                                      request=i)
+        with self._lock:
+            return self.registry.add_many([(items, None if p is None else int(p)) for items, p in requests])
+
     def remove_request(self, handle: int) -> None:
         """Free a request's slots and every reference held to its sources."""
         with self._lock:

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mmassembler.errors import CapacityError, UnknownHandleError
-from mmassembler.runs import NO_LIMIT, request_runs
+from mmassembler.errors import CapacityError, SpanError, UnknownHandleError
+from mmassembler.runs import NO_LIMIT, run_lists
 from mmkernels import layout as L
 
 
@@ -75,33 +75,59 @@ class Registry:
 
     def add(self, items: Sequence, prompt_len: int | None) -> int:
         """Register a request; its handle. Raises ``SpanError``/``CapacityError`` first."""
-        built = request_runs(items, prompt_len)
-        if not self._free_handles:
-            raise CapacityError(f"max_requests {self.max_requests} requests are registered")
-        n, k = len(items), len(built.runs)
-        r0 = self._run_alloc.alloc(k)
+        return self.add_many([(items, prompt_len)])[0]
+
+    def add_many(self, requests: Sequence[tuple[Sequence, int | None]]) -> list[int]:
+        """Register requests ``(items, prompt_len)`` together: one slot range each for all
+        their runs and items, one write per table. Raises ``SpanError`` (naming the
+        request's index in ``requests`` when there are several) or ``CapacityError`` before
+        any change."""
+        built = []
+        for i, (items, prompt_len) in enumerate(requests):
+            try:
+                built.append(run_lists(items, prompt_len))
+            except SpanError as exc:
+                if len(requests) == 1:
+                    raise
+                raise type(exc)(f"requests[{i}]: {exc}", request=i, item_key=exc.item_key) from None
+        m = len(requests)
+        if m > len(self._free_handles):
+            raise CapacityError(f"{m} more requests do not fit max_requests {self.max_requests}")
+        k_all = sum(len(runs) for runs, _ in built)
+        n_all = sum(len(meta) for _, meta in built)
+        r0 = self._run_alloc.alloc(k_all)
         if r0 is None:
-            raise CapacityError(f"{k} runs do not fit the run table (max_runs); remove requests")
-        i0 = self._item_alloc.alloc(n)
+            raise CapacityError(f"{k_all} runs do not fit the run table (max_runs); remove requests")
+        i0 = self._item_alloc.alloc(n_all)
         if i0 is None:
-            self._run_alloc.release(r0, k)
-            raise CapacityError(f"{n} items do not fit the item table (max_items); remove requests")
-        h = self._free_handles.pop()
-        runs = built.runs.copy()
-        runs[:, L.RUN_ITEM] += i0
-        self.runs[r0:r0 + k] = runs
-        self.dirty_runs.append((r0, r0 + k))
-        prompt = NO_LIMIT if prompt_len is None else prompt_len
-        # no runs: a window needs no sources; else the first window with tokens resolves
-        self.req[h] = (0, prompt if k == 0 else 0, NO_LIMIT, r0, r0 + k, prompt, i0, n)
-        items_slice = slice(i0, i0 + n)
-        self.item_obj[items_slice] = list(items)
-        self.item_src[items_slice] = None
-        self.item_meta[items_slice] = built.meta
-        self.item_owner[items_slice] = h
-        self.held[items_slice] = False
-        self.live[h] = True
-        return h
+            self._run_alloc.release(r0, k_all)
+            raise CapacityError(f"{n_all} items do not fit the item table (max_items); remove requests")
+        handles = [self._free_handles.pop() for _ in range(m)]
+        run_rows, req_rows, meta_rows, objs, counts = [], [], [], [], []
+        r, i = r0, i0
+        for h, (items, prompt_len), (runs, meta) in zip(handles, requests, built):
+            k, n = len(runs), len(meta)
+            run_rows.extend((s, e, row, j + i) for s, e, row, j in runs)
+            prompt = NO_LIMIT if prompt_len is None else prompt_len
+            # no runs: a window needs no sources; else the first window with tokens resolves
+            req_rows.append((0, prompt if k == 0 else 0, NO_LIMIT, r, r + k, prompt, i, n))
+            meta_rows.extend(meta)
+            objs.extend(items)
+            counts.append(n)
+            r, i = r + k, i + n
+        if k_all:
+            self.runs[r0:r0 + k_all] = run_rows
+            self.dirty_runs.append((r0, r0 + k_all))
+        self.req[handles] = req_rows
+        if n_all:
+            items_slice = slice(i0, i0 + n_all)
+            self.item_obj[items_slice] = objs
+            self.item_src[items_slice] = None
+            self.item_meta[items_slice] = meta_rows
+            self.item_owner[items_slice] = np.repeat(handles, counts)
+            self.held[items_slice] = False
+        self.live[handles] = True
+        return handles
 
     def remove(self, h: int) -> list:
         """Free a request's slots; returns the sources it held (to release after use)."""

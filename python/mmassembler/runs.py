@@ -10,7 +10,6 @@ continue each other are coalesced.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import numpy as np
 
@@ -18,15 +17,6 @@ from mmassembler.batch import Item
 from mmassembler.errors import SpanError
 
 NO_LIMIT = np.iinfo(np.int64).max // 4  # a position no prompt reaches
-
-
-class RequestRuns(NamedTuple):
-    """``runs [k, 4]`` (item = index into the request's items), and ``meta [n, 3]``: per
-    item its embedding rows, the end of its last embedded position (0 when it embeds
-    none), and a third column left for the registry (the owner)."""
-
-    runs: np.ndarray
-    meta: np.ndarray
 
 
 def _span_error(items: Sequence, j: int, message: str) -> SpanError:
@@ -79,8 +69,11 @@ def _item_spans(items: Sequence, j: int, limit: int, spans: list) -> tuple[int, 
     return row, prev + 1
 
 
-def request_runs(items: Sequence, prompt_len: int | None) -> RequestRuns:
-    """Check a request's items and build its runs; raises ``SpanError`` naming the item.
+def run_lists(items: Sequence, prompt_len: int | None) -> tuple[list, list]:
+    """Check a request's items and build them as lists of tuples: its runs (item = index
+    into ``items``, sorted by position) and per item ``(embedding rows, end of its last
+    embedded position (0 when it embeds none), 0)`` (the last column is the registry's
+    owner); raises ``SpanError`` naming the item.
 
     One plain-Python pass (a request's items are Python objects; numpy's fixed cost per
     call is larger than this work for the few spans most requests have).
@@ -122,5 +115,4 @@ def request_runs(items: Sequence, prompt_len: int | None) -> RequestRuns:
             if b[0] < a[1]:
                 raise _span_error(items, b[3], f"its embedded positions from {b[0]} overlap those of "
                                   f"items[{a[3]}] (positions {a[0]}..{a[1] - 1})")
-    return RequestRuns(np.array(runs, dtype=np.int64).reshape(len(runs), 4),
-                       np.array([(a, b, 0) for a, b in zip(rows, ends)], dtype=np.int64).reshape(n, 3))
+    return runs, [(a, b, 0) for a, b in zip(rows, ends)]

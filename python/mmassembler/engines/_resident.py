@@ -81,7 +81,7 @@ class Resident:
         asm = self.asm
         self._remove_dead()
         out = np.empty(len(owners), np.int64)
-        texts = 0
+        texts, new = 0, []
         for i, owner in enumerate(owners):
             if owner is None:
                 if texts == len(self._text):
@@ -97,16 +97,17 @@ class Resident:
             if entry is not None:
                 asm.remove_request(entry[1])
                 del self._entries[id(owner)]
-            items, prompt_len = register(owner)
-            h = asm.add_request(items, prompt_len)
-            out[i] = h
-            try:
-                ref = weakref.ref(owner, lambda _, key=id(owner), me=weakref.ref(self): (
-                    me() is not None and me()._drop(key)))
-            except TypeError:  # no weak reference, no way to see it go: for this step only
-                self._dead.append(h)
-                continue
-            self._entries[id(owner)] = (ref, h, snap)
+            new.append((i, owner, snap))
+        if new:  # the step's new (or changed) requests, registered together
+            for (i, owner, snap), h in zip(new, asm.add_requests([register(o) for _, o, _ in new])):
+                out[i] = h
+                try:
+                    ref = weakref.ref(owner, lambda _, key=id(owner), me=weakref.ref(self): (
+                        me() is not None and me()._drop(key)))
+                except TypeError:  # no weak reference, no way to see it go: for this step only
+                    self._dead.append(h)
+                    continue
+                self._entries[id(owner)] = (ref, h, snap)
         return out
 
     def step(self, owners: Sequence, snapshot: Callable, register: Callable, prefix, extend,
