@@ -45,12 +45,12 @@ class ResidentTables:
         """The item-table row of a 2-D source ``t`` (unit column stride, on ``device``)."""
         kind = KIND_OF_DTYPE[t.dtype]
         esize = t.element_size()
-        delta = t.data_ptr() - self._anchor_addr[kind]
+        ptr = t.data_ptr()
+        delta = ptr - self._anchor_addr[kind]
         if delta % esize:
             raise ValueError("Invalid source: its address is not aligned to its element size")
         stride = t.stride(0)
-        aligned = int(t.data_ptr() % 16 == 0 and (stride * esize) % 16 == 0
-                      and (hidden * esize) % 16 == 0)
+        aligned = int(ptr % 16 == 0 and (stride * esize) % 16 == 0 and (hidden * esize) % 16 == 0)
         return (delta // esize, stride, kind, t.shape[1], aligned, 0, 0, 0)
 
     def write(self, run_idx: np.ndarray, run_rows: np.ndarray, item_idx: np.ndarray,

@@ -21,7 +21,8 @@ def as_rows(t, widths: Sequence[int], *, request: int, key: int, what: str) -> t
     if not isinstance(t, torch.Tensor):
         raise EmbeddingFormatError(f"{what} is a {type(t).__name__}, not a torch.Tensor",
                                    request=request, item_key=key)
-    t = t.detach()  # assembly is inference: no autograd graph is kept or returned
+    if t.requires_grad:
+        t = t.detach()  # assembly is inference: no autograd graph is kept or returned
     if t.dtype not in _FLOATS:
         raise EmbeddingFormatError(f"{what} has dtype {t.dtype}; expected one of "
                                    f"{[str(d) for d in _FLOATS]}", request=request, item_key=key)
