@@ -109,3 +109,12 @@ def test_vllm_feature_missing_from_the_encoder_cache_names_request_and_identifie
     weight = torch.randn(3, H)
     with pytest.raises(MissingEncoderError, match="req-9.*img-1"):
         gather_mm_embeddings([req], {}, torch.zeros(5, dtype=torch.long), embed_tokens=weight)
+
+
+def test_a_request_with_more_items_than_the_tables_hold_grows_them():
+    embed = nn.Embedding(10, H)
+    res = resident_for(embed, embed.weight, embed.weight, 0, "auto")
+    many = res.asm.registry.item_obj.shape[0] * 3  # three times the item table
+    items = [SgItem(Modality.IMAGE, 100 + i, [(2 * i, 2 * i)], precomputed_embeddings=torch.randn(1, H))
+             for i in range(many)]
+    _step([SgInputs(items)], [0], [2 * many], embed)

@@ -30,6 +30,7 @@ from mmassembler.errors import CapacityError
 logger = logging.getLogger(__name__)
 
 MIN_TOKENS, MIN_REQUESTS = 8192, 64
+GROWTHS = 8  # doublings one step may ask for (tables of 256x the requests)
 
 
 class Resident:
@@ -117,11 +118,14 @@ class Resident:
             n, r = int(np.sum(extend)), len(owners)
             if n > self.asm.max_tokens or r > self.asm.max_requests:
                 self._grow(n, r)
-            try:
-                h = self.handles(owners, snapshot, register)
-            except CapacityError:
-                self._grow(self.asm.max_tokens, 2 * self.asm.max_requests)
-                h = self.handles(owners, snapshot, register)
+            for attempt in range(GROWTHS + 1):
+                try:
+                    h = self.handles(owners, snapshot, register)
+                    break
+                except CapacityError:  # the request or item table is full: double both
+                    if attempt == GROWTHS:
+                        raise
+                    self._grow(self.asm.max_tokens, 2 * self.asm.max_requests)
             self.asm.encoders, self.asm.cache = encoders, cache
             try:
                 return self.asm.assemble(h, prefix, extend, input_ids, out=out, deepstack_out=deepstack_out)
