@@ -118,3 +118,23 @@ def test_a_request_with_more_items_than_the_tables_hold_grows_them():
     items = [SgItem(Modality.IMAGE, 100 + i, [(2 * i, 2 * i)], precomputed_embeddings=torch.randn(1, H))
              for i in range(many)]
     _step([SgInputs(items)], [0], [2 * many], embed)
+
+
+def test_vllm_changed_placement_is_registered_again():
+    from test_engines import Feature, PlaceholderRange, RunnerRequest
+
+    from mmassembler.engines import gather_mm_embeddings
+
+    emb = torch.randn(3, H)
+    feat = Feature("x", PlaceholderRange(2, 3))
+    req = RunnerRequest(0, 8, [feat])
+    weight = torch.randn(5, H)
+    ids = torch.zeros(8, dtype=torch.long)
+    first = gather_mm_embeddings([req], {"x": emb}, ids, embed_tokens=weight)
+    assert torch.equal(first[2:5], emb)
+    feat.mm_position = PlaceholderRange(4, 3)  # moved
+    second = gather_mm_embeddings([req], {"x": emb}, ids, embed_tokens=weight)
+    assert torch.equal(second[4:7], emb) and torch.equal(second[2:4], weight[ids[2:4]])
+    feat.mm_position.is_embed = torch.tensor([True, False, True])  # masked in place: a new mask object
+    third = gather_mm_embeddings([req], {"x": emb[:2]}, ids, embed_tokens=weight)
+    assert torch.equal(third[[4, 6]], emb[:2]) and torch.equal(third[5], weight[0])

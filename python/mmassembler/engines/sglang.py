@@ -128,11 +128,16 @@ def embed_mm_inputs(
 
 
 def _snapshot(mm_inputs) -> tuple:
-    """What must not change for a registered request: its item objects, their placement
-    and their precomputed tensors (see ``_resident``)."""
+    """What must not change for a registered request: its item objects, their precomputed
+    tensors (by identity) and their offsets (by value). The registered ``Item``s hold the
+    engine's items and tensors, so their ids cannot be reused while this is compared."""
     items = mm_inputs.mm_items
-    embs = [getattr(it, "precomputed_embeddings", None) for it in items]
-    return [*map(id, items), *map(id, embs), *[getattr(it, "offsets", None) for it in items]], (list(items), embs)
+    try:
+        return [(id(it), id(it.precomputed_embeddings), it.offsets) if it is not None else None
+                for it in items], None
+    except AttributeError:  # a duck-typed item without every field
+        return [(id(it), id(getattr(it, "precomputed_embeddings", None)), getattr(it, "offsets", None))
+                for it in items], None
 
 
 def _register(mm_inputs, device: torch.device) -> tuple[list, None]:

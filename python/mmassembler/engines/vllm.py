@@ -212,11 +212,10 @@ _SCATTER = _Key()
 
 
 def _snapshot(r) -> tuple:
-    """What must not change for a registered request: its features and their placement."""
-    feats = r.mm_features
-    pos = [f.mm_position for f in feats]
-    return ([*map(id, feats), *map(id, pos), *[(p.offset, p.length, id(p.is_embed)) for p in pos]],
-            (list(feats), pos))
+    """What must not change for a registered request: its features and their placement
+    (by identity and value). The positions are kept, so their ids cannot be reused."""
+    pos = [f.mm_position for f in r.mm_features]
+    return [(id(f), id(p), p.offset, p.length, id(p.is_embed)) for f, p in zip(r.mm_features, pos)], pos
 
 
 def _register(r) -> tuple[list, None]:
