@@ -135,80 +135,47 @@ def _assemble_step_kernel(
     src_row0 = zero
     in_run = zero
     item = items_ptr
-    run_pos = zero  # the current run's fields (kept from the search, or the advance)
-    run_end = zero
-    run_row = zero
-    run_item = zero
-    next_pos = zero  # where the run after it starts
     while row < end:
         if row >= seg_end:  # the next segment
             if row >= req_end:  # a new request: search it, then its run holding the position
-                # Each probe loads its whole row, kept when the probe wins: the search's last
-                # winning probe is the answer, so no further dependent load follows it.
                 lo = zero
                 hi = num_requests
                 while lo < hi:  # the last request whose output base is <= row (empty ones lose ties)
                     mid = (lo + hi) // 2
-                    at_req = step_ptr + (1 + mid) * STEP_FIELDS
-                    b = tl.load(at_req + STEP_BASE)
-                    b_prefix = tl.load(at_req + STEP_PREFIX)
-                    b_end = tl.load(at_req + STEP_FIELDS + STEP_BASE)  # the next row's base
-                    b_first = tl.load(at_req + STEP_RUN_FIRST)
-                    b_last = tl.load(at_req + STEP_RUN_END)
-                    win = b <= row
-                    base = tl.where(win, b, base)
-                    prefix = tl.where(win, b_prefix, prefix)
-                    req_end = tl.where(win, b_end, req_end)
-                    first_run = tl.where(win, b_first, first_run)
-                    end_run = tl.where(win, b_last, end_run)
-                    lo = tl.where(win, mid + 1, lo)
-                    hi = tl.where(win, hi, mid)
+                    b = tl.load(step_ptr + (1 + mid) * STEP_FIELDS + STEP_BASE)
+                    lo = tl.where(b <= row, mid + 1, lo)
+                    hi = tl.where(b <= row, hi, mid)
+                req = step_ptr + lo * STEP_FIELDS  # row 1 + (lo - 1)
+                base = tl.load(req + STEP_BASE)
+                prefix = tl.load(req + STEP_PREFIX)
+                req_end = tl.load(req + STEP_FIELDS + STEP_BASE)  # the next row's base
+                first_run = tl.load(req + STEP_RUN_FIRST)
+                end_run = tl.load(req + STEP_RUN_END)
                 pos = prefix + row - base
                 lo = first_run
                 hi = end_run
-                run_pos = zero
-                run_end = zero
-                run_row = zero
-                run_item = zero
-                next_pos = zero + (1 << 62)
                 while lo < hi:  # the last run of the request starting at or before pos
                     mid = (lo + hi) // 2
-                    at_run = runs_ptr + mid * RUN_FIELDS
-                    s = tl.load(at_run + RUN_POS)
-                    s_end = tl.load(at_run + RUN_END)
-                    s_row = tl.load(at_run + RUN_ROW)
-                    s_item = tl.load(at_run + RUN_ITEM)
-                    win = s <= pos
-                    run_pos = tl.where(win, s, run_pos)
-                    run_end = tl.where(win, s_end, run_end)
-                    run_row = tl.where(win, s_row, run_row)
-                    run_item = tl.where(win, s_item, run_item)
-                    next_pos = tl.where(win, next_pos, s)  # the last losing probe: the next run
-                    lo = tl.where(win, mid + 1, lo)
-                    hi = tl.where(win, hi, mid)
+                    s = tl.load(runs_ptr + mid * RUN_FIELDS + RUN_POS)
+                    lo = tl.where(s <= pos, mid + 1, lo)
+                    hi = tl.where(s <= pos, hi, mid)
                 run = lo - 1
             else:  # the same request: the segment ended where the next run starts, or at its end
                 pos = prefix + row - base
-                at_run = runs_ptr + (run + 1) * RUN_FIELDS
-                more = run + 1 < end_run
-                nxt = tl.load(at_run + RUN_POS, mask=more, other=1 << 62)
-                nxt_end = tl.load(at_run + RUN_END, mask=more, other=0)
-                nxt_row = tl.load(at_run + RUN_ROW, mask=more, other=0)
-                nxt_item = tl.load(at_run + RUN_ITEM, mask=more, other=0)
-                after = tl.load(at_run + RUN_FIELDS + RUN_POS, mask=run + 2 < end_run, other=1 << 62)
-                step = nxt <= pos
-                run = tl.where(step, run + 1, run)
-                run_pos = tl.where(step, nxt, run_pos)
-                run_end = tl.where(step, nxt_end, run_end)
-                run_row = tl.where(step, nxt_row, run_row)
-                run_item = tl.where(step, nxt_item, run_item)
-                next_pos = tl.where(step, after, nxt)
+                nxt = tl.load(runs_ptr + (run + 1) * RUN_FIELDS + RUN_POS, mask=run + 1 < end_run,
+                              other=1 << 62)
+                run = tl.where(nxt <= pos, run + 1, run)
             found = run >= first_run
+            at = runs_ptr + tl.maximum(run, first_run) * RUN_FIELDS
+            run_pos = tl.load(at + RUN_POS, mask=found, other=0)
+            run_end = tl.load(at + RUN_END, mask=found, other=0)
+            next_pos = tl.load(runs_ptr + (run + 1) * RUN_FIELDS + RUN_POS, mask=run + 1 < end_run,
+                               other=1 << 62)
             in_run = (found & (pos < run_end)).to(tl.int64)
             seg_start = row
             seg_end = tl.minimum(req_end, row + tl.where(in_run != 0, run_end, next_pos) - pos)
-            src_row0 = run_row + pos - run_pos
-            item = items_ptr + run_item * ITEM_FIELDS
+            src_row0 = tl.load(at + RUN_ROW, mask=found, other=0) + pos - run_pos
+            item = items_ptr + tl.load(at + RUN_ITEM, mask=found, other=0) * ITEM_FIELDS
         piece_end = tl.minimum(tl.minimum(row + BLOCK_R, seg_end), end)
         ok = (r < piece_end - row)[:, None]
         out_rows = (row + r)[:, None]
