@@ -138,10 +138,8 @@ def _assemble_step_kernel(
     while row < end:
         if row >= seg_end:  # the next segment
             if row >= req_end:  # a new request: search it, then its run holding the position
-                lo = zero + 1  # one request: no search
+                lo = zero
                 hi = num_requests
-                if num_requests > 1:
-                    lo = zero
                 while lo < hi:  # the last request whose output base is <= row (empty ones lose ties)
                     mid = (lo + hi) // 2
                     b = tl.load(step_ptr + (1 + mid) * STEP_FIELDS + STEP_BASE)
