@@ -138,3 +138,41 @@ def test_vllm_changed_placement_is_registered_again():
     feat.mm_position.is_embed = torch.tensor([True, False, True])  # masked in place: a new mask object
     third = gather_mm_embeddings([req], {"x": emb[:2]}, ids, embed_tokens=weight)
     assert torch.equal(third[[4, 6]], emb[:2]) and torch.equal(third[5], weight[0])
+
+
+def _python_calls(fn) -> int:
+    """Python-level function calls made by ``fn()`` (``sys.setprofile`` "call" events)."""
+    import sys
+
+    count = 0
+
+    def profile(frame, event, arg):
+        nonlocal count
+        count += event == "call"
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return count
+
+
+def test_steady_adapter_step_python_calls_do_not_grow_with_items():
+    """Once registered, a request costs the adapter a snapshot per step (a comprehension
+    over its items, no Python call per item), so the step's Python calls are the same at
+    1 item per request as at 64."""
+    def calls(items_per_request):
+        embed = nn.Embedding(10, H)
+        reqs = [SgInputs([SgItem(Modality.IMAGE, 1000 * r + i, [(3 * i, 3 * i + 1)],
+                                 precomputed_embeddings=torch.randn(2, H)) for i in range(items_per_request)])
+                for r in range(4)]
+        n = 3 * items_per_request
+        ids = torch.randint(0, 10, (4 * n,))
+        step = lambda: sglang.embed_mm_inputs(reqs, [0] * 4, [n] * 4, ids, embed, cache=None)  # noqa: E731
+        with torch.no_grad():
+            step()
+            step()
+            return _python_calls(step)
+
+    assert calls(1) == calls(64)
