@@ -26,6 +26,7 @@ import torch
 from mmassembler.assembler import Assembler
 from mmassembler.engines._state import ObjectState
 from mmassembler.errors import CapacityError
+from mmassembler.step_inputs import int_array
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,8 @@ class Resident:
              input_ids: torch.Tensor, *, encoders, cache, out=None, deepstack_out=None) -> torch.Tensor:
         """``Assembler.assemble`` for the engine's requests, growing capacity as needed."""
         with self._lock:
-            n, r = int(np.sum(extend)), len(owners)
+            prefix, extend = int_array(prefix, "prefix_lens"), int_array(extend, "extend_lens")
+            n, r = int(extend.sum()), len(owners)
             if n > self.asm.max_tokens or r > self.asm.max_requests:
                 self._grow(n, r)
             for attempt in range(GROWTHS + 1):

@@ -82,12 +82,26 @@ def _make_encoder(func: Callable, rows_fn: RowsFn | None, name: str) -> Callable
     return encode
 
 
+def modality_name(modality) -> str:
+    """``Modality.IMAGE`` (or ``"IMAGE"``) -> ``"image"``."""
+    return (getattr(modality, "name", None) or str(modality)).lower()
+
+
 class StepEncoders(Mapping):
     """The step's encoders by modality name, wrapped on first use: the engine's
-    ``data_embedding_func_mapping``, else ``multimodal_model.get_<modality>_feature``."""
+    ``data_embedding_func_mapping`` (keys ``Modality`` members), else
+    ``multimodal_model.get_<modality>_feature``. Built per step and read only when an item
+    needs encoding, so a steady step pays nothing for it."""
 
-    def __init__(self, funcs: dict, model, rows_fn):
-        self._funcs, self._model, self._rows_fn, self._made = funcs, model, rows_fn, {}
+    def __init__(self, mapping: Mapping | None, model, rows_fn):
+        self._mapping, self._model, self._rows_fn, self._made = mapping, model, rows_fn, {}
+        self._by_name: dict | None = None
+
+    @property
+    def _funcs(self) -> dict:
+        if self._by_name is None:
+            self._by_name = {modality_name(k): v for k, v in (self._mapping or {}).items()}
+        return self._by_name
 
     def _func(self, modality: str):
         return self._funcs.get(modality) or getattr(self._model, f"get_{modality}_feature", None)

@@ -22,7 +22,7 @@ from mmassembler.batch import Item
 from mmassembler.cache import EmbeddingCache
 from mmassembler.engines._embedding import plain_table, text_rows
 from mmassembler.engines._resident import resident_for
-from mmassembler.engines._sglang_encoders import RowsFn, StepEncoders
+from mmassembler.engines._sglang_encoders import RowsFn, StepEncoders, modality_name
 from mmassembler.engines._state import ObjectState
 from mmassembler.errors import BatchShapeError
 
@@ -43,10 +43,6 @@ def default_cache() -> EmbeddingCache:
     return _default_cache
 
 
-def _modality_name(modality) -> str:
-    return (getattr(modality, "name", None) or str(modality)).lower()
-
-
 def _item_for(sg_item, device: torch.device) -> Item:
     """Our ``Item`` for an SGLang item, made once and kept beside it (never on it)."""
     cached = _items.get(sg_item)
@@ -60,7 +56,7 @@ def _item_for(sg_item, device: torch.device) -> Item:
     if (cached is not None and cached.key == sg_item.hash and cached.embedding is emb
             and list(cached.spans) == spans):
         return cached
-    item = Item(sg_item.hash, spans, modality=_modality_name(sg_item.modality), embedding=emb,
+    item = Item(sg_item.hash, spans, modality=modality_name(sg_item.modality), embedding=emb,
                 data=sg_item)
     return _items.set(sg_item, item)
 
@@ -106,8 +102,7 @@ def embed_mm_inputs(
             f"{len(extend_prefix_lens)} and {len(extend_seq_lens)} entries; they must describe the same "
             f"requests (for a batch that mixes text-only requests use prepare_mm_inputs, or pass None "
             f"for each text-only request)")
-    funcs = {_modality_name(k): v for k, v in (data_embedding_func_mapping or {}).items()}
-    encoders = StepEncoders(funcs, multimodal_model, rows_fn)
+    encoders = StepEncoders(data_embedding_func_mapping, multimodal_model, rows_fn)
     device = input_ids.device
     weight = plain_table(input_embedding)  # else the engine's module computes text rows
     embeds = None if weight is not None else text_rows(input_embedding, input_ids)
