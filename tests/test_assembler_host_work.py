@@ -9,13 +9,14 @@ import torch
 from mmassembler import Assembler, Item
 
 
-def _count_calls(fn) -> int:
-    """Python and C function calls made by ``fn()`` (``sys.setprofile`` events)."""
+def count_calls(fn, events=("call", "c_call")) -> int:
+    """Function calls made by ``fn()``: ``sys.setprofile`` events of the given kinds
+    (Python and C calls by default; ``("call",)`` for Python calls alone)."""
     count = 0
 
     def profile(frame, event, arg):
         nonlocal count
-        if event in ("call", "c_call"):
+        if event in events:
             count += 1
 
     sys.setprofile(profile)
@@ -44,7 +45,7 @@ def _steady_step_calls(num_requests: int, items_per_request: int, backend: str, 
     asm.assemble(h, p, e, ids)  # warm: on a GPU the kernel is compiled and then launched directly
     if asm.backend == "interpreter":  # the interpreter runs the kernel itself in Python
         asm._op.launcher = SimpleNamespace(launch_direct=lambda *args: True)
-    calls = _count_calls(lambda: asm.assemble(h, p, e, ids))
+    calls = count_calls(lambda: asm.assemble(h, p, e, ids))
     if asm.backend == "triton":
         assert asm._op.launcher.direct_launches >= 2  # Triton's dispatcher was skipped
     return calls

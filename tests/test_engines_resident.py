@@ -4,6 +4,7 @@ only when its items change, and goes when the engine drops it."""
 import gc
 
 import torch
+from test_assembler_host_work import count_calls
 from test_engines import Modality, SgInputs, SgItem
 from torch import nn
 
@@ -140,24 +141,6 @@ def test_vllm_changed_placement_is_registered_again():
     assert torch.equal(third[[4, 6]], emb[:2]) and torch.equal(third[5], weight[0])
 
 
-def _python_calls(fn) -> int:
-    """Python-level function calls made by ``fn()`` (``sys.setprofile`` "call" events)."""
-    import sys
-
-    count = 0
-
-    def profile(frame, event, arg):
-        nonlocal count
-        count += event == "call"
-
-    sys.setprofile(profile)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return count
-
-
 def test_steady_adapter_step_python_calls_do_not_grow_with_items():
     """Once registered, a request costs the adapter a snapshot per step (a comprehension
     over its items, no Python call per item), so the step's Python calls are the same at
@@ -173,6 +156,6 @@ def test_steady_adapter_step_python_calls_do_not_grow_with_items():
         with torch.no_grad():
             step()
             step()
-            return _python_calls(step)
+            return count_calls(step, events=("call",))
 
     assert calls(1) == calls(64)
