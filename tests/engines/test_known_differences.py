@@ -83,6 +83,14 @@ ORDER_CASES = {
 }
 
 
+def _batch(sg, items, encode):
+    """One 10-token request over ``items``: (tokens, ids, text embedding, encoder mapping),
+    with the engine's embedding cache emptied."""
+    n = 10
+    sg.mm_schedule.init_mm_embedding_cache(1 << 20)
+    return n, _ids(items, n, 7), nn.Embedding(7, H), {m: encode for m in sg.Modality}
+
+
 def _engine_outcome(fn, *args):
     try:
         return "ok", fn(*args)
@@ -94,11 +102,7 @@ def _engine_outcome(fn, *args):
 def test_row_count_mismatch(sg, name):
     specs, encode, engine_says = CASES[name]
     items = [_item(sg, k, spans, rows, modality=m, precomputed=p) for k, spans, rows, m, p in specs]
-    n = 10
-    ids = _ids(items, n, 7)
-    embed = nn.Embedding(7, H)
-    mapping = {m: encode for m in sg.Modality}
-    sg.mm_schedule.init_mm_embedding_cache(1 << 20)
+    n, ids, embed, mapping = _batch(sg, items, encode)
     with torch.no_grad():
         status, got = _engine_outcome(sg.mm_utils.embed_mm_inputs, [sg.MultimodalInputs(mm_items=items)],
                                       [0], [n], ids.clone(), embed, None, mapping)
@@ -122,11 +126,7 @@ def test_row_count_mismatch(sg, name):
 def test_placement_by_position(sg, name):
     specs, engine_says = ORDER_CASES[name]
     items = [_item(sg, k, spans, rows, modality=m) for k, spans, rows, m in specs]
-    n = 10
-    ids = _ids(items, n, 7)
-    embed = nn.Embedding(7, H)
-    mapping = {m: _list_encoder for m in sg.Modality}
-    sg.mm_schedule.init_mm_embedding_cache(1 << 20)
+    n, ids, embed, mapping = _batch(sg, items, _list_encoder)
     with torch.no_grad():
         want = _oracle(items, ids, embed)
         engine, _ = sg.mm_utils.embed_mm_inputs([sg.MultimodalInputs(mm_items=items)], [0], [n], ids.clone(),
