@@ -48,14 +48,14 @@ class DirectLauncher:
     def launch_direct(self, key, grid: int, int_args: tuple, device_index: int) -> bool:
         """Launch the kernel compiled for ``key`` with every argument as an int (pointers
         as addresses, constexprs last); False when there is none or a hook is set."""
-        compiled = self.compiled.get(key)
-        if compiled is None:
+        entry = self.compiled.get(key)
+        if entry is None:
             return False
         runtime = self._runtime_knobs
         if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
             return False
-        compiled.run(grid, 1, 1, torch._C._cuda_getCurrentRawStream(device_index), compiled.function,
-                     compiled.packed_metadata, None, None, None, *int_args)
+        call, head = entry[:2]
+        call(grid, 1, 1, torch._C._cuda_getCurrentRawStream(device_index), *head, *int_args)
         self.direct_launches += 1
         return True
 
@@ -63,4 +63,21 @@ class DirectLauncher:
         """Launch through Triton's dispatcher (compiling if needed); keep what it compiled."""
         result = self.kernel[(grid,)](*args, **constexprs, num_warps=num_warps)
         if self.direct and result is not None and not hasattr(result, "result"):
-            self.compiled[key] = result
+            self.compiled[key] = _direct_entry(result)
+
+
+def _direct_entry(compiled, c_launch: bool = True) -> tuple:
+    """``(callable, arguments between the stream and the kernel's, compiled kernel)``.
+
+    Triton 3.6's ``CudaLauncher.__call__`` only allocates scratch buffers and forwards to
+    its C ``launch``; a kernel that needs no scratch is launched through ``launch``
+    itself (cooperative and PDL flags, no scratch), skipping that Python layer.
+    """
+    run = compiled.run
+    meta = (compiled.packed_metadata, None, None, None)  # metadata, launch metadata, hooks
+    if (c_launch and type(run).__name__ == "CudaLauncher" and callable(getattr(run, "launch", None))
+            and getattr(run, "global_scratch_size", 1) == 0
+            and getattr(run, "profile_scratch_size", 1) == 0):
+        return run.launch, (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+                            *meta), compiled
+    return run, (compiled.function, *meta), compiled

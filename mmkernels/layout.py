@@ -13,6 +13,11 @@ these names, so a field never means two things. Every table is int64, row-major.
 - Step table ``[1 + max_requests + 1, STEP_FIELDS]``: row 0 holds the step's counts
   (``STEP_TOKENS``, ``STEP_REQUESTS``) read on the device; row ``1 + i`` request ``i``'s
   window; the row after the last request holds the token count as its ``STEP_BASE``.
+  The kernel reads ``STEP_BASE``, ``STEP_PREFIX``, ``STEP_RUN_FIRST`` and ``STEP_RUN_END``.
+  The other columns serve the host's check that a window needs no work: a request row is
+  gathered whole from the registry, the window's prefix and stop are written beside its
+  bounds, and ``READY_LO <= PREFIX <= STOP <= READY_HI`` (adjacent columns: one
+  comparison of two shifted slices) plus ``PREFIX <= START_MAX`` hold.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ RUN_FIELDS = 4
 ITEM_OFF, ITEM_STRIDE, ITEM_KIND, ITEM_COLS, ITEM_ALIGNED = 0, 1, 2, 3, 4
 ITEM_FIELDS = 8  # padded to 64 bytes: one item is one aligned line
 
-STEP_BASE, STEP_PREFIX, STEP_RUN_FIRST, STEP_RUN_END = 0, 1, 2, 3  # request rows
+# request rows: kernel fields, and host check fields (ready interval, start limit)
+(STEP_BASE, STEP_READY_LO, STEP_PREFIX, STEP_STOP, STEP_READY_HI, STEP_START_MAX, STEP_RUN_FIRST,
+ STEP_RUN_END) = range(8)
 STEP_TOKENS, STEP_REQUESTS = 0, 1  # header row
-STEP_FIELDS = 4
+STEP_FIELDS = 8  # 64 bytes a row
 
 KIND_F32, KIND_F16, KIND_BF16 = 0, 1, 2  # a source's dtype: which anchor it is read from
 KIND_NONE = -1  # an item slot with no source (unresolved or released)

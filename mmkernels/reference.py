@@ -87,7 +87,8 @@ def assemble_step_ref(
             deepstack_out[:n].zero_()
     segments = []  # (slot, first source row, output row, rows)
     for i in range(num_req):
-        base, prefix, first, end = step[1 + i].tolist()
+        base, prefix = int(step[1 + i, L.STEP_BASE]), int(step[1 + i, L.STEP_PREFIX])
+        first, end = int(step[1 + i, L.STEP_RUN_FIRST]), int(step[1 + i, L.STEP_RUN_END])
         stop = prefix + int(step[2 + i, L.STEP_BASE]) - base
         for pos, run_end, row, slot in runs[first:end].tolist():
             a, z = max(pos, prefix), min(run_end, stop)

@@ -35,6 +35,9 @@ STEP_CASES = [
     # name, kwargs of assemble (h is replaced by the live handle), error
     ("unknown handle", dict(handles=[2]), UnknownHandleError),
     ("negative handle", dict(handles=[-1]), UnknownHandleError),
+    ("handle zero", dict(handles=[0]), UnknownHandleError),
+    ("handle past capacity", dict(handles=[4]), UnknownHandleError),
+    ("huge handle", dict(handles=[2**62]), UnknownHandleError),
     ("float handle", dict(handles=[0.5]), BatchShapeError),
     ("lengths differ", dict(prefix_lens=[0, 0]), BatchShapeError),
     ("window past prompt", dict(prefix_lens=[95], extend_lens=[6]), ChunkWindowError),
@@ -172,3 +175,32 @@ def test_add_requests_registers_all_or_nothing():
     assert err.value.request == 1 and not asm.registry.live.any()
     h = asm.add_requests([(good, 8), ([], None)])
     assert len(set(h)) == 2 and asm.registry.live.sum() == 2
+
+
+@pytest.mark.parametrize("bad", [-1, 0, 3, -3, 2**63 - 1])
+def test_out_of_range_handles_fail_with_every_slot_live(bad):
+    """With every handle live, an out-of-range handle must not alias a live request
+    (numpy would wrap -1 to the last row)."""
+    asm = Assembler(hidden=4, dtype=torch.float32, device="cpu", max_tokens=16, max_requests=2)
+    asm.add_requests([([], 8), ([], 8)])
+    out = torch.full((2, 4), 7.0)
+    with pytest.raises(UnknownHandleError):
+        asm.assemble([bad], [0], [2], out=out)
+    assert torch.equal(out, torch.full_like(out, 7.0))
+
+
+def test_windows_cannot_overflow_the_token_count():
+    """Windows of requests without a prompt length are bounded, so their sum cannot wrap
+    around to a small count: a typed error, not a kernel reading with wrapped bases."""
+    asm = Assembler(hidden=4, dtype=torch.float32, device="cpu", max_tokens=16, max_requests=9)
+    h = asm.add_requests([([], None)] * 9)
+    huge = 2**61 - 1  # 9 of these wrap an int64 sum around to 7
+    with pytest.raises(AssemblyError):
+        asm.assemble(h, [0] * 9, [huge] * 8 + [15], out=torch.zeros(7, 4))
+    longest = 2**40
+    with pytest.raises(CapacityError):
+        asm.assemble(h, [0] * 9, [longest] * 9, out=torch.zeros(16, 4))
+    with pytest.raises(BatchShapeError):
+        asm.add_request([], prompt_len=2**40 + 1)
+    with pytest.raises(BatchShapeError):
+        Assembler(hidden=4, dtype=torch.float32, device="cpu", max_tokens=16, max_requests=2**20 + 1)

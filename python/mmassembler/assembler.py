@@ -19,12 +19,12 @@ import mmkernels
 from mmassembler.cache import EmbeddingCache
 from mmassembler.encode import Encoder, EncoderFn
 from mmassembler.errors import BatchShapeError
-from mmassembler.registry import HI, LO, RELEASE, RUN_END, RUN_FIRST, Registry
+from mmassembler.registry import Registry
+from mmassembler.runs import MAX_REQUESTS, NO_LIMIT
 from mmassembler.resolve import Wanted, resolve
 from mmassembler.step_inputs import (FLOATS, check_input_ids, check_rows_buffer, check_windows,
                                      int_array)
 from mmkernels import layout as L
-from mmkernels.layout import STEP_BASE, STEP_PREFIX, STEP_RUN_END, STEP_RUN_FIRST
 from mmkernels.reference import assemble_step_ref
 from mmkernels.step import StepOp, check_block_rows
 from mmkernels.tables import STAGING_RING, ResidentTables
@@ -59,6 +59,8 @@ class Assembler:
                         ("hidden", hidden), ("deepstack_cols", deepstack_cols + 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise BatchShapeError(f"{name} must be a positive int, got {v!r}")
+        if max_requests > MAX_REQUESTS:
+            raise BatchShapeError(f"max_requests must be at most {MAX_REQUESTS}, got {max_requests}")
         if dtype not in FLOATS:
             raise BatchShapeError(f"dtype must be one of {FLOATS}, got {dtype}")
         self.weight, self.hidden, self.dtype = weight, hidden, dtype
@@ -80,6 +82,7 @@ class Assembler:
             self.tables, hidden=hidden, ds_cols=deepstack_cols, dtype=dtype, weight=weight,
             interpreted=self.backend == "interpreter", block_rows=block_rows)
         self._item_updates: dict[int, tuple] = {}
+        self._bad = np.zeros((4, max_requests), bool)  # scratch of the window check
         self._lock = threading.RLock()
         self._graph = None
         if cuda_graph:
@@ -97,9 +100,7 @@ class Assembler:
 
         Raises ``SpanError`` (spans, masks, keys) or ``CapacityError`` before any change.
         """
-        if prompt_len is not None and (isinstance(prompt_len, bool) or not isinstance(
-                prompt_len, (int, np.integer)) or prompt_len < 0):
-            raise BatchShapeError(f"prompt_len must be a non-negative int or None, got {prompt_len!r}")
+        _check_prompt_len(prompt_len, None)
         with self._lock:
             return self.registry.add(items, None if prompt_len is None else int(prompt_len))
 
@@ -109,10 +110,7 @@ class Assembler:
         ``SpanError`` naming the request's index, or ``CapacityError``, before any change."""
         requests = list(requests)
         for i, (_, prompt_len) in enumerate(requests):
-            if prompt_len is not None and (isinstance(prompt_len, bool) or not isinstance(
-                    prompt_len, (int, np.integer)) or prompt_len < 0):
-                raise BatchShapeError(f"prompt_len must be a non-negative int or None, got {prompt_len!r}",
-                                      request=i)
+            _check_prompt_len(prompt_len, i)
         with self._lock:
             return self.registry.add_many([(items, None if p is None else int(p)) for items, p in requests])
 
@@ -142,43 +140,54 @@ class Assembler:
             h = int_array(handles, "handles")
             p = int_array(prefix_lens, "prefix_lens")
             e = int_array(extend_lens, "extend_lens")
-            reg, r = self.registry, len(h)
-            q = p + e if len(p) == r == len(e) else None
-            try:  # as unsigned, a negative handle is out of range too
-                g = reg.req[h.view(np.uint64)] if q is not None else None
-            except IndexError:
-                g = None
-            # one comparison for all windows: a bad one, or one needing sources, goes slow
-            slow = g is None or ((p < g[:, LO]) | (q > g[:, HI]) | (p >= g[:, RELEASE])
-                                 | (q < p)).any()
-            if slow:
+            r = len(h)
+            table = self.tables.staging_table()
+            fits = len(p) == r == len(e) and r <= self.max_requests
+            n = self._fill(table, h, p, e) if fits else None
+            if n is None or n > self.max_tokens:  # a bad window, or one that needs sources
+                reg = self.registry
                 n = check_windows(h, p, e, reg, self.max_requests, self.max_tokens)
-            else:
-                n = int(e.sum())
-                if n > self.max_tokens or r > self.max_requests:
-                    n = check_windows(h, p, e, reg, self.max_requests, self.max_tokens)
-            out, deepstack_out, input_ids = self._buffers(n, input_ids, out, deepstack_out)
-            if slow:
+                out, deepstack_out, input_ids = self._buffers(n, input_ids, out, deepstack_out)
+                q = p + e
                 work = reg.needs_work(h, p, q)
                 if len(work):
                     self._resolve(work, h, p, q)
-                g = reg.req[h]
+                self._fill(table, h, p, e)
+            else:
+                out, deepstack_out, input_ids = self._buffers(n, input_ids, out, deepstack_out)
             self._flush()
-            table = self.tables.staging_table()
-            table[0, 0], table[0, 1] = n, r
-            np.cumsum(e, out=table[2:r + 2, STEP_BASE])  # bases (row 1's is always 0), end row
-            table[1:r + 1, STEP_PREFIX] = p
-            table[1:r + 1, STEP_RUN_FIRST:STEP_RUN_END + 1] = g[:, RUN_FIRST:RUN_END + 1]
+            table[0, L.STEP_TOKENS], table[0, L.STEP_REQUESTS] = n, r
             if self._graph is not None:
                 return self._graph.replay(n, input_ids)
             if self._op is None:
-                assemble_step_ref(out, deepstack_out, input_ids, self.weight, reg.runs, table,
-                                  reg.item_src)
+                assemble_step_ref(out, deepstack_out, input_ids, self.weight, self.registry.runs, table,
+                                  self.registry.item_src)
                 self.tables.mark_sent()
             else:
                 self.tables.upload_step()
                 self._op.launch(out, deepstack_out, input_ids, n)
             return out
+
+    def _fill(self, table: np.ndarray, h: np.ndarray, p: np.ndarray, e: np.ndarray) -> int | None:
+        """Write the windows' rows of the staging table (a fixed number of array calls);
+        their token count, or ``None`` when a window is bad or needs work.
+
+        Each request's registry row is gathered whole (a bad handle clips to a sentinel
+        row), then the windows go beside their bounds and two comparisons check them all.
+        """
+        r = len(h)
+        rows = table[1:r + 1]
+        self.registry.req.take(h, 0, rows, "clip")
+        rows[:, L.STEP_PREFIX] = p
+        np.add(p, e, out=rows[:, L.STEP_STOP])
+        np.add.accumulate(e, out=table[2:r + 2, L.STEP_BASE])  # row 1's base is 0 (gathered)
+        bad = self._bad[:, :r]  # [check, request]: contiguous per check, for large r
+        # READY_LO <= PREFIX <= STOP <= READY_HI and PREFIX <= START_MAX; READY_HI is at most
+        # NO_LIMIT, so the bases cannot overflow
+        np.greater(rows[:, L.STEP_READY_LO:L.STEP_READY_HI].T, rows[:, L.STEP_PREFIX:L.STEP_READY_HI + 1].T,
+                   out=bad[:3])
+        np.greater(rows[:, L.STEP_PREFIX], rows[:, L.STEP_START_MAX], out=bad[3])
+        return None if np.count_nonzero(bad) else table.item(r + 1, L.STEP_BASE)
 
     def _buffers(self, n, input_ids, out, deepstack_out):
         """Check (and in fused mode allocate) the step's buffers."""
@@ -245,6 +254,14 @@ class Assembler:
         item_rows = np.array(list(self._item_updates.values()), np.int64).reshape(-1, L.ITEM_FIELDS)
         self._item_updates = {}
         self.tables.write(run_idx, run_rows, item_idx, item_rows)
+
+
+def _check_prompt_len(prompt_len, request: int | None) -> None:
+    """``None`` or an int in ``[0, NO_LIMIT]``."""
+    if prompt_len is not None and (isinstance(prompt_len, bool) or not isinstance(
+            prompt_len, (int, np.integer)) or not 0 <= prompt_len <= NO_LIMIT):
+        raise BatchShapeError(f"prompt_len must be None or an int in [0, 2**40], got {prompt_len!r}",
+                              request=request)
 
 
 def _full_device(device) -> torch.device:

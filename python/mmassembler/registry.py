@@ -2,11 +2,14 @@
 
 Each live request owns a contiguous range of run slots and of item slots (first fit).
 The host mirror of the run table is what the device copy is written from. A request's
-row of ``req`` holds, besides its slots, ``LO <= p and p + e <= HI``: every item a
-window ``[p, p + e)`` reaches holds a source and the window is inside the prompt; and
-``p < RELEASE``: no held source has been passed. A step checks these for all its
-requests with one gather and one comparison; only requests that fail them cost Python
-work. A removed handle's ``LO`` fails every window.
+row of ``req`` is laid out as a step-table row (``mmkernels/layout.py``): its run range,
+and the bounds a window ``[p, q)`` must keep to need no work: ``READY_LO <= p`` and
+``q <= READY_HI`` (every item the window reaches holds a source, and the window is inside
+the prompt) and ``p <= START_MAX`` (no held source has been passed). A step gathers its
+requests' rows into the step table and checks all windows with two comparisons; only
+requests that fail cost Python work. Handles run from 1 to ``max_requests``; rows 0 and
+``max_requests + 1`` are sentinels whose bounds fail every window, so a gather clipped to
+the table turns any bad handle into a failed check. A removed handle's row fails too.
 """
 
 from __future__ import annotations
@@ -49,8 +52,7 @@ class RangeAllocator:
             free[k - 1] = (s, size + free[k - 1][1])
 
 
-LO, HI, RELEASE, RUN_FIRST, RUN_END, PROMPT, ITEM_FIRST, ITEM_COUNT = range(8)  # columns of req
-REQ_FIELDS = 8
+LO, HI, START_MAX = L.STEP_READY_LO, L.STEP_READY_HI, L.STEP_START_MAX  # bounds columns of req
 
 
 class Registry:
@@ -60,12 +62,13 @@ class Registry:
         self.max_requests = max_requests
         self.runs = np.zeros((max_runs, L.RUN_FIELDS), np.int64)
         self._run_alloc, self._item_alloc = RangeAllocator(max_runs), RangeAllocator(max_items)
-        self._free_handles = list(range(max_requests - 1, -1, -1))
-        self.req = np.zeros((max_requests, REQ_FIELDS), np.int64)
-        self.req[:, LO] = NO_LIMIT  # no live request: every window fails the fast check
-        self.live = np.zeros(max_requests, bool)
-        cols = (self.req[:, c] for c in (RUN_FIRST, RUN_END, ITEM_FIRST, ITEM_COUNT, PROMPT))
-        self.run_first, self.run_end, self.item_first, self.item_count, self.prompt_len = cols
+        self._free_handles = list(range(max_requests, 0, -1))
+        self.req = np.zeros((max_requests + 2, L.STEP_FIELDS), np.int64)
+        self.req[:, LO], self.req[:, HI] = NO_LIMIT, -1  # no live request: every window fails
+        self.live = np.zeros(max_requests + 2, bool)
+        self.run_first, self.run_end = self.req[:, L.STEP_RUN_FIRST], self.req[:, L.STEP_RUN_END]
+        self.slots = np.zeros((max_requests + 2, 3), np.int64)  # first item, items, prompt length
+        self.item_first, self.item_count, self.prompt_len = (self.slots[:, c] for c in range(3))
         self.item_obj = np.empty(max_items, object)  # the Item of each slot
         self.item_src = np.empty(max_items, object)  # its source while held, else None
         self.item_meta = np.zeros((max_items, 3), np.int64)  # rows, end of last position, owner
@@ -103,14 +106,18 @@ class Registry:
             self._run_alloc.release(r0, k_all)
             raise CapacityError(f"{n_all} items do not fit the item table (max_items); remove requests")
         handles = [self._free_handles.pop() for _ in range(m)]
-        run_rows, req_rows, meta_rows, objs, counts = [], [], [], [], []
+        run_rows, req_rows, slot_rows, meta_rows, objs, counts = [], [], [], [], [], []
         r, i = r0, i0
         for h, (items, prompt_len), (runs, meta) in zip(handles, requests, built):
             k, n = len(runs), len(meta)
             run_rows.extend((s, e, row, j + i) for s, e, row, j in runs)
             prompt = NO_LIMIT if prompt_len is None else prompt_len
             # no runs: a window needs no sources; else the first window with tokens resolves
-            req_rows.append((0, prompt if k == 0 else 0, NO_LIMIT, r, r + k, prompt, i, n))
+            row = [0] * L.STEP_FIELDS
+            row[HI], row[START_MAX] = prompt if k == 0 else 0, NO_LIMIT
+            row[L.STEP_RUN_FIRST], row[L.STEP_RUN_END] = r, r + k
+            req_rows.append(row)
+            slot_rows.append((i, n, prompt))
             meta_rows.extend(meta)
             objs.extend(items)
             counts.append(n)
@@ -119,6 +126,7 @@ class Registry:
             self.runs[r0:r0 + k_all] = run_rows
             self.dirty_runs.append((r0, r0 + k_all))
         self.req[handles] = req_rows
+        self.slots[handles] = slot_rows
         if n_all:
             items_slice = slice(i0, i0 + n_all)
             self.item_obj[items_slice] = objs
@@ -142,18 +150,19 @@ class Registry:
         self._item_alloc.release(i0, n)
         self.live[h] = False
         self.req[h, LO], self.req[h, HI] = NO_LIMIT, -1
+        self.prompt_len[h] = 0
         self._free_handles.append(h)
         return held
 
     def check_live(self, h) -> None:
         if isinstance(h, (bool, np.bool_)) or not isinstance(h, (int, np.integer)) or not (
-                0 <= h < self.max_requests and self.live[h]):
+                0 < h <= self.max_requests and self.live[h]):
             raise UnknownHandleError(f"{h!r} is not the handle of a registered request")
 
     def needs_work(self, h: np.ndarray, p: np.ndarray, q: np.ndarray) -> np.ndarray:
         """Indices of (valid) windows that reach an item without a source or pass a held one."""
         g = self.req[h]
-        return np.flatnonzero((q > p) & ((p < g[:, LO]) | (q > g[:, HI]) | (p >= g[:, RELEASE])))
+        return np.flatnonzero((q > p) & ((p < g[:, LO]) | (q > g[:, HI]) | (p > g[:, START_MAX])))
 
     def reached(self, h: np.ndarray):
         """For requests ``h``: their run indices and, for each, its index in ``h``; their
@@ -176,8 +185,8 @@ class Registry:
         held = self.held[iidx]
         np.minimum.at(release, iwin[held], self.item_end[iidx[held]])
         self.req[h, LO] = np.maximum(lo, 0)
-        self.req[h, HI] = np.minimum(hi, self.req[h, PROMPT])
-        self.req[h, RELEASE] = release
+        self.req[h, HI] = np.minimum(hi, self.prompt_len[h])
+        self.req[h, START_MAX] = release - 1
 
     def take_dirty_runs(self) -> tuple[np.ndarray, np.ndarray]:
         """Run indices registered since the last call and their rows (for the device)."""

@@ -16,7 +16,10 @@ import numpy as np
 from mmassembler.batch import Item
 from mmassembler.errors import SpanError
 
-NO_LIMIT = np.iinfo(np.int64).max // 4  # a position no prompt reaches
+# A position no prompt reaches (prompts are shorter), small enough that a step's windows,
+# each at most this long, add up without overflow for up to MAX_REQUESTS requests.
+NO_LIMIT = 1 << 40
+MAX_REQUESTS = 1 << 20
 
 
 def _span_error(items: Sequence, j: int, message: str) -> SpanError:

@@ -41,7 +41,7 @@ def check_windows(h: np.ndarray, p: np.ndarray, e: np.ndarray, registry, max_req
         return 0
     if r > max_requests:
         raise CapacityError(f"{r} requests in one step exceed max_requests {max_requests}")
-    bad = (h < 0) | (h >= max_requests)
+    bad = (h < 1) | (h > max_requests)  # handles run from 1
     if not bad.any():
         bad = ~registry.live[h]
     if bad.any():
@@ -56,6 +56,10 @@ def check_windows(h: np.ndarray, p: np.ndarray, e: np.ndarray, registry, max_req
         raise ChunkWindowError(f"window [{p[i]}, {p[i] + e[i]}) of handle {h[i]} is negative or "
                                f"runs past its prompt of {registry.prompt_len[h[i]]} positions",
                                request=i)
+    if (e > max_tokens).any():  # before the sum: it cannot overflow
+        i = int(np.flatnonzero(e > max_tokens)[0])
+        raise CapacityError(f"window of {e[i]} tokens of handle {h[i]} exceeds max_tokens {max_tokens}",
+                            request=i)
     n = int(e.sum())
     if n > max_tokens:
         raise CapacityError(f"{n} tokens in one step exceed max_tokens {max_tokens}")
@@ -67,11 +71,12 @@ def check_rows_buffer(name: str, t, rows: int, cols: int, dtype: torch.dtype,
     """A ``[rows, cols]`` buffer of ``dtype`` on ``device`` whose rows do not overlap."""
     if not isinstance(t, torch.Tensor) or t.dim() != 2:
         raise BatchShapeError(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
-    if t.shape[0] != rows or t.shape[1] != cols:
+    if t.shape != (rows, cols):
         raise BatchShapeError(f"{name} has shape {list(t.shape)}, expected [{rows}, {cols}]")
     if t.dtype != dtype or t.device != device:
         raise BatchShapeError(f"{name} is {t.dtype} on {t.device}, expected {dtype} on {device}")
-    if (cols > 1 and t.stride(1) != 1) or (rows > 1 and t.stride(0) < cols):
+    row_stride, col_stride = t.stride()
+    if (cols > 1 and col_stride != 1) or (rows > 1 and row_stride < cols):
         raise BatchShapeError(f"{name} has strides {t.stride()}: rows must not overlap and "
                               "columns must be contiguous")
 
