@@ -118,9 +118,8 @@ def first_chunk(asm, b, p, e, repeat, sync):
     registers a step's new requests) + the first step, and registration µs per item."""
     host, wall, reg = [], [], []
     for _ in range(max(5, repeat // 10)):
-        for h in range(len(b.requests)):
-            if asm.registry.live[h]:
-                asm.remove_request(h)
+        for h in np.flatnonzero(asm.registry.live).tolist():
+            asm.remove_request(h)
         sync()
         t0 = time.perf_counter()
         h = np.array(asm.add_requests([(r.items, r.prompt_len) for r in b.requests]))

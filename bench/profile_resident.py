@@ -52,6 +52,14 @@ def profile(b) -> None:
         "_buffers": lambda: asm._buffers(n, ids, None, None),
         "raw stream": lambda: torch._C._cuda_getCurrentRawStream(0),
     }
+    if dev.type == "cuda":
+        gasm = Assembler(weight=b.weight, max_tokens=b.num_tokens, max_requests=len(b.requests),
+                         cuda_graph=True)
+        gh = np.array(gasm.add_requests([(r.items, r.prompt_len) for r in b.requests]))
+        gasm.assemble(gh, p, e, ids)
+        phases["graph step (whole)"] = lambda: gasm.assemble(gh, p, e, ids)
+        phases["graph step, ids in place"] = lambda: gasm.assemble(gh, p, e, gasm.input_ids[:n])
+        phases["CUDAGraph.replay"] = gasm._graph.graphs[0].replay
     slow = []
     needs_work = asm.registry.needs_work
     asm.registry.needs_work = lambda *a: slow.append(1) or needs_work(*a)
