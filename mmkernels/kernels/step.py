@@ -2,8 +2,9 @@
 
 A program owns a span of consecutive output rows and copies it in *pieces* of at most
 ``BLOCK_R`` rows that share a request and a run (or the text between runs). Crossing into
-a new segment it finds the request (binary search over the step's output bases), the
-prompt position and the run holding it (binary search over the request's runs); the
+a new segment it finds the request (a search over the step's output bases), the
+prompt position and the run holding it (a search over the request's runs; each search
+loads up to 128 keys at once, so it costs one load's latency, not log2 dependent ones); the
 piece is copied as a masked ``BLOCK_R x BLOCK_H`` block, looping over column blocks inside
 the program, so searches are paid once per segment boundary, not per tile or per column
 block.
@@ -40,6 +41,34 @@ STEP_FIELDS = tl.constexpr(L.STEP_FIELDS)
 KIND_F32 = tl.constexpr(L.KIND_F32)
 KIND_F16 = tl.constexpr(L.KIND_F16)
 KIND_BF16 = tl.constexpr(L.KIND_BF16)
+SEARCH_W = tl.constexpr(128)  # keys compared per load round of a search
+
+
+@triton.jit
+def _add(a, b):
+    """Combine function of a sum (``tl.sum`` is a jitted helper of Triton's; one of ours
+    is rebuilt with this module for ahead-of-time compiles under the interpreter)."""
+    return a + b
+
+
+@triton.jit
+def _last_at_or_before(ptr, stride, lo, hi, key):
+    """The last index ``i`` in ``[lo, hi)`` with ``ptr[i * stride] <= key`` (values sorted
+    ascending), or ``lo - 1``. A ``SEARCH_W``-ary search: each round loads ``SEARCH_W``
+    keys at once and counts those at or before ``key`` (one load's latency, where a binary
+    search waits for ``log2`` dependent loads); one round covers up to ``SEARCH_W`` keys.
+    """
+    lanes = tl.arange(0, SEARCH_W).to(tl.int64)
+    while hi - lo > SEARCH_W:  # narrow to one stride between samples that bracket key
+        step = (hi - lo + SEARCH_W - 1) // SEARCH_W
+        idx = lo + lanes * step
+        v = tl.load(ptr + idx * stride, mask=idx < hi, other=1 << 62)
+        c = tl.reduce((v <= key).to(tl.int64), 0, _add)  # sorted: samples 0..c-1 are <= key
+        hi = tl.where(c == 0, lo, tl.minimum(lo + c * step, hi))  # c == 0: nothing in range
+        lo = tl.where(c == 0, lo, lo + (c - 1) * step)
+    idx = lo + lanes
+    v = tl.load(ptr + idx * stride, mask=idx < hi, other=1 << 62)
+    return lo + tl.reduce((v <= key).to(tl.int64), 0, _add) - 1
 
 
 @triton.jit
@@ -109,7 +138,7 @@ def _assemble_step_kernel(
     A program owns ``cdiv(tokens, programs)`` consecutive rows (so a grid fixed at launch
     or capture serves any step) and streams them in pieces of at most ``BLOCK_R`` rows. It
     carries its current *segment* (rows of one request inside one run, or between runs)
-    from piece to piece. Entering a request costs two binary searches; inside a request
+    from piece to piece. Entering a request costs two searches; inside a request
     the next segment is the next run or the gap before it (one load). Rows past the
     step's token count are not touched; in scatter mode neither are text rows.
     """
@@ -138,28 +167,18 @@ def _assemble_step_kernel(
     while row < end:
         if row >= seg_end:  # the next segment
             if row >= req_end:  # a new request: search it, then its run holding the position
-                lo = zero
-                hi = num_requests
-                while lo < hi:  # the last request whose output base is <= row (empty ones lose ties)
-                    mid = (lo + hi) // 2
-                    b = tl.load(step_ptr + (1 + mid) * STEP_FIELDS + STEP_BASE)
-                    lo = tl.where(b <= row, mid + 1, lo)
-                    hi = tl.where(b <= row, hi, mid)
-                req = step_ptr + lo * STEP_FIELDS  # row 1 + (lo - 1)
+                # the last request whose output base is <= row (empty ones lose ties)
+                i = _last_at_or_before(step_ptr + STEP_FIELDS + STEP_BASE, STEP_FIELDS, zero,
+                                       num_requests, row)
+                req = step_ptr + (1 + i) * STEP_FIELDS
                 base = tl.load(req + STEP_BASE)
                 prefix = tl.load(req + STEP_PREFIX)
                 req_end = tl.load(req + STEP_FIELDS + STEP_BASE)  # the next row's base
                 first_run = tl.load(req + STEP_RUN_FIRST)
                 end_run = tl.load(req + STEP_RUN_END)
                 pos = prefix + row - base
-                lo = first_run
-                hi = end_run
-                while lo < hi:  # the last run of the request starting at or before pos
-                    mid = (lo + hi) // 2
-                    s = tl.load(runs_ptr + mid * RUN_FIELDS + RUN_POS)
-                    lo = tl.where(s <= pos, mid + 1, lo)
-                    hi = tl.where(s <= pos, hi, mid)
-                run = lo - 1
+                # the last run of the request starting at or before pos
+                run = _last_at_or_before(runs_ptr + RUN_POS, RUN_FIELDS, first_run, end_run, pos)
             else:  # the same request: the segment ended where the next run starts, or at its end
                 pos = prefix + row - base
                 nxt = tl.load(runs_ptr + (run + 1) * RUN_FIELDS + RUN_POS, mask=run + 1 < end_run,
