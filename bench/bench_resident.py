@@ -175,6 +175,27 @@ def sweep(b) -> list[dict]:
     return rows
 
 
+def search_sweep(b) -> list[dict]:
+    """GPU time of the step kernel (the default block shape) over keys per search round."""
+    import dataclasses
+
+    from mmkernels.step import StepOp, step_config
+
+    asm = Assembler(weight=b.weight, max_tokens=b.num_tokens, max_requests=len(b.requests))
+    h = np.array(asm.add_requests([(r.items, r.prompt_len) for r in b.requests]))
+    _, p, e = windows(b)
+    out = asm.assemble(h, p, e, b.input_ids)
+    rows = []
+    for keys in (2, 4, 8, 16, 32, 64, 128):
+        cfg = dataclasses.replace(step_config(asm.hidden, False), search_keys=keys)
+        op = StepOp(asm.tables, hidden=asm.hidden, ds_cols=0, dtype=asm.dtype, weight=asm.weight,
+                    interpreted=False, config=cfg)
+        us = gpu_time_us(lambda op=op: op.launch(out, None, b.input_ids, b.num_tokens), rep_ms=60)
+        rows.append(dict(scenario=b.scenario.name, search_keys=keys, gpu_us=us))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def table(rows) -> str:
     head = "| scenario | " + " | ".join(c for c, _ in COLUMNS) + " |"
     lines = [head, "|---" * (len(COLUMNS) + 1) + "|"]
@@ -215,14 +236,16 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--sweep", action="store_true", help="block-shape sweep of the step kernel")
+    ap.add_argument("--search", action="store_true", help="keys-per-search-round sweep")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.sweep:
-        found = [sweep(build(sc, device=device)) for sc in RESIDENT_SCENARIOS
+    if args.sweep or args.search:
+        found = [(sweep if args.sweep else search_sweep)(build(sc, device=device)) for sc in RESIDENT_SCENARIOS
                  if not args.scenario or any(k in sc.name for k in args.scenario)]
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "sweep.json").write_text(json.dumps(found, indent=1))
+            name = "sweep.json" if args.sweep else "search.json"
+            (args.out / name).write_text(json.dumps(found, indent=1))
         return 0
     bw = copy_bandwidth(device)
     rows = []

@@ -29,6 +29,7 @@ class StepConfig:
     block_cols: int
     num_warps: int
     programs_per_sm: int = 0  # a cap on the grid per SM (programs then stream longer spans); 0: none
+    search_keys: int = 16  # keys a search loads per round (power of two, >= 2)
 
 
 def check_block_rows(block_rows) -> None:
@@ -84,7 +85,8 @@ class StepOp:
         self._fixed_ints = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in self._fixed)
         base = dict(FUSED=fused, HAS_DS=ds_cols > 0, MAIN_BLOCKS=-(-hidden // self.cfg.block_cols),
                     DS_BLOCKS=-(-ds_cols // self.cfg.block_cols), BLOCK_R=self.cfg.block_rows,
-                    BLOCK_H=self.cfg.block_cols, OUT_UNIT=1, EMULATE_BF16_RNE=interpreted)
+                    BLOCK_H=self.cfg.block_cols, OUT_UNIT=1, SEARCH_W=self.cfg.search_keys,
+                    EMULATE_BF16_RNE=interpreted)
         self._constexprs = {u: dict(base, OUT_UNIT=u) for u in (1, self.vec)}
         self._tail = {u: self._fixed_ints + tuple(c.values()) for u, c in self._constexprs.items()}
         self.device_index = (tables.device.index or 0) if tables.device.type == "cuda" else 0

@@ -14,6 +14,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from mmkernels.aot import compile_step_variant, step_kernel_configs  # noqa: E402
+from mmkernels.step import StepConfig  # noqa: E402
 
 CONFIGS = list(step_kernel_configs())
 CUDA90, CUDA80, GFX942 = GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32), GPUTarget("hip", "gfx942", 64)
@@ -21,7 +22,8 @@ CUDA90, CUDA80, GFX942 = GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32), G
 
 def _constexprs(rows, cols, fused=True, ds=True, hidden=8192, unit=8):
     return dict(FUSED=fused, HAS_DS=ds, MAIN_BLOCKS=-(-hidden // cols), DS_BLOCKS=-(-2 * hidden // cols),
-                BLOCK_R=rows, BLOCK_H=cols, OUT_UNIT=unit, EMULATE_BF16_RNE=False)
+                BLOCK_R=rows, BLOCK_H=cols, OUT_UNIT=unit, SEARCH_W=StepConfig(1, 1, 1).search_keys,
+                EMULATE_BF16_RNE=False)
 
 
 def _cid(c):

@@ -6,10 +6,10 @@ import torch
 
 from kernel_utils import assert_bitwise_equal
 from mmassembler import Assembler, Item, Request, assemble_oracle
-from mmkernels.kernels.step import SEARCH_W as _SEARCH_W
+from mmkernels.step import StepConfig
 
 H = 8
-SEARCH_W = _SEARCH_W.value
+SEARCH_W = StepConfig(1, 1, 1).search_keys  # the kernel's keys per search round
 
 
 def _check(device, requests, windows, block_rows=None):
@@ -30,7 +30,7 @@ def _cpu(it):
     return Item(it.key, it.spans, embedding=it.embedding.cpu())
 
 
-@pytest.mark.parametrize("runs", [SEARCH_W - 1, SEARCH_W + 1, 3 * SEARCH_W + 5])
+@pytest.mark.parametrize("runs", [SEARCH_W - 1, SEARCH_W + 1, SEARCH_W * SEARCH_W + 5])
 @pytest.mark.parametrize("start", [0, 7, 151])
 def test_request_with_more_runs_than_one_search_round(device, runs, start):
     """One request, ``runs`` one-row items at every other position; windows starting
@@ -42,7 +42,7 @@ def test_request_with_more_runs_than_one_search_round(device, runs, start):
     _check(device, [(items, prompt)], [(start, prompt - start)])
 
 
-@pytest.mark.parametrize("count", [SEARCH_W + 1, 2 * SEARCH_W + 3])
+@pytest.mark.parametrize("count", [SEARCH_W + 1, SEARCH_W * SEARCH_W + 3])
 def test_step_with_more_requests_than_one_search_round(device, count):
     """``count`` requests, some with empty windows (equal output bases), each with one item."""
     requests, windows = [], []

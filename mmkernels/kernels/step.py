@@ -4,7 +4,8 @@ A program owns a span of consecutive output rows and copies it in *pieces* of at
 ``BLOCK_R`` rows that share a request and a run (or the text between runs). Crossing into
 a new segment it finds the request (a search over the step's output bases), the
 prompt position and the run holding it (a search over the request's runs; each search
-loads up to 128 keys at once, so it costs one load's latency, not log2 dependent ones); the
+loads ``SEARCH_W`` keys a round: ``log_W`` rounds of one load's latency each, where a
+binary search waits for ``log2`` dependent loads); the
 piece is copied as a masked ``BLOCK_R x BLOCK_H`` block, looping over column blocks inside
 the program, so searches are paid once per segment boundary, not per tile or per column
 block.
@@ -41,8 +42,6 @@ STEP_FIELDS = tl.constexpr(L.STEP_FIELDS)
 KIND_F32 = tl.constexpr(L.KIND_F32)
 KIND_F16 = tl.constexpr(L.KIND_F16)
 KIND_BF16 = tl.constexpr(L.KIND_BF16)
-SEARCH_W = tl.constexpr(128)  # keys compared per load round of a search
-
 
 @triton.jit
 def _add(a, b):
@@ -52,7 +51,7 @@ def _add(a, b):
 
 
 @triton.jit
-def _last_at_or_before(ptr, stride, lo, hi, key):
+def _last_at_or_before(ptr, stride, lo, hi, key, SEARCH_W: tl.constexpr):
     """The last index ``i`` in ``[lo, hi)`` with ``ptr[i * stride] <= key`` (values sorted
     ascending), or ``lo - 1``. A ``SEARCH_W``-ary search: each round loads ``SEARCH_W``
     keys at once and counts those at or before ``key`` (one load's latency, where a binary
@@ -124,6 +123,7 @@ def _assemble_step_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr,
     OUT_UNIT: tl.constexpr,  # out/ds strides arrive divided by this (16 bytes' worth when aligned)
+    SEARCH_W: tl.constexpr,  # keys a search loads per round (a power of two)
     EMULATE_BF16_RNE: tl.constexpr,  # interpreter only: its fp32 -> bf16 cast truncates
 ):
     """Write this program's share of the step's output rows.
@@ -169,7 +169,7 @@ def _assemble_step_kernel(
             if row >= req_end:  # a new request: search it, then its run holding the position
                 # the last request whose output base is <= row (empty ones lose ties)
                 i = _last_at_or_before(step_ptr + STEP_FIELDS + STEP_BASE, STEP_FIELDS, zero,
-                                       num_requests, row)
+                                       num_requests, row, SEARCH_W)
                 req = step_ptr + (1 + i) * STEP_FIELDS
                 base = tl.load(req + STEP_BASE)
                 prefix = tl.load(req + STEP_PREFIX)
@@ -178,7 +178,8 @@ def _assemble_step_kernel(
                 end_run = tl.load(req + STEP_RUN_END)
                 pos = prefix + row - base
                 # the last run of the request starting at or before pos
-                run = _last_at_or_before(runs_ptr + RUN_POS, RUN_FIELDS, first_run, end_run, pos)
+                run = _last_at_or_before(runs_ptr + RUN_POS, RUN_FIELDS, first_run, end_run, pos,
+                                         SEARCH_W)
             else:  # the same request: the segment ended where the next run starts, or at its end
                 pos = prefix + row - base
                 nxt = tl.load(runs_ptr + (run + 1) * RUN_FIELDS + RUN_POS, mask=run + 1 < end_run,
