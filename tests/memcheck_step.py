@@ -1,5 +1,6 @@
 """A batch for compute-sanitizer memcheck of the step kernel: largest hidden, ragged tails,
-deepstack, mixed dtypes and strides, fused and scatter mode, and graph replay.
+deepstack, mixed dtypes and strides, fused and scatter mode, graph replay, and searches of
+several rounds (more requests and more runs than a round's keys).
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 tests/memcheck_step.py
 """
@@ -12,25 +13,28 @@ from mmassembler import Assembler, Item, Request, assemble_oracle
 def main() -> None:
     dev = "cuda"
     torch.manual_seed(0)
-    for hidden, ds, graph in ((8192, 0, False), (3584, 7168, False), (1000, 0, False), (17, 34, False),
-                              (4096, 0, True), (1000, 2000, True)):
+    for hidden, ds, graph, num_req, num_items in (
+            (8192, 0, False, 5, 3), (3584, 7168, False, 5, 3), (1000, 0, False, 5, 3),
+            (17, 34, False, 5, 3), (4096, 0, True, 5, 3), (1000, 2000, True, 5, 3),
+            (256, 0, False, 40, 300), (256, 512, True, 40, 300)):
         weight = torch.randn(64, hidden, device=dev, dtype=torch.bfloat16)
         reqs = []
-        for r in range(5):
+        for r in range(num_req):
             items, pos = [], r
-            for k in range(3):
-                rows = 13 + 29 * ((r + k) % 4)
+            for k in range(num_items if r % 7 == 0 else 3):
+                rows = 13 + 29 * ((r + k) % 4) if num_items == 3 else 1 + (r + k) % 3
                 width = hidden + (ds if ds and k != 1 else 0)
                 dtype = (torch.bfloat16, torch.float32, torch.float16)[(r + k) % 3]
                 emb = torch.randn(rows, width + 5, device=dev).to(dtype)[:, :width]
                 items.append(Item((hidden, r, k), [(pos, pos + rows - 1)], embedding=emb))
-                pos += rows + 3
+                pos += rows + (3 if num_items == 3 else k % 2)
             reqs.append((items, pos + 7))
         for fused in (True, False):
-            out = None if fused else torch.zeros(4096, hidden, device=dev, dtype=torch.bfloat16)
-            dsb = torch.zeros(4096, ds, device=dev, dtype=torch.bfloat16) if ds else None
+            cap = 8192
+            out = None if fused else torch.zeros(cap, hidden, device=dev, dtype=torch.bfloat16)
+            dsb = torch.zeros(cap, ds, device=dev, dtype=torch.bfloat16) if ds else None
             asm = Assembler(weight=weight if fused else None, hidden=hidden, dtype=torch.bfloat16,
-                            device=dev, max_tokens=4096, max_requests=8, deepstack_cols=ds,
+                            device=dev, max_tokens=cap, max_requests=num_req, deepstack_cols=ds,
                             cuda_graph=graph, out=out if graph else None,
                             deepstack_out=dsb if graph else None)
             handles = [asm.add_request(items, prompt_len=n) for items, n in reqs]

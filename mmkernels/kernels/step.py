@@ -43,6 +43,7 @@ KIND_F32 = tl.constexpr(L.KIND_F32)
 KIND_F16 = tl.constexpr(L.KIND_F16)
 KIND_BF16 = tl.constexpr(L.KIND_BF16)
 
+
 @triton.jit
 def _add(a, b):
     """Combine function of a sum (``tl.sum`` is a jitted helper of Triton's; one of ours
@@ -76,11 +77,17 @@ def _copy_source_rows(src, ok, dst, ds_dst, has_ds_cols, hidden, ds_cols,
                       BLOCK_H: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr):
     """Copy a piece's rows: ``src``/``dst``/``ds_dst`` are ``[BLOCK_R, 1]`` row pointers."""
     OUT_DTYPE: tl.constexpr = dst.dtype.element_ty
-    for c in range(MAIN_BLOCKS):
+    for c in tl.static_range(0, MAIN_BLOCKS, 2):  # two column blocks' loads before their stores
         cols = c * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
         m = ok & (cols < hidden)
         v = tl.load(src + cols, mask=m, other=0.0)
-        tl.store(dst + cols, _convert(v, OUT_DTYPE, EMULATE_BF16_RNE), mask=m)
+        if c + 1 < MAIN_BLOCKS:
+            m2 = ok & (cols + BLOCK_H < hidden)
+            v2 = tl.load(src + BLOCK_H + cols, mask=m2, other=0.0)
+            tl.store(dst + cols, _convert(v, OUT_DTYPE, EMULATE_BF16_RNE), mask=m)
+            tl.store(dst + BLOCK_H + cols, _convert(v2, OUT_DTYPE, EMULATE_BF16_RNE), mask=m2)
+        else:
+            tl.store(dst + cols, _convert(v, OUT_DTYPE, EMULATE_BF16_RNE), mask=m)
     if HAS_DS:  # columns past hidden; zeros for a source without them
         for c in range(DS_BLOCKS):
             cols = c * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
