@@ -17,7 +17,7 @@ from mmkernels.launch import DirectLauncher
 from mmkernels.tables import ResidentTables
 from mmkernels import layout as L
 
-MAX_BLOCK_COLS = 2048
+MAX_BLOCK_COLS = 1024
 INTERPRETER_PROGRAMS = 3  # the interpreter's grid cap: spans of several pieces get tested
 
 
@@ -43,20 +43,22 @@ def check_block_rows(block_rows) -> None:
 def step_config(width: int, interpreted: bool, block_rows: int | None = None) -> StepConfig:
     """The block shape for rows of ``width`` columns (the widest of hidden and deepstack).
 
-    GPU: up to 2048 columns, about 8192 elements per piece (4 rows at 2048 columns), 4
-    warps, one program per ``block_rows`` rows: in H100 sweeps (``python -m
-    bench.bench_resident --sweep``: 4-16 rows x 1024/2048 columns x 4/8 warps x a grid of
-    4-16 programs per SM or uncapped) this was first or within 2% of first on each of
-    five scenarios. Interpreter: 64 rows, one column block and a grid of 3 programs, so
-    each program streams several pieces and segments. ``block_rows`` (tests) must be a
-    power of two from 1 to 128.
+    GPU: up to 1024 columns and about 4096 elements per block (4 rows at 1024 columns), 4
+    warps, one program per ``block_rows`` rows; the kernel loads two column blocks before
+    storing them, so 2048 columns are in flight. In H100 sweeps (``python -m
+    bench.bench_resident --sweep``, ``bench/data/h100_step_sweep_paired.json``: 1-8 rows x
+    1024-8192 columns x 4/8 warps) this was first or within 1.4% of first on six of eight
+    scenarios (at hidden 8192, 2 x 4096 was 3% faster; 256 rows in all prefer 1-2 rows a
+    program) and 0.1-2% faster than the unpaired 4 x 2048 blocks on each. Interpreter: 64
+    rows, one column block and a grid of 3 programs, so each program streams several
+    pieces and segments. ``block_rows`` (tests) must be a power of two from 1 to 128.
     """
     check_block_rows(block_rows)
     cols = 1 << (max(width, 16) - 1).bit_length()
     if interpreted:
         return StepConfig(block_rows or 64, cols, 1, programs_per_sm=0)
     cols = min(cols, MAX_BLOCK_COLS)
-    return StepConfig(block_rows or min(64, max(4, 8192 // cols)), cols, 4)
+    return StepConfig(block_rows or min(64, max(4, 4096 // cols)), cols, 4)
 
 
 class StepOp:
