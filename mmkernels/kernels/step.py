@@ -77,17 +77,19 @@ def _copy_source_rows(src, ok, dst, ds_dst, has_ds_cols, hidden, ds_cols,
                       BLOCK_H: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr):
     """Copy a piece's rows: ``src``/``dst``/``ds_dst`` are ``[BLOCK_R, 1]`` row pointers."""
     OUT_DTYPE: tl.constexpr = dst.dtype.element_ty
-    for c in tl.static_range(0, MAIN_BLOCKS, 2):  # two column blocks' loads before their stores
-        cols = c * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
+    for c in range(MAIN_BLOCKS // 2):  # two column blocks' loads before their stores
+        cols = (2 * c) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
+        m = ok & (cols < hidden)
+        m2 = ok & (cols + BLOCK_H < hidden)
+        v = tl.load(src + cols, mask=m, other=0.0)
+        v2 = tl.load(src + BLOCK_H + cols, mask=m2, other=0.0)
+        tl.store(dst + cols, _convert(v, OUT_DTYPE, EMULATE_BF16_RNE), mask=m)
+        tl.store(dst + BLOCK_H + cols, _convert(v2, OUT_DTYPE, EMULATE_BF16_RNE), mask=m2)
+    if MAIN_BLOCKS % 2 == 1:  # the last, unpaired block
+        cols = (MAIN_BLOCKS - 1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
         m = ok & (cols < hidden)
         v = tl.load(src + cols, mask=m, other=0.0)
-        if c + 1 < MAIN_BLOCKS:
-            m2 = ok & (cols + BLOCK_H < hidden)
-            v2 = tl.load(src + BLOCK_H + cols, mask=m2, other=0.0)
-            tl.store(dst + cols, _convert(v, OUT_DTYPE, EMULATE_BF16_RNE), mask=m)
-            tl.store(dst + BLOCK_H + cols, _convert(v2, OUT_DTYPE, EMULATE_BF16_RNE), mask=m2)
-        else:
-            tl.store(dst + cols, _convert(v, OUT_DTYPE, EMULATE_BF16_RNE), mask=m)
+        tl.store(dst + cols, _convert(v, OUT_DTYPE, EMULATE_BF16_RNE), mask=m)
     if HAS_DS:  # columns past hidden; zeros for a source without them
         for c in range(DS_BLOCKS):
             cols = c * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
