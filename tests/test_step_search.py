@@ -21,13 +21,9 @@ def _check(device, requests, windows, block_rows=None):
     n = sum(e for _, e in windows)
     ids = torch.randint(0, 50, (n,), device=device)
     got = asm.assemble(handles, [p for p, _ in windows], [e for _, e in windows], ids)
-    reqs = [Request([_cpu(it) for it in items], p, e) for (items, _), (p, e) in zip(requests, windows)]
-    want, _ = assemble_oracle(reqs, ids.cpu(), lambda it: it.embedding, weight=weight.cpu())
+    reqs = [Request(items, p, e) for (items, _), (p, e) in zip(requests, windows)]
+    want, _ = assemble_oracle(reqs, ids.cpu(), lambda it: it.embedding.cpu(), weight=weight.cpu())
     assert_bitwise_equal(got.cpu(), want)
-
-
-def _cpu(it):
-    return Item(it.key, it.spans, embedding=it.embedding.cpu())
 
 
 @pytest.mark.parametrize("runs", [SEARCH_W - 1, SEARCH_W + 1, SEARCH_W * SEARCH_W + 5])
