@@ -54,7 +54,7 @@ class DirectLauncher:
         runtime = self._runtime_knobs
         if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
             return False
-        call, head = entry[:2]
+        call, head, _ = entry
         call(grid, 1, 1, torch._C._cuda_getCurrentRawStream(device_index), *head, *int_args)
         self.direct_launches += 1
         return True
