@@ -43,7 +43,7 @@ def profile(b) -> None:
         "torch.empty out": lambda: torch.empty((n, asm.hidden), dtype=asm.dtype, device=dev),
         "new_empty out": lambda: out.new_empty((n, asm.hidden)),
         "staging_table()": tables.staging_table,
-        "upload_step (driver)": tables.upload_step,
+        "upload_step (driver)": lambda: tables.upload_step(len(h)),
         "upload (Tensor.copy_)": lambda: tables.step.copy_(tables.staging[0], non_blocking=True),
         "launch (C launch)": lambda: compiled.__setitem__(key, c_entry) or op.launch(out, None, ids, n),
         "launch (run)": lambda: compiled.__setitem__(key, run_entry) or op.launch(out, None, ids, n),
@@ -71,7 +71,7 @@ def profile(b) -> None:
     op.launch = lambda *a: None
     print(f"  {'step, no launch':22s} {host_us(phases['step (whole)'], 500, sync):8.1f}")
     upload = tables.upload_step
-    tables.upload_step = tables.mark_sent
+    tables.upload_step = lambda _: tables.mark_sent()
     print(f"  {'step, no launch/upload':22s} {host_us(phases['step (whole)'], 500, sync):8.1f}")
     op.launch, tables.upload_step = launch, upload
     print(f"  slow-path steps: {len(slow)}; direct launches {op.launcher.direct_launches}")

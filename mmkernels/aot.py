@@ -83,15 +83,20 @@ def compile_variant(constexprs: dict, target, out_dtype: str = "bf16"):
 
 def step_kernel_configs() -> Iterator[tuple[int, int, int]]:
     """``(block_rows, block_cols, num_warps)`` of every GPU shape ``step_config`` can pick
-    (every power-of-two width up to the column cap, and the tests' block_rows)."""
+    (every power-of-two width up to the column cap, the tests' block_rows, and the halved
+    rows ``StepOp.block_rows_for`` takes for small steps)."""
     from mmkernels.step import MAX_BLOCK_COLS, step_config
 
     widths = [1 << k for k in range(4, MAX_BLOCK_COLS.bit_length())] + [8192]
     seen = set()
-    for rows in (None, 1, 4, 64):
-        for width in widths:
+    for width in widths:
+        shapes = []
+        for rows in (None, 1, 4, 64):
             cfg = step_config(width, interpreted=False, block_rows=rows)
-            key = (cfg.block_rows, cfg.block_cols, cfg.num_warps)
+            shapes.append((cfg.block_rows, cfg.block_cols, cfg.num_warps))
+        default_rows, cols, warps = shapes[0]
+        shapes += [(default_rows >> k, cols, warps) for k in range(1, default_rows.bit_length())]
+        for key in shapes:
             if key not in seen:
                 seen.add(key)
                 yield key
@@ -101,7 +106,7 @@ def _step_signature(kernel, out_dtype: str, ids_dtype: str) -> dict:
     """The step kernel's signature, derived from its parameter list (pointers by name)."""
     pointers = {"out_ptr": out_dtype, "ds_ptr": out_dtype, "ids_ptr": ids_dtype,
                 "weight_ptr": out_dtype, "f32_ptr": "fp32", "f16_ptr": "fp16", "bf16_ptr": "bf16",
-                "runs_ptr": "i64", "items_ptr": "i64", "step_ptr": "i64"}
+                "runs_ptr": "i64", "step_ptr": "i64"}
     sig = {}
     for p in kernel.params:
         if p.is_constexpr:

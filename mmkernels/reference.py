@@ -72,8 +72,8 @@ def assemble_step_ref(
 ) -> torch.Tensor:
     """The step kernel's semantics from the host tables (``mmkernels/layout.py``).
 
-    ``runs`` is the run table, ``step`` the filled step table, ``sources[slot]`` the 2-D
-    source of each item slot a window reads. Fused mode (``weight``) first writes every
+    ``runs`` is the host run table (``HOST_RUN_*`` rows), ``step`` the filled step table,
+    ``sources[slot]`` the 2-D source of each item slot a window reads. Fused mode (``weight``) first writes every
     row's ``weight[clamp(id)]`` (and zeros to ``deepstack_out``), then each run's rows
     inside its request's window are copied over: reads and writes N x hidden in fused
     mode, the multimodal rows in scatter mode.

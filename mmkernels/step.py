@@ -82,23 +82,42 @@ class StepOp:
         anchors = [tables.anchors[k] for k in (L.KIND_F32, L.KIND_F16, L.KIND_BF16)]
         # arguments after the six that change per call (out, ds, ids and their strides)
         self._fixed = (weight if fused else tables.runs, weight.stride(0) if fused else 0,
-                       weight.shape[0] if fused else 0, *anchors, tables.runs, tables.items,
-                       tables.step, hidden, ds_cols)
+                       weight.shape[0] if fused else 0, *anchors, tables.runs, tables.step,
+                       hidden, ds_cols)
         self._fixed_ints = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in self._fixed)
-        base = dict(FUSED=fused, HAS_DS=ds_cols > 0, MAIN_BLOCKS=-(-hidden // self.cfg.block_cols),
-                    DS_BLOCKS=-(-ds_cols // self.cfg.block_cols), BLOCK_R=self.cfg.block_rows,
-                    BLOCK_H=self.cfg.block_cols, OUT_UNIT=1, SEARCH_W=self.cfg.search_keys,
-                    EMULATE_BF16_RNE=interpreted)
-        self._constexprs = {u: dict(base, OUT_UNIT=u) for u in (1, self.vec)}
-        self._tail = {u: self._fixed_ints + tuple(c.values()) for u, c in self._constexprs.items()}
+        self._base = dict(FUSED=fused, HAS_DS=ds_cols > 0,
+                          MAIN_BLOCKS=-(-hidden // self.cfg.block_cols),
+                          DS_BLOCKS=-(-ds_cols // self.cfg.block_cols), BLOCK_R=self.cfg.block_rows,
+                          BLOCK_H=self.cfg.block_cols, OUT_UNIT=1, SEARCH_W=self.cfg.search_keys,
+                          EMULATE_BF16_RNE=interpreted)
+        if self.cfg.search_keys > L.MIN_REQUEST_ROWS:
+            raise ValueError(f"search_keys {self.cfg.search_keys} > {L.MIN_REQUEST_ROWS} "
+                             "(the step table's minimum request rows)")
+        self._variants: dict = {}  # (OUT_UNIT, BLOCK_R) -> (constexprs, int arguments after the head)
         self.device_index = (tables.device.index or 0) if tables.device.type == "cuda" else 0
+        sms = 0 if interpreted else torch.cuda.get_device_properties(tables.device).multi_processor_count
         if interpreted:
             self.max_programs = INTERPRETER_PROGRAMS
         elif self.cfg.programs_per_sm:
-            sms = torch.cuda.get_device_properties(tables.device).multi_processor_count
             self.max_programs = sms * self.cfg.programs_per_sm
         else:
             self.max_programs = 1 << 30
+        # the heuristic's shape: a step too small to give every SM a program takes fewer rows
+        # a program (H100: 1x1x256 ran in 2.9 us at 2 rows against 3.3 at 4)
+        self.fill_programs = sms if config is None and block_rows is None else 0
+
+    def block_rows_for(self, rows: int) -> int:
+        """Rows a program copies at a time for a launch over ``rows`` rows: the config's,
+        halved while the grid would leave SMs without a program."""
+        br = self.cfg.block_rows
+        while br > 1 and -(-rows // br) < self.fill_programs:
+            br //= 2
+        return br
+
+    def _variant(self, unit: int, br: int) -> tuple[dict, tuple]:
+        constexprs = dict(self._base, OUT_UNIT=unit, BLOCK_R=br)
+        v = self._variants[unit, br] = (constexprs, self._fixed_ints + tuple(constexprs.values()))
+        return v
 
     def launch(self, out: torch.Tensor, deepstack_out: torch.Tensor | None,
                input_ids: torch.Tensor | None, rows: int) -> None:
@@ -106,7 +125,10 @@ class StepOp:
 
         The step table must already be on the device; nothing here reads it back.
         """
-        grid = min(-(-rows // self.cfg.block_rows), self.max_programs)
+        br = self.cfg.block_rows
+        if rows < br * self.fill_programs:
+            br = self.block_rows_for(rows)
+        grid = min(-(-rows // br), self.max_programs)
         if grid == 0:
             return
         ds = out if deepstack_out is None else deepstack_out
@@ -117,9 +139,10 @@ class StepOp:
         unit = vec if out_stride % vec == 0 and ds_stride % vec == 0 else 1
         o, d, i = out.data_ptr(), ds.data_ptr(), ids.data_ptr()
         # what Triton specialises on among the per-call arguments
-        key = (unit, o % 16 == 0, d % 16 == 0, i % 16 == 0, ids.dtype,
+        key = (unit, br, o % 16 == 0, d % 16 == 0, i % 16 == 0, ids.dtype,
                (out_stride | ds_stride | ids_stride) >> 31)
         head = (o, out_stride // unit, d, ds_stride // unit, i, ids_stride)
-        if not self.launcher.launch_direct(key, grid, head + self._tail[unit], self.device_index):
+        constexprs, tail = self._variants.get((unit, br)) or self._variant(unit, br)
+        if not self.launcher.launch_direct(key, grid, head + tail, self.device_index):
             args = (out, out_stride // unit, ds, ds_stride // unit, ids, ids_stride) + self._fixed
-            self.launcher.launch(key, grid, args, self._constexprs[unit], self.cfg.num_warps)
+            self.launcher.launch(key, grid, args, constexprs, self.cfg.num_warps)

@@ -1,10 +1,10 @@
-"""Device-resident tables of the step kernel: runs, item sources, and the step's windows.
+"""Device-resident tables of the step kernel: runs (with their sources) and the step's windows.
 
-Runs and item entries are written when they change (a request registered, a source
-resolved or released), in one upload per step that has changes; a step in steady state
-sends only its step table: one non-blocking copy from a persistent pinned buffer. Sources
-are addressed from fixed per-dtype anchors, so an item entry stays valid across steps and
-a CUDA graph captured once keeps reading the right rows. Layout: ``mmkernels/layout.py``.
+Run rows are written when they change (a request registered, a source resolved or
+released), in one upload per step that has changes; a step in steady state sends only
+its step table: one non-blocking copy from a persistent pinned buffer. Sources are
+addressed from fixed per-dtype anchors, so a run row stays valid across steps and a CUDA
+graph captured once keeps reading the right rows. Layout: ``mmkernels/layout.py``.
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ _HALF = STAGING_RING // 2  # one event per half ring: a record and a wait every 
 class ResidentTables:
     """The run, item and step tables of one ``Assembler``, on ``device``."""
 
-    def __init__(self, device: torch.device, *, max_requests: int, max_runs: int, max_items: int):
+    def __init__(self, device: torch.device, *, max_requests: int, max_runs: int):
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
-        self.max_requests, self.max_runs, self.max_items = max_requests, max_runs, max_items
-        self.runs = torch.zeros((max_runs, L.RUN_FIELDS), dtype=torch.int64, device=self.device)
-        self.items = torch.from_numpy(L.empty_items(max_items)).to(self.device)
+        self.max_requests, self.max_runs = max_requests, max_runs
+        runs = np.zeros((max_runs, L.RUN_FIELDS), np.int64)
+        runs[:, L.RUN_KIND] = L.KIND_NONE
+        self.runs = torch.from_numpy(runs).to(self.device)
         rows = L.step_rows(max_requests)
         self.step = torch.zeros((rows, L.STEP_FIELDS), dtype=torch.int64, device=self.device)
         # Fixed anchors: a source's offset is counted from the anchor of its dtype.
@@ -46,12 +47,13 @@ class ResidentTables:
         self._half_used = [False, False]
         self.slot = 0  # the staging buffer the next step fills
         self._memcpy = _driver_memcpy() if cuda and torch.version.cuda else None
-        self._step_ptr, self._step_bytes = self.step.data_ptr(), self.step.nbytes
+        self._step_ptr, self._row_bytes = self.step.data_ptr(), self.step.stride(0) * 8
         self._staging_ptrs = [t.data_ptr() for t in self.staging]
         self._device_index = (self.device.index or 0) if cuda else 0
 
     def source_entry(self, t: torch.Tensor, hidden: int) -> tuple[int, ...]:
-        """The item-table row of a 2-D source ``t`` (unit column stride, on ``device``)."""
+        """The source entry (``SOURCE_*`` fields) of a 2-D source ``t`` (unit column
+        stride, on ``device``)."""
         kind = KIND_OF_DTYPE[t.dtype]
         esize = t.element_size()
         ptr = t.data_ptr()
@@ -60,25 +62,19 @@ class ResidentTables:
             raise ValueError("Invalid source: its address is not aligned to its element size")
         stride = t.stride(0)
         aligned = int(ptr % 16 == 0 and (stride * esize) % 16 == 0 and (hidden * esize) % 16 == 0)
-        return (delta // esize, stride, kind, t.shape[1], aligned, 0, 0, 0)
+        return (delta // esize, stride, kind, t.shape[1], aligned)
 
-    def write(self, run_idx: np.ndarray, run_rows: np.ndarray, item_idx: np.ndarray,
-              item_rows: np.ndarray) -> None:
-        """Overwrite table rows: one upload for both tables, applied in stream order."""
-        nr, ni = len(run_idx), len(item_idx)
-        if nr + ni == 0:
+    def write_runs(self, run_idx: np.ndarray, run_rows: np.ndarray) -> None:
+        """Overwrite run rows (distinct indices): one upload, applied in stream order."""
+        if len(run_idx) == 0:
             return
-        packed = np.zeros((nr + ni, 1 + L.ITEM_FIELDS), dtype=np.int64)
-        packed[:nr, 0], packed[:nr, 1:1 + L.RUN_FIELDS] = run_idx, run_rows
-        packed[nr:, 0], packed[nr:, 1:] = item_idx, item_rows
+        packed = np.empty((len(run_idx), 1 + L.RUN_FIELDS), dtype=np.int64)
+        packed[:, 0], packed[:, 1:] = run_idx, run_rows
         upload = torch.from_numpy(packed)
         if self.device.type == "cuda":
             # pinned through torch's caching host allocator: not reused before the copy is done
             upload = upload.pin_memory().to(self.device, non_blocking=True)
-        if nr:
-            self.runs.index_copy_(0, upload[:nr, 0], upload[:nr, 1:1 + L.RUN_FIELDS])
-        if ni:
-            self.items.index_copy_(0, upload[nr:, 0], upload[nr:, 1:])
+        self.runs.index_copy_(0, upload[:, 0], upload[:, 1:])
 
     def staging_table(self) -> np.ndarray:
         """The host step table to fill for the next step (its last copy has left).
@@ -93,21 +89,23 @@ class ResidentTables:
                 self._half_done[half].synchronize()
         return self._staging_np[s]
 
-    def upload_step(self) -> None:
-        """Copy the filled staging table up (whole: no slicing) and move the ring on.
+    def upload_step(self, num_requests: int) -> None:
+        """Copy the filled rows of the staging table up (header, ``num_requests`` request
+        rows, end row) and move the ring on.
 
         On CUDA the copy is one driver call on the current stream (``cuMemcpyHtoDAsync``:
         about a microsecond of host time, a few less than ``Tensor.copy_``'s dispatch);
         ``copy_`` where the driver call is unavailable or fails (it then enqueued nothing).
         """
         s = self.slot
+        rows = num_requests + 2
         if self._memcpy is None or self._memcpy(
-                self._step_ptr, self._staging_ptrs[s], self._step_bytes,
+                self._step_ptr, self._staging_ptrs[s], rows * self._row_bytes,
                 torch._C._cuda_getCurrentRawStream(self._device_index)) != 0:
             if self._memcpy is not None:
                 logger.info("cuMemcpyHtoDAsync failed; step-table uploads use Tensor.copy_")
                 self._memcpy = None
-            self.step.copy_(self.staging[s], non_blocking=True)
+            self.step[:rows].copy_(self.staging[s][:rows], non_blocking=True)
         self.mark_sent()
 
     def mark_sent(self) -> None:

@@ -27,7 +27,7 @@ def _setup(device, backend="triton"):
 
 def _state(asm, cache):
     t = asm.tables
-    return ([x.clone() for x in (t.runs, t.items, t.step)], dict(cache._entries),
+    return ([x.clone() for x in (t.runs, t.step)], dict(cache._entries),
             cache.stats.hits, cache.stats.misses, asm.registry.held.copy())
 
 

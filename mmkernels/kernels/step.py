@@ -1,12 +1,12 @@
-"""The step kernel: one launch assembles a prefill step from resident run and item tables.
+"""The step kernel: one launch assembles a prefill step from the resident run table.
 
 A program owns a span of consecutive output rows and copies it in *pieces* of at most
 ``BLOCK_R`` rows that share a request and a run (or the text between runs). Crossing into
 a new segment it finds the request (a search over the step's output bases), the
 prompt position and the run holding it (a search over the request's runs; each search
 loads ``SEARCH_W`` keys a round: ``log_W`` rounds of one load's latency each, where a
-binary search waits for ``log2`` dependent loads); the
-piece is copied as a masked ``BLOCK_R x BLOCK_H`` block, looping over column blocks inside
+binary search waits for ``log2`` dependent loads); the run's row holds its source's
+address, so one more load round reaches the data. The piece is copied as a masked ``BLOCK_R x BLOCK_H`` block, looping over column blocks inside
 the program, so searches are paid once per segment boundary, not per tile or per column
 block.
 
@@ -23,15 +23,12 @@ from mmkernels.kernels.convert import _convert
 # constexpr globals so the kernel can read the layout
 RUN_POS = tl.constexpr(L.RUN_POS)
 RUN_END = tl.constexpr(L.RUN_END)
-RUN_ROW = tl.constexpr(L.RUN_ROW)
-RUN_ITEM = tl.constexpr(L.RUN_ITEM)
+RUN_OFF = tl.constexpr(L.RUN_OFF)
+RUN_STRIDE = tl.constexpr(L.RUN_STRIDE)
+RUN_KIND = tl.constexpr(L.RUN_KIND)
+RUN_COLS = tl.constexpr(L.RUN_COLS)
+RUN_ALIGNED = tl.constexpr(L.RUN_ALIGNED)
 RUN_FIELDS = tl.constexpr(L.RUN_FIELDS)
-ITEM_OFF = tl.constexpr(L.ITEM_OFF)
-ITEM_STRIDE = tl.constexpr(L.ITEM_STRIDE)
-ITEM_KIND = tl.constexpr(L.ITEM_KIND)
-ITEM_COLS = tl.constexpr(L.ITEM_COLS)
-ITEM_ALIGNED = tl.constexpr(L.ITEM_ALIGNED)
-ITEM_FIELDS = tl.constexpr(L.ITEM_FIELDS)
 STEP_BASE = tl.constexpr(L.STEP_BASE)
 STEP_PREFIX = tl.constexpr(L.STEP_PREFIX)
 STEP_RUN_FIRST = tl.constexpr(L.STEP_RUN_FIRST)
@@ -103,7 +100,8 @@ def _copy_source_rows(src, ok, dst, ds_dst, has_ds_cols, hidden, ds_cols,
 def _copy_item(anchor_ptr, off, stride, aligned, src_row, ok, dst, ds_dst, has_ds_cols, hidden,
                ds_cols, VEC: tl.constexpr, HAS_DS: tl.constexpr, MAIN_BLOCKS: tl.constexpr,
                DS_BLOCKS: tl.constexpr, BLOCK_H: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr):
-    """Copy from one source dtype's anchor. An aligned source's offset and stride are
+    """Copy rows ``src_row`` of a source at element ``off`` of its dtype's anchor (the
+    row its run starts from), ``stride`` elements apart. An aligned source's offset and stride are
     rebuilt as ``(x // VEC) * VEC``: the multiplication proves 16-byte alignment to the
     compiler (a ``tl.multiple_of`` hint on a loaded scalar is not enough)."""
     if aligned != 0:
@@ -122,8 +120,8 @@ def _assemble_step_kernel(
     ds_ptr, ds_stride,  # deepstack [tokens, ds_cols] (out_ptr without one); OUT_UNIT units
     ids_ptr, ids_stride,  # token ids (fused mode), any stride
     weight_ptr, weight_stride, vocab_size,  # token-embedding table (fused mode)
-    f32_ptr, f16_ptr, bf16_ptr,  # anchors: a source is read at anchor + ITEM_OFF of its dtype
-    runs_ptr, items_ptr, step_ptr,  # resident run and item tables; this step's windows
+    f32_ptr, f16_ptr, bf16_ptr,  # anchors: a source is read at anchor + RUN_OFF of its dtype
+    runs_ptr, step_ptr,  # resident run table (sources folded in); this step's windows
     hidden, ds_cols,  # runtime ints, specialised on divisibility by 16 (16-byte access)
     FUSED: tl.constexpr,  # text rows are weight[clamp(id)]; else left as they are
     HAS_DS: tl.constexpr,
@@ -140,9 +138,9 @@ def _assemble_step_kernel(
     For output row ``t`` of request ``i`` (``base_i <= t < base_{i+1}``) at prompt position
     ``p = prefix_i + t - base_i``::
 
-        out[t] = src[item][row + p - pos, :hidden]       (p in run (pos, end, row, item))
+        out[t] = src[row + p - pos, :hidden]       (p in run (pos, end) of src from row)
         out[t] = weight[clamp(ids[t], 0, vocab - 1)]      (no run holds p; fused mode)
-        ds[t]  = src[item][row + p - pos, hidden:]        (zeros: text, or no such columns)
+        ds[t]  = src[row + p - pos, hidden:]       (zeros: text, or no such columns)
 
     A program owns ``cdiv(tokens, programs)`` consecutive rows (so a grid fixed at launch
     or capture serves any step) and streams them in pieces of at most ``BLOCK_R`` rows. It
@@ -153,6 +151,10 @@ def _assemble_step_kernel(
     """
     num_tokens = tl.load(step_ptr + STEP_TOKENS)
     num_requests = tl.load(step_ptr + STEP_REQUESTS)
+    # the first SEARCH_W output bases, loaded beside the counts (the table has at least
+    # MIN_REQUEST_ROWS request rows): a step of few requests finds one without waiting
+    lanes = tl.arange(0, SEARCH_W).to(tl.int64)
+    first_bases = tl.load(step_ptr + (1 + lanes) * STEP_FIELDS + STEP_BASE)
     # convert it to int64 to avoid overflow: rows * stride exceeds 2**31 on large batches
     programs = tl.num_programs(0).to(tl.int64)
     span = (num_tokens + programs - 1) // programs
@@ -160,7 +162,8 @@ def _assemble_step_kernel(
     end = tl.minimum(row + span, num_tokens)
     r = tl.arange(0, BLOCK_R).to(tl.int64)
     # the current request (its rows end at req_end) and segment: rows [seg_start, seg_end),
-    # inside run `run` (in_run: source row src_row0 at seg_start) or in the gap after it
+    # inside run `run` (in_run: its source read from element src_off at seg_start) or in
+    # the gap after it
     zero = num_tokens * 0
     req_end = zero
     base = zero
@@ -170,15 +173,23 @@ def _assemble_step_kernel(
     run = zero - 1
     seg_start = zero
     seg_end = zero
-    src_row0 = zero
     in_run = zero
-    item = items_ptr
+    src_row0 = zero
+    src_off = zero
+    src_stride = zero
+    kind = zero
+    aligned = zero
+    src_cols = zero
     while row < end:
         if row >= seg_end:  # the next segment
             if row >= req_end:  # a new request: search it, then its run holding the position
                 # the last request whose output base is <= row (empty ones lose ties)
-                i = _last_at_or_before(step_ptr + STEP_FIELDS + STEP_BASE, STEP_FIELDS, zero,
-                                       num_requests, row, SEARCH_W)
+                if num_requests <= SEARCH_W:
+                    i = tl.reduce(((lanes < num_requests) & (first_bases <= row)).to(tl.int64), 0,
+                                  _add) - 1
+                else:
+                    i = _last_at_or_before(step_ptr + STEP_FIELDS + STEP_BASE, STEP_FIELDS, zero,
+                                           num_requests, row, SEARCH_W)
                 req = step_ptr + (1 + i) * STEP_FIELDS
                 base = tl.load(req + STEP_BASE)
                 prefix = tl.load(req + STEP_PREFIX)
@@ -198,13 +209,17 @@ def _assemble_step_kernel(
             at = runs_ptr + tl.maximum(run, first_run) * RUN_FIELDS
             run_pos = tl.load(at + RUN_POS, mask=found, other=0)
             run_end = tl.load(at + RUN_END, mask=found, other=0)
+            src_off = tl.load(at + RUN_OFF, mask=found, other=0)
+            src_stride = tl.load(at + RUN_STRIDE, mask=found, other=0)
+            kind = tl.load(at + RUN_KIND, mask=found, other=0)
+            src_cols = tl.load(at + RUN_COLS, mask=found, other=0)
+            aligned = tl.load(at + RUN_ALIGNED, mask=found, other=0)
             next_pos = tl.load(runs_ptr + (run + 1) * RUN_FIELDS + RUN_POS, mask=run + 1 < end_run,
                                other=1 << 62)
             in_run = (found & (pos < run_end)).to(tl.int64)
             seg_start = row
             seg_end = tl.minimum(req_end, row + tl.where(in_run != 0, run_end, next_pos) - pos)
-            src_row0 = tl.load(at + RUN_ROW, mask=found, other=0) + pos - run_pos
-            item = items_ptr + tl.load(at + RUN_ITEM, mask=found, other=0) * ITEM_FIELDS
+            src_row0 = pos - run_pos
         piece_end = tl.minimum(tl.minimum(row + BLOCK_R, seg_end), end)
         ok = (r < piece_end - row)[:, None]
         out_rows = (row + r)[:, None]
@@ -212,22 +227,18 @@ def _assemble_step_kernel(
         ds_dst = ds_ptr + out_rows * (ds_stride * OUT_UNIT)
         if in_run != 0:
             src_row = (src_row0 + row - seg_start + r)[:, None]
-            off = tl.load(item + ITEM_OFF)
-            stride = tl.load(item + ITEM_STRIDE)
-            kind = tl.load(item + ITEM_KIND)
-            aligned = tl.load(item + ITEM_ALIGNED)
-            has_ds_cols = tl.load(item + ITEM_COLS) > hidden
+            has_ds_cols = src_cols > hidden
             if kind == KIND_BF16:
-                _copy_item(bf16_ptr, off, stride, aligned, src_row, ok, dst, ds_dst, has_ds_cols,
-                           hidden, ds_cols, 8, HAS_DS, MAIN_BLOCKS, DS_BLOCKS, BLOCK_H,
+                _copy_item(bf16_ptr, src_off, src_stride, aligned, src_row, ok, dst, ds_dst,
+                           has_ds_cols, hidden, ds_cols, 8, HAS_DS, MAIN_BLOCKS, DS_BLOCKS, BLOCK_H,
                            EMULATE_BF16_RNE)
             elif kind == KIND_F16:
-                _copy_item(f16_ptr, off, stride, aligned, src_row, ok, dst, ds_dst, has_ds_cols,
-                           hidden, ds_cols, 8, HAS_DS, MAIN_BLOCKS, DS_BLOCKS, BLOCK_H,
+                _copy_item(f16_ptr, src_off, src_stride, aligned, src_row, ok, dst, ds_dst,
+                           has_ds_cols, hidden, ds_cols, 8, HAS_DS, MAIN_BLOCKS, DS_BLOCKS, BLOCK_H,
                            EMULATE_BF16_RNE)
             elif kind == KIND_F32:
-                _copy_item(f32_ptr, off, stride, aligned, src_row, ok, dst, ds_dst, has_ds_cols,
-                           hidden, ds_cols, 4, HAS_DS, MAIN_BLOCKS, DS_BLOCKS, BLOCK_H,
+                _copy_item(f32_ptr, src_off, src_stride, aligned, src_row, ok, dst, ds_dst,
+                           has_ds_cols, hidden, ds_cols, 4, HAS_DS, MAIN_BLOCKS, DS_BLOCKS, BLOCK_H,
                            EMULATE_BF16_RNE)
         elif FUSED:
             tok = tl.load(ids_ptr + out_rows * ids_stride, mask=ok, other=0).to(tl.int64)

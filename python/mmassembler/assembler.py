@@ -76,12 +76,11 @@ class Assembler:
         max_items = max_items or 64 * max_requests + 1024
         max_runs = max_runs or 4 * max_items
         self.registry = Registry(max_requests=max_requests, max_runs=max_runs, max_items=max_items)
-        self.tables = ResidentTables(self.device, max_requests=max_requests, max_runs=max_runs,
-                                     max_items=max_items)
+        self.tables = ResidentTables(self.device, max_requests=max_requests, max_runs=max_runs)
         self._op = None if self.backend == "torch" else StepOp(
             self.tables, hidden=hidden, ds_cols=deepstack_cols, dtype=dtype, weight=weight,
             interpreted=self.backend == "interpreter", block_rows=block_rows)
-        self._item_updates: dict[int, tuple] = {}
+        self._run_updates: list[tuple[np.ndarray, np.ndarray]] = []  # (indices, device rows), in order
         self._bad = np.zeros((4, max_requests), bool)  # scratch of the window check
         self._lock = threading.RLock()
         self._graph = None
@@ -164,7 +163,7 @@ class Assembler:
                                   self.registry.item_src)
                 self.tables.mark_sent()
             else:
-                self.tables.upload_step()
+                self.tables.upload_step(r)
                 self._op.launch(out, deepstack_out, input_ids, n)
             return out
 
@@ -222,8 +221,8 @@ class Assembler:
             check_windows(h, p, q - p, reg, self.max_requests, self.max_tokens)
         ridx, rwin, iidx, iwin = reg.reached(hw)
         runs = reg.runs[ridx]
-        hit = (runs[:, L.RUN_POS] < qw[rwin]) & (runs[:, L.RUN_END] > pw[rwin])
-        slots = np.unique(runs[hit, L.RUN_ITEM])
+        hit = (runs[:, L.HOST_RUN_POS] < qw[rwin]) & (runs[:, L.HOST_RUN_END] > pw[rwin])
+        slots = np.unique(runs[hit, L.HOST_RUN_ITEM])
         slots = slots[~reg.held[slots]]
         passed = iidx[reg.held[iidx] & (reg.item_end[iidx] <= pw[iwin])]
         index_of = dict(zip(h.tolist(), range(len(h))))
@@ -234,26 +233,35 @@ class Assembler:
         entries = [self.tables.source_entry(t, self.hidden) for t in sources]
         # every check has passed: commit
         self._release([t for t in reg.item_src[passed] if t is not None])
-        none = (0, 0, L.KIND_NONE, 0, 0, 0, 0, 0)
-        for s in passed.tolist():
-            reg.item_src[s] = None
-            self._item_updates[s] = none
+        reg.item_src[passed] = None
         reg.held[passed] = False
-        for w, t, entry in zip(wanted, sources, entries):
+        for w, t in zip(wanted, sources):
             reg.item_src[w.slot] = t
-            self._item_updates[w.slot] = entry
         reg.held[slots] = True
+        # the device rows of the changed items' runs: passed ones lose their source
+        changed = np.concatenate([passed, slots])
+        if len(changed):
+            entries = np.array([L.NO_SOURCE] * len(passed) + entries, np.int64).reshape(-1, L.SOURCE_FIELDS)
+            order = np.argsort(changed)
+            sel = np.flatnonzero(np.isin(runs[:, L.HOST_RUN_ITEM], changed))
+            which = order[np.searchsorted(changed[order], runs[sel, L.HOST_RUN_ITEM])]
+            self._run_updates.append((ridx[sel], L.device_runs(runs[sel], entries[which])))
         reg.update_ready(hw, pw, qw, ridx, rwin, iidx, iwin)
 
     def _flush(self) -> None:
-        """Send registered runs and changed item entries to the device (one upload)."""
-        if not self.registry.dirty_runs and not self._item_updates:
+        """Send registered runs and the runs of items whose source changed (one upload)."""
+        if not self.registry.dirty_runs and not self._run_updates:
             return
-        run_idx, run_rows = self.registry.take_dirty_runs()
-        item_idx = np.fromiter(self._item_updates, np.int64, len(self._item_updates))
-        item_rows = np.array(list(self._item_updates.values()), np.int64).reshape(-1, L.ITEM_FIELDS)
-        self._item_updates = {}
-        self.tables.write(run_idx, run_rows, item_idx, item_rows)
+        run_idx, host_rows = self.registry.take_dirty_runs()
+        none = np.broadcast_to(np.array(L.NO_SOURCE, np.int64), (len(run_idx), L.SOURCE_FIELDS))
+        idx = [run_idx] + [i for i, _ in self._run_updates]
+        rows = [L.device_runs(host_rows, none)] + [r for _, r in self._run_updates]
+        self._run_updates = []
+        idx, rows = np.concatenate(idx), np.concatenate(rows)
+        # a run registered and resolved before one flush: the later row wins
+        _, last = np.unique(idx[::-1], return_index=True)
+        keep = len(idx) - 1 - last
+        self.tables.write_runs(idx[keep], rows[keep])
 
 
 def _check_prompt_len(prompt_len, request: int | None) -> None:

@@ -1,7 +1,8 @@
 """Registered requests on the host: handles, run and item slots, and which windows need work.
 
 Each live request owns a contiguous range of run slots and of item slots (first fit).
-The host mirror of the run table is what the device copy is written from. A request's
+Host run rows name the item slot and its first row; the device's rows are built from them
+and the items' sources (``mmkernels.layout.device_runs``). A request's
 row of ``req`` is laid out as a step-table row (``mmkernels/layout.py``): its run range,
 and the bounds a window ``[p, q)`` must keep to need no work: ``READY_LO <= p`` and
 ``q <= READY_HI`` (every item the window reaches holds a source, and the window is inside
@@ -53,6 +54,7 @@ class RangeAllocator:
 
 
 LO, HI, START_MAX = L.STEP_READY_LO, L.STEP_READY_HI, L.STEP_START_MAX  # bounds columns of req
+POS, END, ITEM = L.HOST_RUN_POS, L.HOST_RUN_END, L.HOST_RUN_ITEM  # columns of host run rows
 
 
 class Registry:
@@ -60,7 +62,7 @@ class Registry:
 
     def __init__(self, *, max_requests: int, max_runs: int, max_items: int):
         self.max_requests = max_requests
-        self.runs = np.zeros((max_runs, L.RUN_FIELDS), np.int64)
+        self.runs = np.zeros((max_runs, L.HOST_RUN_FIELDS), np.int64)  # host layout
         self._run_alloc, self._item_alloc = RangeAllocator(max_runs), RangeAllocator(max_items)
         self._free_handles = list(range(max_requests, 0, -1))
         self.req = np.zeros((max_requests + 2, L.STEP_FIELDS), np.int64)
@@ -174,13 +176,13 @@ class Registry:
     def update_ready(self, h, p, q, ridx, rwin, iidx, iwin) -> None:
         """Recompute the ready interval and release point of windows' requests from ``held``."""
         runs = self.runs[ridx]
-        unheld = ~self.held[runs[:, L.RUN_ITEM]]
+        unheld = ~self.held[runs[:, ITEM]]
         lo = np.full(len(h), -NO_LIMIT)
         hi = np.full(len(h), NO_LIMIT)
-        before = unheld & (runs[:, L.RUN_POS] < p[rwin])
-        np.maximum.at(lo, rwin[before], np.minimum(runs[before, L.RUN_END], p[rwin[before]]))
-        after = unheld & (runs[:, L.RUN_END] > q[rwin])
-        np.minimum.at(hi, rwin[after], np.maximum(runs[after, L.RUN_POS], q[rwin[after]]))
+        before = unheld & (runs[:, POS] < p[rwin])
+        np.maximum.at(lo, rwin[before], np.minimum(runs[before, END], p[rwin[before]]))
+        after = unheld & (runs[:, END] > q[rwin])
+        np.minimum.at(hi, rwin[after], np.maximum(runs[after, POS], q[rwin[after]]))
         release = np.full(len(h), NO_LIMIT)
         held = self.held[iidx]
         np.minimum.at(release, iwin[held], self.item_end[iidx[held]])
@@ -189,9 +191,9 @@ class Registry:
         self.req[h, START_MAX] = release - 1
 
     def take_dirty_runs(self) -> tuple[np.ndarray, np.ndarray]:
-        """Run indices registered since the last call and their rows (for the device)."""
+        """Run indices registered since the last call and their host rows."""
         if not self.dirty_runs:
-            return np.zeros(0, np.int64), np.zeros((0, L.RUN_FIELDS), np.int64)
+            return np.zeros(0, np.int64), np.zeros((0, L.HOST_RUN_FIELDS), np.int64)
         idx = np.concatenate([np.arange(a, b) for a, b in self.dirty_runs])
         self.dirty_runs = []
         return idx, self.runs[idx]
