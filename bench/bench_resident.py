@@ -159,7 +159,8 @@ def sweep(b) -> list[dict]:
     out = asm.assemble(h, p, e, b.input_ids)
     rows = []
     shapes = [(4, 2048, 4), (2, 4096, 4), (2, 4096, 8), (1, 4096, 4), (1, 8192, 8), (2, 8192, 8),
-              (4, 4096, 8), (4, 1024, 4), (8, 2048, 4)]
+              (4, 4096, 8), (4, 1024, 4), (8, 2048, 4), (2, 512, 4), (4, 512, 4), (8, 512, 4),
+              (16, 512, 4), (8, 256, 4)]
     for (block_rows, block_cols, warps), per_sm in itertools.product(shapes, (0,)):
         cfg = StepConfig(block_rows, min(block_cols, 1 << (b.weight.shape[1] - 1).bit_length()), warps,
                          per_sm)

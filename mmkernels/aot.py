@@ -83,11 +83,12 @@ def compile_variant(constexprs: dict, target, out_dtype: str = "bf16"):
 
 def step_kernel_configs() -> Iterator[tuple[int, int, int]]:
     """``(block_rows, block_cols, num_warps)`` of every GPU shape ``step_config`` can pick
-    (every power-of-two width up to the column cap, the tests' block_rows, and the halved
+    (every power-of-two width up to the column cap, widths that take one wide block, the
+    tests' block_rows, and the halved
     rows ``StepOp.block_rows_for`` takes for small steps)."""
     from mmkernels.step import MAX_BLOCK_COLS, step_config
 
-    widths = [1 << k for k in range(4, MAX_BLOCK_COLS.bit_length())] + [8192]
+    widths = [1 << k for k in range(4, MAX_BLOCK_COLS.bit_length())] + [1536, 3584, 8192]
     seen = set()
     for width in widths:
         shapes = []

@@ -18,6 +18,7 @@ from mmkernels.tables import ResidentTables
 from mmkernels import layout as L
 
 MAX_BLOCK_COLS = 1024
+ONE_BLOCK_MAX_COLS = 4096  # a row of up to this many columns that 1024 does not divide: one block
 INTERPRETER_PROGRAMS = 3  # the interpreter's grid cap: spans of several pieces get tested
 
 
@@ -49,14 +50,23 @@ def step_config(width: int, interpreted: bool, block_rows: int | None = None) ->
     bench.bench_resident --sweep``, ``bench/data/h100_step_sweep_paired.json``: 1-8 rows x
     1024-8192 columns x 4/8 warps) this was first or within 1.4% of first on six of eight
     scenarios (at hidden 8192, 2 x 4096 was 3% faster; 256 rows in all prefer 1-2 rows a
-    program) and 0.1-2% faster than the unpaired 4 x 2048 blocks on each. Interpreter: 64
-    rows, one column block and a grid of 3 programs, so each program streams several
-    pieces and segments. ``block_rows`` (tests) must be a power of two from 1 to 128.
+    program) and 0.1-2% faster than the unpaired 4 x 2048 blocks on each. A width over
+    1024 and up to 4096 that 1024 does not divide takes one block of the next power of two
+    and 8192 elements (2 x 4096 at 3584: ``bench/data/h100_step_sweep_h3584.json``, 0.5-1%
+    faster than 4 x 1024 on two of three scenarios at that width, 0.4% slower on the
+    third; a ``block_rows`` knob that would pass 8192 elements keeps 1024 columns).
+    ``StepOp`` halves the rows for steps too small to give every SM a program.
+    Interpreter: 64 rows, one column block and a grid of 3 programs, so each program
+    streams several pieces and segments. ``block_rows`` (tests) must be a power of two
+    from 1 to 128.
     """
     check_block_rows(block_rows)
     cols = 1 << (max(width, 16) - 1).bit_length()
     if interpreted:
         return StepConfig(block_rows or 64, cols, 1, programs_per_sm=0)
+    if (MAX_BLOCK_COLS < cols <= ONE_BLOCK_MAX_COLS and width % MAX_BLOCK_COLS
+            and (block_rows or 1) * cols <= 8192):
+        return StepConfig(block_rows or 8192 // cols, cols, 4)
     cols = min(cols, MAX_BLOCK_COLS)
     return StepConfig(block_rows or min(64, max(4, 4096 // cols)), cols, 4)
 

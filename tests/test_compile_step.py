@@ -48,8 +48,9 @@ def test_every_shape_compiles_for_other_targets(k, target):
 
 
 @pytest.mark.parametrize("out_dtype,unit", [("bf16", 8), ("fp16", 8), ("fp32", 4)])
-def test_aligned_sources_load_and_store_16_bytes_on_sm90(out_dtype, unit):
-    ptx = compile_step_variant(_constexprs(16, 1024, unit=unit), CUDA90, num_warps=8,
+@pytest.mark.parametrize("rows,cols,hidden", [(16, 1024, 8192), (2, 4096, 3584)], ids=["16x1024", "2x4096"])
+def test_aligned_sources_load_and_store_16_bytes_on_sm90(out_dtype, unit, rows, cols, hidden):
+    ptx = compile_step_variant(_constexprs(rows, cols, hidden=hidden, unit=unit), CUDA90, num_warps=8,
                                out_dtype=out_dtype).asm["ptx"]
     assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx)
     assert re.search(r"st\.global(\.\w+)*\.v4\.b32", ptx)
