@@ -9,8 +9,9 @@ Per scenario, side by side in one run (bf16, fused mode unless noted):
 - host time (call -> return, GPU idle before each call), and wall (call + synchronize):
   the Assembler's steady-state step (requests registered, sources held) with direct
   launch and with graph replay, in fused and scatter mode; its first chunk (register +
-  step + remove, precomputed embeddings so no encoding); the stateless ``assemble`` with
-  requests reused; the baselines;
+  step, precomputed embeddings so no encoding, new ``Item`` objects each call); the
+  stateless ``assemble`` on a first chunk (new ``Item`` objects) and with requests reused
+  (its per-item checks memoised); the baselines;
 - registration host time per item (``add_request``).
 """
 
@@ -31,7 +32,7 @@ from bench.baselines import BASELINES
 from bench.bench_assemble import prepared
 from bench.harness import copy_bandwidth, gpu_time_us, wall_time_us
 from bench.scenarios import SCENARIOS, PLANNING_256, Scenario, build
-from mmassembler import Assembler, assemble
+from mmassembler import Assembler, Item, Request, assemble
 
 MANY_REQUESTS = Scenario("256x1x64 t32 H4096", 256, 1, 64, 32, 4096)
 RESIDENT_SCENARIOS = SCENARIOS + [MANY_REQUESTS, PLANNING_256]
@@ -104,6 +105,8 @@ def measure(b, bw: float, repeat: int) -> dict:
             if mode == "fused" and not graph:
                 row["first_chunk_host_us"], row["first_chunk_wall_us"], row["register_us_per_item"] = \
                     first_chunk(asm, b, p, e, repeat, sync)
+    row["first_chunk_stateless_host_us"], row["first_chunk_stateless_wall_us"] = \
+        stateless_first_chunk(b, repeat, sync)
     row["host_stateless_us"] = host_us(lambda: assemble(b.requests, b.input_ids, weight=b.weight),
                                        repeat, sync)
     row["wall_stateless_us"] = wall_time_us(lambda: assemble(b.requests, b.input_ids, weight=b.weight),
@@ -118,16 +121,25 @@ def measure(b, bw: float, repeat: int) -> dict:
     return row
 
 
+def fresh_items(b, copies: int) -> list[list[list[Item]]]:
+    """``copies`` sets of each request's items as new ``Item`` objects (same embeddings):
+    a first chunk meets items no earlier call has checked or memoised."""
+    return [[[Item(it.key, it.spans, it.modality, it.embedding, it.data, it.embed_mask)
+              for it in r.items] for r in b.requests] for _ in range(copies)]
+
+
 def first_chunk(asm, b, p, e, repeat, sync):
     """(host, wall) of registering every request (one ``add_requests`` call, as an engine
-    registers a step's new requests) + the first step, and registration µs per item."""
+    registers a step's new requests) + the first step, and registration µs per item; each
+    call registers new ``Item`` objects."""
     host, wall, reg = [], [], []
-    for _ in range(max(5, repeat // 10)):
+    sets = fresh_items(b, max(5, repeat // 10))
+    for items in sets:
         for h in np.flatnonzero(asm.registry.live).tolist():
             asm.remove_request(h)
         sync()
         t0 = time.perf_counter()
-        h = np.array(asm.add_requests([(r.items, r.prompt_len) for r in b.requests]))
+        h = np.array(asm.add_requests([(its, r.prompt_len) for its, r in zip(items, b.requests)]))
         t1 = time.perf_counter()
         asm.assemble(h, p, e, b.input_ids)
         t2 = time.perf_counter()
@@ -139,12 +151,29 @@ def first_chunk(asm, b, p, e, repeat, sync):
     return tuple(1e6 * statistics.median(x) for x in (host, wall, reg))
 
 
+def stateless_first_chunk(b, repeat, sync) -> tuple[float, float]:
+    """(host, wall) of the stateless ``assemble`` on requests of new ``Item`` objects (what
+    a first chunk costs it: no memoised checks)."""
+    host, wall = [], []
+    for items in fresh_items(b, max(5, repeat // 10)):
+        reqs = [Request(its, r.prefix_len, r.extend_len, r.prompt_len) for its, r in zip(items, b.requests)]
+        sync()
+        t0 = time.perf_counter()
+        assemble(reqs, b.input_ids, weight=b.weight)
+        t1 = time.perf_counter()
+        sync()
+        host.append(t1 - t0)
+        wall.append(time.perf_counter() - t0)
+    return tuple(1e6 * statistics.median(x) for x in (host, wall))
+
+
 COLUMNS = [("floor", "floor_us"), ("GPU step", "gpu_fused_us"), ("GPU old", "gpu_stateless_us"),
            ("host step", "host_fused_us"), ("host graph", "host_fused_graph_us"),
            ("wall step", "wall_fused_us"), ("wall graph", "wall_fused_graph_us"),
            ("host scat", "host_scatter_us"), ("wall scat", "wall_scatter_us"),
            ("host first", "first_chunk_host_us"), ("wall first", "first_chunk_wall_us"),
-           ("reg/item", "register_us_per_item"), ("host old", "host_stateless_us"),
+           ("reg/item", "register_us_per_item"), ("host first old", "first_chunk_stateless_host_us"),
+           ("host old", "host_stateless_us"),
            ("wall old", "wall_stateless_us"), ("wall m_s", "wall_masked_scatter_us"),
            ("wall i_c", "wall_index_copy_us"), ("GPU m_s", "gpu_masked_scatter_us")]
 

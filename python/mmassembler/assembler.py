@@ -226,8 +226,9 @@ class Assembler:
         slots = slots[~reg.held[slots]]
         passed = iidx[reg.held[iidx] & (reg.item_end[iidx] <= pw[iwin])]
         index_of = dict(zip(h.tolist(), range(len(h))))
-        wanted = [Wanted(s, reg.item_obj[s], int(reg.item_rows[s]), index_of[int(reg.item_owner[s])])
-                  for s in slots.tolist()]
+        wanted = [Wanted(s, item, rows, index_of[owner]) for s, item, rows, owner in zip(
+            slots.tolist(), reg.item_obj[slots].tolist(), reg.item_rows[slots].tolist(),
+            reg.item_owner[slots].tolist())]
         sources = resolve(wanted, encoders=self.encoders, cache=self.cache, device=self.device,
                           widths=self.widths)
         entries = [self.tables.source_entry(t, self.hidden) for t in sources]

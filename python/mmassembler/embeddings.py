@@ -26,14 +26,15 @@ def as_rows(t, widths: Sequence[int], *, request: int, key: int, what: str) -> t
     if t.dtype not in _FLOATS:
         raise EmbeddingFormatError(f"{what} has dtype {t.dtype}; expected one of "
                                    f"{[str(d) for d in _FLOATS]}", request=request, item_key=key)
-    if t.dim() < 2 or t.shape[-1] not in widths:
-        raise EmbeddingFormatError(f"{what} has shape {list(t.shape)}; its last dimension must be "
+    shape = t.shape  # read once: every step's first chunk checks each new item here
+    if len(shape) < 2 or shape[-1] not in widths:
+        raise EmbeddingFormatError(f"{what} has shape {list(shape)}; its last dimension must be "
                                    f"the hidden size {sorted(set(widths))[0]}"
                                    + (f" or {max(widths)} (with deepstack)" if len(set(widths)) > 1
                                       else ""), request=request, item_key=key)
-    if t.dim() > 2:
-        t = t.reshape(-1, t.shape[-1])
-    if t.shape[1] > 1 and t.stride(1) != 1:
+    if len(shape) > 2:
+        t = t.reshape(-1, shape[-1])
+    if shape[-1] > 1 and t.stride(1) != 1:
         t = t.contiguous()  # the kernel reads rows with unit column stride
     return t
 

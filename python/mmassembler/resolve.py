@@ -12,7 +12,7 @@ place) and detached (assembly is inference).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -22,9 +22,9 @@ from mmassembler.encode import Encoder, EncoderFn, _Need, _split
 from mmassembler.errors import MissingEncoderError, RowCountError
 
 
-@dataclass(frozen=True)
-class Wanted:
-    """An item slot that needs a source: its item, rows, and the request naming errors."""
+class Wanted(NamedTuple):
+    """An item slot that needs a source: its item, rows, and the request naming errors
+    (a tuple: one is built per item a step reaches first)."""
 
     slot: int
     item: object
