@@ -80,7 +80,6 @@ class Assembler:
         self._op = None if self.backend == "torch" else StepOp(
             self.tables, hidden=hidden, ds_cols=deepstack_cols, dtype=dtype, weight=weight,
             interpreted=self.backend == "interpreter", block_rows=block_rows)
-        self._run_updates: list[tuple[np.ndarray, np.ndarray]] = []  # (indices, device rows), in order
         self._bad = np.zeros((4, max_requests), bool)  # scratch of the window check
         self._lock = threading.RLock()
         self._graph = None
@@ -222,8 +221,7 @@ class Assembler:
         ridx, rwin, iidx, iwin = reg.reached(hw)
         runs = reg.runs[ridx]
         hit = (runs[:, L.HOST_RUN_POS] < qw[rwin]) & (runs[:, L.HOST_RUN_END] > pw[rwin])
-        slots = np.unique(runs[hit, L.HOST_RUN_ITEM])
-        slots = slots[~reg.held[slots]]
+        slots = reg.unheld_among(runs[hit, L.HOST_RUN_ITEM], iidx)
         passed = iidx[reg.held[iidx] & (reg.item_end[iidx] <= pw[iwin])]
         index_of = dict(zip(h.tolist(), range(len(h))))
         wanted = [Wanted(s, item, rows, index_of[owner]) for s, item, rows, owner in zip(
@@ -239,30 +237,13 @@ class Assembler:
         for w, t in zip(wanted, sources):
             reg.item_src[w.slot] = t
         reg.held[slots] = True
-        # the device rows of the changed items' runs: passed ones lose their source
-        changed = np.concatenate([passed, slots])
-        if len(changed):
-            entries = np.array([L.NO_SOURCE] * len(passed) + entries, np.int64).reshape(-1, L.SOURCE_FIELDS)
-            order = np.argsort(changed)
-            sel = np.flatnonzero(np.isin(runs[:, L.HOST_RUN_ITEM], changed))
-            which = order[np.searchsorted(changed[order], runs[sel, L.HOST_RUN_ITEM])]
-            self._run_updates.append((ridx[sel], L.device_runs(runs[sel], entries[which])))
+        reg.set_sources(slots, entries, passed, ridx)  # their runs' device rows go with the next flush
         reg.update_ready(hw, pw, qw, ridx, rwin, iidx, iwin)
 
     def _flush(self) -> None:
-        """Send registered runs and the runs of items whose source changed (one upload)."""
-        if not self.registry.dirty_runs and not self._run_updates:
-            return
-        run_idx, host_rows = self.registry.take_dirty_runs()
-        none = np.broadcast_to(np.array(L.NO_SOURCE, np.int64), (len(run_idx), L.SOURCE_FIELDS))
-        idx = [run_idx] + [i for i, _ in self._run_updates]
-        rows = [L.device_runs(host_rows, none)] + [r for _, r in self._run_updates]
-        self._run_updates = []
-        idx, rows = np.concatenate(idx), np.concatenate(rows)
-        # a run registered and resolved before one flush: the later row wins
-        _, last = np.unique(idx[::-1], return_index=True)
-        keep = len(idx) - 1 - last
-        self.tables.write_runs(idx[keep], rows[keep])
+        """Send the run rows registration or a source change made stale (one upload)."""
+        if self.registry.dirty_runs:
+            self.tables.write_runs(*self.registry.take_dirty_runs())
 
 
 def _check_prompt_len(prompt_len, request: int | None) -> None:

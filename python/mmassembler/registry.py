@@ -76,7 +76,12 @@ class Registry:
         self.item_meta = np.zeros((max_items, 3), np.int64)  # rows, end of last position, owner
         self.item_rows, self.item_end, self.item_owner = (self.item_meta[:, c] for c in range(3))
         self.held = np.zeros(max_items, bool)
-        self.dirty_runs: list[tuple[int, int]] = []  # run ranges the device has not seen
+        # each slot's source entry (``SOURCE_*`` fields; NO_SOURCE while it holds none): the
+        # device's run rows are built from the host runs and these when they are sent
+        self.item_entry = np.zeros((max_items, L.SOURCE_FIELDS), np.int64)
+        self.item_entry[:] = L.NO_SOURCE
+        self._changed = np.zeros(max_items, bool)  # scratch flags, all False between calls
+        self.dirty_runs: list[np.ndarray] = []  # run indices whose device rows are stale
 
     def add(self, items: Sequence, prompt_len: int | None) -> int:
         """Register a request; its handle. Raises ``SpanError``/``CapacityError`` first."""
@@ -126,13 +131,14 @@ class Registry:
             r, i = r + k, i + n
         if k_all:
             self.runs[r0:r0 + k_all] = run_rows
-            self.dirty_runs.append((r0, r0 + k_all))
+            self.dirty_runs.append(np.arange(r0, r0 + k_all))
         self.req[handles] = req_rows
         self.slots[handles] = slot_rows
         if n_all:
             items_slice = slice(i0, i0 + n_all)
             self.item_obj[items_slice] = objs
             self.item_src[items_slice] = None
+            self.item_entry[items_slice] = L.NO_SOURCE
             self.item_meta[items_slice] = meta_rows
             self.item_owner[items_slice] = np.repeat(handles, counts)
             self.held[items_slice] = False
@@ -146,6 +152,7 @@ class Registry:
         r0, r1 = int(self.run_first[h]), int(self.run_end[h])
         held = [t for t in self.item_src[i0:i0 + n] if t is not None]
         self.item_src[i0:i0 + n] = None
+        self.item_entry[i0:i0 + n] = L.NO_SOURCE
         self.item_obj[i0:i0 + n] = None
         self.held[i0:i0 + n] = False
         self._run_alloc.release(r0, r1 - r0)
@@ -190,13 +197,37 @@ class Registry:
         self.req[h, HI] = np.minimum(hi, self.prompt_len[h])
         self.req[h, START_MAX] = release - 1
 
+    def unheld_among(self, hit: np.ndarray, iidx: np.ndarray) -> np.ndarray:
+        """The slots of ``iidx`` (distinct) that appear in ``hit`` and hold no source, in
+        ``iidx`` order (a flag array, not a sort: this runs on every step that resolves)."""
+        flag = self._changed
+        flag[hit] = True
+        found = iidx[flag[iidx]]
+        flag[hit] = False
+        return found[~self.held[found]]
+
+    def set_sources(self, slots: np.ndarray, entries: list, passed: np.ndarray, ridx: np.ndarray) -> None:
+        """Record the source entries of ``slots`` and the release of ``passed``, and mark
+        the runs among ``ridx`` that read any of them stale."""
+        self.item_entry[passed] = L.NO_SOURCE
+        if len(slots):
+            self.item_entry[slots] = entries
+        changed = self._changed
+        changed[slots], changed[passed] = True, True
+        stale = ridx[changed[self.runs[ridx, ITEM]]]
+        changed[slots], changed[passed] = False, False
+        if len(stale):
+            self.dirty_runs.append(stale)
+
     def take_dirty_runs(self) -> tuple[np.ndarray, np.ndarray]:
-        """Run indices registered since the last call and their host rows."""
+        """Stale run indices (each once) and their device rows, built from the current
+        host runs and source entries; none are stale afterwards."""
         if not self.dirty_runs:
-            return np.zeros(0, np.int64), np.zeros((0, L.HOST_RUN_FIELDS), np.int64)
-        idx = np.concatenate([np.arange(a, b) for a, b in self.dirty_runs])
-        self.dirty_runs = []
-        return idx, self.runs[idx]
+            return np.zeros(0, np.int64), np.zeros((0, L.RUN_FIELDS), np.int64)
+        parts, self.dirty_runs = self.dirty_runs, []
+        idx = parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
+        host = self.runs[idx]
+        return idx, L.device_runs(host, self.item_entry[host[:, ITEM]])
 
 
 def _ranges(first: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
