@@ -4,6 +4,7 @@ CPU: the torch backend and the Triton interpreter; GPU: compiled Triton and torc
 Outputs are views into sentinel-filled buffers, so a stray write outside the step shows.
 """
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from kernel_utils import assert_bitwise_equal
 from mmassembler import Assembler, EmbeddingCache, Item, Request, assemble_oracle
+from mmkernels import layout as L
 from schedules import encoded_rows, schedules
 
 BACKENDS = ["torch", "triton"]
@@ -65,7 +67,22 @@ def run_schedule(sched, backend: str, device: str, block_rows=None, cache_bytes=
             assert torch.equal(buf[:2], ref[:2]) and torch.equal(buf[2 + n:], ref[2 + n:])
         if not sched.fused:
             assert got.data_ptr() == out.data_ptr()
+        check_device_runs(asm)
     return encoded
+
+
+def check_device_runs(asm: Assembler) -> None:
+    """Every live request's device run rows hold exactly its items' current sources: the
+    held ones at their address, the rest ``KIND_NONE`` (a released source never lingers)."""
+    reg = asm.registry
+    dev = asm.tables.runs.cpu().numpy()
+    for h in np.flatnonzero(reg.live).tolist():
+        r0, r1 = int(reg.run_first[h]), int(reg.run_end[h])
+        for k, (pos, end, row, slot) in enumerate(reg.runs[r0:r1].tolist(), start=r0):
+            src = reg.item_src[slot]
+            entry = L.NO_SOURCE if src is None else asm.tables.source_entry(src, asm.hidden)
+            want = L.device_runs(np.array([[pos, end, row, slot]]), np.array([entry]))[0]
+            assert (dev[k] == want).all(), f"run {k} of handle {h}: {dev[k]} != {want}"
 
 
 def _on(item: Item, device: str) -> Item:
