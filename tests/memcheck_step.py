@@ -1,6 +1,7 @@
 """A batch for compute-sanitizer memcheck of the step kernel: largest hidden, ragged tails,
-deepstack, mixed dtypes and strides, fused and scatter mode, graph replay, and searches of
-several rounds (more requests and more runs than a round's keys).
+deepstack, mixed dtypes and strides, fused and scatter mode, graph replay, searches of
+several rounds (more requests and more runs than a round's keys), the one-block shapes of
+widths 1024 does not divide (3584, 2560, 1536), and small steps run at halved rows.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 tests/memcheck_step.py
 """
@@ -16,7 +17,8 @@ def main() -> None:
     for hidden, ds, graph, num_req, num_items in (
             (8192, 0, False, 5, 3), (3584, 7168, False, 5, 3), (1000, 0, False, 5, 3),
             (17, 34, False, 5, 3), (4096, 0, True, 5, 3), (1000, 2000, True, 5, 3),
-            (256, 0, False, 40, 300), (256, 512, True, 40, 300)):
+            (256, 0, False, 40, 300), (256, 512, True, 40, 300),
+            (3584, 0, False, 5, 3), (2560, 0, True, 5, 3), (1536, 0, False, 40, 300)):
         weight = torch.randn(64, hidden, device=dev, dtype=torch.bfloat16)
         reqs = []
         for r in range(num_req):
