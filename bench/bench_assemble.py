@@ -9,6 +9,7 @@ fused mode reads and writes N x H (every output row), scatter mode M x H (multim
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 import mmkernels
@@ -17,11 +18,12 @@ from bench.harness import gpu_time_us, host_time_us, wall_time_us
 from bench.scenarios import Built
 from mmassembler import Request, assemble, plan_batch
 from mmassembler.encode import resolve_sources
-from mmkernels.ops import LaunchConfig, build_plan, launch_config, prepare_launch
+from mmkernels.ops import anchors_on, prepare_launch, segment_tables
+from mmkernels.step import StepConfig
 
 
-def prepared(b: Built, mode: str, config: LaunchConfig | None = None):
-    """Host work done, metadata on the device: ``.run()`` is the kernel alone."""
+def prepared(b: Built, mode: str, config: StepConfig | None = None):
+    """Host work done, tables on the device: ``.run()`` is the kernel alone."""
     plan = plan_batch(b.requests)
     out = b.out.clone()
     sources, info = resolve_sources(plan, encoders=None, cache=None, device=out.device,
@@ -33,13 +35,13 @@ def prepared(b: Built, mode: str, config: LaunchConfig | None = None):
 
 
 def host_planning_us(b: Built, fresh_requests: bool = False) -> float:
-    """What ``assemble`` does on the host before the upload: plan, sources, metadata (µs).
+    """What ``assemble`` does on the host before the upload: plan, sources, tables (µs).
 
     Requests are reused across calls (an engine advancing them with ``with_window``), or
     with ``fresh_requests`` rebuilt every call, so per-request indexes are built each time.
     """
     hidden = b.out.shape[1]
-    cfg = launch_config(hidden, 0, False)
+    anchor_addr = np.array([t.data_ptr() for t in anchors_on(b.out.device)], np.int64)
 
     def plan_only():
         reqs = b.requests
@@ -48,7 +50,7 @@ def host_planning_us(b: Built, fresh_requests: bool = False) -> float:
         plan = plan_batch(reqs)
         sources, info = resolve_sources(plan, encoders=None, cache=None, device=b.out.device,
                                         dtype=b.out.dtype, widths=(hidden,))
-        build_plan(plan.segments, sources, cfg.block_rows, hidden, b.out.shape[0], info=info)
+        segment_tables(plan.segments, info, anchor_addr, hidden, b.out.shape[0])
 
     return host_time_us(plan_only)
 
@@ -98,20 +100,6 @@ def measure(b: Built, bw: float, *, modes=("fused", "scatter"), backend: str = "
         row[f"wall_{name}_us"] = wall_time_us(call, repeat=repeat, device=device)
         row[f"gpu_{name}_us"] = gpu_time_us(call) if cuda else None
     return row
-
-
-def sweep(b: Built, mode: str) -> list[dict]:
-    """GPU time of launch configurations (block rows x block columns x warps)."""
-    rows = []
-    for block_rows in (4, 8, 16, 32):
-        for block_cols in (512, 1024, 2048):
-            for warps in (4, 8):
-                cfg = LaunchConfig(block_rows, min(block_cols, mmkernels.ops.triton_next_pow2(
-                    b.out.shape[1])), warps)
-                us = gpu_time_us(prepared(b, mode, cfg).run, rep_ms=100)
-                rows.append(dict(scenario=b.scenario.name, mode=mode, block_rows=block_rows,
-                                 block_cols=cfg.block_cols, warps=warps, gpu_us=us))
-    return rows
 
 
 if __name__ == "__main__":  # the kernel issue's scenarios, as before: python -m bench.bench_assemble

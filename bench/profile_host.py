@@ -2,20 +2,21 @@
 
     python -m bench.profile_host
 
-Phases: plan (items ∩ chunks), sources (checks, cache/encode), metadata (kernel table),
-upload (pinned copy to the device, enqueue only), launch (Triton's Python launcher,
-enqueue only), and the whole call with a synchronize.
+Phases: plan (items ∩ chunks), sources (checks, cache/encode), metadata (the step
+kernel's run and step tables), upload (pinned copy to the device, enqueue only), launch
+(Triton's Python launcher, enqueue only), and the whole call with a synchronize.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from bench.harness import host_time_us, wall_time_us
 from bench.scenarios import PLANNING_256, SCENARIOS, build
 from mmassembler import assemble, plan_batch
 from mmassembler.encode import resolve_sources
-from mmkernels.ops import build_plan, launch_config, prepare_launch
+from mmkernels.ops import anchors_on, prepare_launch, segment_tables
 
 
 def profile(b) -> dict:
@@ -23,17 +24,15 @@ def profile(b) -> dict:
     plan = plan_batch(b.requests)
     sources, info = resolve_sources(plan, encoders=None, cache=None, device=dev, dtype=dtype,
                                     widths=(hidden,))
-    cfg = launch_config(hidden, 0, False)
-    kplan = build_plan(plan.segments, sources, cfg.block_rows, hidden, n, info=info)
-    meta = torch.from_numpy(kplan.meta)
+    anchor_addr = np.array([t.data_ptr() for t in anchors_on(dev)], np.int64)
+    meta = torch.from_numpy(segment_tables(plan.segments, info, anchor_addr, hidden, n))
     prepared = prepare_launch(b.out.clone(), None, sources, plan.segments, b.input_ids, b.weight,
                               info=info)
     row = dict(
         plan=host_time_us(lambda: plan_batch(b.requests)),
         sources=host_time_us(lambda: resolve_sources(plan, encoders=None, cache=None, device=dev,
                                                      dtype=dtype, widths=(hidden,))),
-        metadata=host_time_us(lambda: build_plan(plan.segments, sources, cfg.block_rows, hidden, n,
-                                                 info=info)),
+        metadata=host_time_us(lambda: segment_tables(plan.segments, info, anchor_addr, hidden, n)),
         upload=host_time_us(lambda: meta.pin_memory().to(dev, non_blocking=True)),
         launch=host_time_us(prepared.run),
         wall=wall_time_us(lambda: assemble(b.requests, b.input_ids, weight=b.weight)),

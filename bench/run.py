@@ -3,7 +3,7 @@
     python -m bench --peers [--scenario SUBSTR ...] [--out DIR]   (bench/bench_peers.py)
     python -m bench [--suite kernel rows items hidden] [--scenario SUBSTR ...]
                     [--mode fused scatter] [--dtype bfloat16] [--backend auto]
-                    [--repeat 100] [--sweep] [--out DIR]
+                    [--repeat 100] [--out DIR]
 
 For each scenario: ours in fused and scatter mode, the engines' usual paths
 (``masked_scatter`` and ``index_copy`` baselines) and the floor, the bytes a mode must
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import mmkernels
-from bench.bench_assemble import measure, sweep, verify
+from bench.bench_assemble import measure, verify
 from bench.harness import copy_bandwidth
 from bench.scenarios import SUITES, build, scaled
 
@@ -153,7 +153,6 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="auto", choices=list(mmkernels.backend.BACKENDS))
     ap.add_argument("--repeat", type=int, default=100, help="timed calls per wall-time median")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sweep", action="store_true", help="also sweep launch configurations (GPU)")
     ap.add_argument("--out", default="bench/results", help="folder for results.json and plot.png")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -164,7 +163,7 @@ def main(argv=None) -> int:
     bw = copy_bandwidth(args.device)
     logger.info("%s, copy bandwidth %.0f GB/s (read + write), %d scenarios%s", device_name, bw / 1e9,
                 len(chosen), " (CPU: torch timings, sizes scaled down)" if cpu else "")
-    rows, sweeps, t0 = [], [], time.perf_counter()
+    rows, t0 = [], time.perf_counter()
     for i, (suite, sc) in enumerate(chosen, 1):
         logger.info("[%d/%d %5.0fs] %s: %s", i, len(chosen), time.perf_counter() - t0, suite, sc.name)
         b = build(sc, device=args.device, dtype=dtype)
@@ -173,8 +172,6 @@ def main(argv=None) -> int:
         row = measure(b, bw, modes=args.mode, backend=args.backend,
                       repeat=args.repeat if not cpu else min(args.repeat, 10))
         rows.append(add_ratios(dict(row, suite=suite)))
-        if args.sweep and not cpu and sc.name.startswith(("16x2x1296", "4x1x4096")):
-            sweeps += sweep(b, "fused") + sweep(b, "scatter")
         del b
         if not cpu:
             torch.cuda.empty_cache()
@@ -187,7 +184,7 @@ def main(argv=None) -> int:
                 torch=torch.__version__, triton=triton.__version__, mmkernels=mmkernels.__version__,
                 dtype=args.dtype, backend=args.backend, repeat=args.repeat,
                 copy_bandwidth_Bps=bw, timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat())
-    (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows, sweep=sweeps), indent=1))
+    (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     if plot(rows, out / "plot.png", device_name):
         logger.info("wrote %s and %s", out / "results.json", out / "plot.png")
     return 0

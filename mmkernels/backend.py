@@ -3,7 +3,7 @@
 The kernel module decides at import time whether ``@triton.jit`` builds compiled or
 interpreted kernels (``TRITON_INTERPRET``), so the choice is read off the kernel object
 and the tensors' device, never guessed. Interpreted kernels never see CUDA tensors:
-the interpreter would dereference device addresses from the metadata table on the host.
+the interpreter would dereference device addresses from the run table on the host.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class BackendUnavailableError(RuntimeError):
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_module(name: str = "assemble"):
+def _kernel_module(name: str = "step"):
     """Import the kernel module ``mmkernels.kernels.<name>`` once; ``None`` when triton is
     not installed or broken."""
     try:
@@ -43,7 +43,7 @@ def kernels_interpreted() -> bool:
         return False
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(mod._assemble_kernel, InterpretedFunction)
+    return isinstance(mod._assemble_step_kernel, InterpretedFunction)
 
 
 @functools.lru_cache(maxsize=None)

@@ -71,6 +71,19 @@ def step_config(width: int, interpreted: bool, block_rows: int | None = None) ->
     return StepConfig(block_rows or min(64, max(4, 4096 // cols)), cols, 4)
 
 
+def block_rows_for(block_rows: int, rows: int, fill_programs: int) -> int:
+    """``block_rows``, halved while a launch over ``rows`` rows would have fewer than
+    ``fill_programs`` programs (the SM count: a small step then gives every SM one)."""
+    while block_rows > 1 and -(-rows // block_rows) < fill_programs:
+        block_rows //= 2
+    return block_rows
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached by torch)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 class StepOp:
     """One model's step kernel over ``tables`` (fused mode when ``weight`` is given).
 
@@ -105,7 +118,7 @@ class StepOp:
                              "(the step table's minimum request rows)")
         self._variants: dict = {}  # (OUT_UNIT, BLOCK_R) -> (constexprs, int arguments after the head)
         self.device_index = (tables.device.index or 0) if tables.device.type == "cuda" else 0
-        sms = 0 if interpreted else torch.cuda.get_device_properties(tables.device).multi_processor_count
+        sms = 0 if interpreted else sm_count(tables.device)
         if interpreted:
             self.max_programs = INTERPRETER_PROGRAMS
         elif self.cfg.programs_per_sm:
@@ -117,12 +130,8 @@ class StepOp:
         self.fill_programs = sms if config is None and block_rows is None else 0
 
     def block_rows_for(self, rows: int) -> int:
-        """Rows a program copies at a time for a launch over ``rows`` rows: the config's,
-        halved while the grid would leave SMs without a program."""
-        br = self.cfg.block_rows
-        while br > 1 and -(-rows // br) < self.fill_programs:
-            br //= 2
-        return br
+        """Rows a program copies at a time for a launch over ``rows`` rows."""
+        return block_rows_for(self.cfg.block_rows, rows, self.fill_programs)
 
     def _variant(self, unit: int, br: int) -> tuple[dict, tuple]:
         constexprs = dict(self._base, OUT_UNIT=unit, BLOCK_R=br)

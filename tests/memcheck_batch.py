@@ -1,7 +1,9 @@
 """A test batch for ``compute-sanitizer --tool memcheck`` (not collected by pytest).
 
-Largest hidden size, ragged tails (rows and columns that do not fill a block), strided and
-mixed-dtype sources, fused and scatter mode, deepstack; each checked against the reference.
+The device ops on a batch's segments (the step kernel over one-request tables): largest
+hidden size, ragged tails (rows and columns that do not fill a block), strided and
+mixed-dtype sources, fused and scatter mode, deepstack; each checked against the
+reference. The Assembler's resident tables and graph replay: ``tests/memcheck_step.py``.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 tests/memcheck_batch.py
 """
@@ -35,19 +37,6 @@ def main() -> None:
             gather_rows(out, srcs, segs, deepstack_out=dso, block_rows=block_rows, backend="triton")
             gather_rows_ref(ref, srcs, prepare_segments(segs, srcs, n), deepstack_out=dsr)
             assert torch.equal(out, ref) and (ds == 0 or torch.equal(dso, dsr))
-    # CUDA-graph mode's variant: counts read on the device, a grid larger than the batch
-    from mmassembler import GraphAssembler, Item, Request, assemble
-
-    w = torch.randn(50, 3584, generator=g).bfloat16().to(dev)
-    ga = GraphAssembler(max_tokens=700, max_segments=64, weight=w)
-    for seed in range(2):
-        items = [Item(seed * 10 + k, [(7 + 120 * k, 7 + 120 * k + 99 - seed)],
-                      embedding=torch.randn(100 - seed, 3584, generator=g).to(dev)) for k in range(4)]
-        reqs = [Request(items, 3, 500 - 7 * seed)]
-        ids = torch.randint(0, 60, (500 - 7 * seed,), generator=g).to(dev)
-        n = ga.prepare(reqs, ids)
-        ga.launch()
-        assert torch.equal(ga.out[:n], assemble(reqs, ids, weight=w, backend="torch"))
     torch.cuda.synchronize()
     print("memcheck batch: all launches matched the reference")
 

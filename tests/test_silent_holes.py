@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import mmkernels
-from mmassembler import (Assembler, AssemblyError, BatchShapeError, EmbeddingCache, Item, Request,
-                         RowCountError, assemble)
+from mmassembler import (Assembler, AssemblyError, BatchShapeError, CapacityError, EmbeddingCache,
+                         Item, Request, RowCountError, assemble)
 
 H = 8
 
@@ -107,10 +107,8 @@ def test_one_key_with_two_row_counts_fails_in_either_order(device, hit_first, pa
     assert (dict(cache._entries), cache.stats.hits, cache.stats.misses) == before
 
 
-def test_bad_backend_and_graph_capacity_fail_before_the_cache_changes(device, monkeypatch):
+def test_bad_backend_and_capacity_fail_before_the_cache_changes(device, monkeypatch):
     """Issue 10 item 11: every check before the first cache write or encoder call."""
-    from mmassembler import GraphAssembler
-
     weight = torch.randn(5, H, device=device)
     cache = EmbeddingCache(1 << 20)
     calls = []
@@ -124,9 +122,10 @@ def test_bad_backend_and_graph_capacity_fail_before_the_cache_changes(device, mo
     with pytest.raises(BatchShapeError, match="MMKERNELS_BACKEND"):
         assemble(req, ids, weight=weight, encoders=enc, cache=cache)
     monkeypatch.delenv("MMKERNELS_BACKEND")
-    ga = GraphAssembler(max_tokens=16, max_segments=2, weight=weight, encoders=enc, cache=cache)
-    with pytest.raises(BatchShapeError, match="max_segments"):  # text, item, text: 3 columns
-        ga.prepare(req, ids)
+    asm = Assembler(weight=weight, max_tokens=4, max_requests=1, encoders=enc, cache=cache)
+    h = asm.add_request(req[0].items)
+    with pytest.raises(CapacityError, match="max_tokens"):
+        asm.assemble([h], [0], [5], ids)
     assert calls == [] and len(cache) == 0 and (cache.stats.hits, cache.stats.misses) == (0, 0)
 
 

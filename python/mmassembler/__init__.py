@@ -10,7 +10,6 @@ from mmassembler.assembler import Assembler
 from mmassembler.batch import Item, ItemLayout, Request
 from mmassembler.cache import CacheStats, EmbeddingCache
 from mmassembler.encode import Encoder
-from mmassembler.graph import GraphAssembler
 from mmassembler.errors import (AssemblyError, BatchShapeError, CapacityError, ChunkWindowError,
                                 EmbedMaskError, EmbeddingFormatError, EncoderOutputError,
                                 MissingEncoderError, RowCountError, SpanError, UnknownHandleError)
@@ -23,7 +22,7 @@ __all__ = [
     "Assembler", "AssemblyError", "BackendUnavailableError", "BatchShapeError", "CacheStats",
     "CapacityError", "ChunkWindowError", "UnknownHandleError",
     "EmbedMaskError", "EmbeddingCache", "EmbeddingFormatError", "Encoder", "EncoderOutputError",
-    "GraphAssembler", "Item", "ItemLayout", "MissingEncoderError", "Plan", "Request", "RowCountError",
+    "Item", "ItemLayout", "MissingEncoderError", "Plan", "Request", "RowCountError",
     "SpanError",
     "assemble", "assemble_oracle", "plan_batch", "resolve_backend", "__version__",
 ]
