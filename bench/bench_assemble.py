@@ -29,9 +29,13 @@ def prepared(b: Built, mode: str, config: StepConfig | None = None):
     sources, info = resolve_sources(plan, encoders=None, cache=None, device=out.device,
                                     dtype=out.dtype, widths=(out.shape[1],))
     if mode == "fused":
-        return prepare_launch(out, None, sources, plan.segments, b.input_ids, b.weight,
-                              config=config, info=info)
-    return prepare_launch(out, None, sources, plan.segments, config=config, info=info)
+        launch = prepare_launch(out, None, sources, plan.segments, b.input_ids, b.weight,
+                                config=config, info=info)
+    else:
+        launch = prepare_launch(out, None, sources, plan.segments, config=config, info=info)
+    if out.is_cuda:  # the tables' copy is ordered on this stream; the timer replays on its own
+        torch.cuda.synchronize(out.device)
+    return launch
 
 
 def host_planning_us(b: Built, fresh_requests: bool = False) -> float:

@@ -87,7 +87,9 @@ class PreparedLaunch:
     """A launch whose host work is done and whose tables are on the device.
 
     ``run()`` only enqueues the kernel, so benchmarks can time (or graph-capture) the
-    device work alone. The sources must stay alive until the kernel has run.
+    device work alone. The sources must stay alive until the kernel has run. The tables'
+    copy was enqueued on the stream current at ``prepare_launch``: run on that stream, or
+    synchronise first (a kernel on another stream may read the tables before they land).
     """
 
     kernel_args: tuple
