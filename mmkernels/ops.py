@@ -9,7 +9,6 @@ with a one-request step table in one non-blocking copy (``mmkernels/layout.py``)
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,33 +20,17 @@ from mmkernels.backend import _kernel_module, resolve_backend
 from mmkernels.reference import embed_and_gather_ref, gather_rows_ref
 from mmkernels.segments import check_output, check_sources, prepare_segments
 from mmkernels.step import INTERPRETER_PROGRAMS, StepConfig, block_rows_for, sm_count, step_config
-
-_KIND_CODE = {torch.float32: L.KIND_F32, torch.float16: L.KIND_F16, torch.bfloat16: L.KIND_BF16}
-_ANCHOR_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # kind codes 0, 1, 2
-_anchors: dict = {}  # device -> fixed per-dtype anchor tensors (16-byte aligned allocations)
-_anchors_lock = threading.Lock()
-
+from mmkernels.tables import KIND_OF_DTYPE, anchors_on
 
 def source_info(t: torch.Tensor) -> tuple[int, int, int, int, int]:
     """What a run row needs of a source: address, row stride (elements), element size,
     kind code, columns. The host layer keeps these for sources it sees again."""
-    return (t.data_ptr(), t.stride(0), t.element_size(), _KIND_CODE[t.dtype], t.shape[1])
+    return (t.data_ptr(), t.stride(0), t.element_size(), KIND_OF_DTYPE[t.dtype], t.shape[1])
 
 
 def _source_info(sources: Sequence[torch.Tensor]) -> np.ndarray:
     """``[n, 5]`` int64 ``source_info`` of every source."""
     return np.array([source_info(t) for t in sources], dtype=np.int64).reshape(len(sources), 5)
-
-
-def anchors_on(device: torch.device) -> list[torch.Tensor]:
-    """The fixed f32/f16/bf16 anchors of ``device``: sources are addressed in elements
-    from the anchor of their dtype (a typed pointer keeps the alignment the compiler needs)."""
-    found = _anchors.get(device)
-    if found is None:
-        with _anchors_lock:
-            found = _anchors.setdefault(device, [torch.empty(16, dtype=dt, device=device)
-                                                 for dt in _ANCHOR_DTYPES])
-    return found
 
 
 def segment_tables(segs: np.ndarray, info: np.ndarray, anchor_addr: np.ndarray, hidden: int,

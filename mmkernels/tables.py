@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 
 import numpy as np
 import torch
@@ -19,6 +20,22 @@ from mmkernels import layout as L
 
 KIND_OF_DTYPE = {torch.float32: L.KIND_F32, torch.float16: L.KIND_F16, torch.bfloat16: L.KIND_BF16}
 logger = logging.getLogger(__name__)
+
+_anchors: dict = {}  # device -> its fixed per-dtype anchors
+_anchors_lock = threading.Lock()
+
+
+def anchors_on(device: torch.device) -> list[torch.Tensor]:
+    """The fixed f32/f16/bf16 anchors of ``device`` (16-byte aligned allocations, kept for
+    the process): sources are addressed in elements from the anchor of their dtype, a typed
+    pointer that keeps the alignment the compiler needs for 16-byte loads."""
+    found = _anchors.get(device)
+    if found is None:
+        with _anchors_lock:
+            found = _anchors.setdefault(device, [torch.empty(16, dtype=dt, device=device)
+                                                 for dt in KIND_OF_DTYPE])
+    return found
+
 
 STAGING_RING = 8  # step tables in flight: a buffer is rewritten only once its copy has left
 _HALF = STAGING_RING // 2  # one event per half ring: a record and a wait every 4 steps
@@ -37,8 +54,7 @@ class ResidentTables:
         rows = L.step_rows(max_requests)
         self.step = torch.zeros((rows, L.STEP_FIELDS), dtype=torch.int64, device=self.device)
         # Fixed anchors: a source's offset is counted from the anchor of its dtype.
-        self.anchors = {kind: torch.empty(16, dtype=dt, device=self.device)
-                        for dt, kind in KIND_OF_DTYPE.items()}
+        self.anchors = dict(zip(KIND_OF_DTYPE.values(), anchors_on(self.device)))
         self._anchor_addr = {kind: t.data_ptr() for kind, t in self.anchors.items()}
         self.staging = [torch.zeros((rows, L.STEP_FIELDS), dtype=torch.int64, pin_memory=cuda)
                         for _ in range(STAGING_RING)]
