@@ -230,14 +230,9 @@ class Assembler:
         sources = resolve(wanted, encoders=self.encoders, cache=self.cache, device=self.device,
                           widths=self.widths)
         entries = [self.tables.source_entry(t, self.hidden) for t in sources]
-        # every check has passed: commit
+        # every check has passed: commit (the changed runs' device rows go with the next flush)
         self._release([t for t in reg.item_src[passed] if t is not None])
-        reg.item_src[passed] = None
-        reg.held[passed] = False
-        for w, t in zip(wanted, sources):
-            reg.item_src[w.slot] = t
-        reg.held[slots] = True
-        reg.set_sources(slots, entries, passed, ridx)  # their runs' device rows go with the next flush
+        reg.set_sources(slots, sources, entries, passed, ridx)
         reg.update_ready(hw, pw, qw, ridx, rwin, iidx, iwin)
 
     def _flush(self) -> None:

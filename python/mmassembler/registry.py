@@ -80,7 +80,7 @@ class Registry:
         # device's run rows are built from the host runs and these when they are sent
         self.item_entry = np.zeros((max_items, L.SOURCE_FIELDS), np.int64)
         self.item_entry[:] = L.NO_SOURCE
-        self._changed = np.zeros(max_items, bool)  # scratch flags, all False between calls
+        self._flag = np.zeros(max_items, bool)  # scratch flags over slots, all False between calls
         self.dirty_runs: list[np.ndarray] = []  # run indices whose device rows are stale
 
     def add(self, items: Sequence, prompt_len: int | None) -> int:
@@ -200,19 +200,25 @@ class Registry:
     def unheld_among(self, hit: np.ndarray, iidx: np.ndarray) -> np.ndarray:
         """The slots of ``iidx`` (distinct) that appear in ``hit`` and hold no source, in
         ``iidx`` order (a flag array, not a sort: this runs on every step that resolves)."""
-        flag = self._changed
+        flag = self._flag
         flag[hit] = True
         found = iidx[flag[iidx]]
         flag[hit] = False
         return found[~self.held[found]]
 
-    def set_sources(self, slots: np.ndarray, entries: list, passed: np.ndarray, ridx: np.ndarray) -> None:
-        """Record the source entries of ``slots`` and the release of ``passed``, and mark
-        the runs among ``ridx`` that read any of them stale."""
+    def set_sources(self, slots: np.ndarray, sources: list, entries: list, passed: np.ndarray,
+                    ridx: np.ndarray) -> None:
+        """Hold ``sources`` (with their source entries) for ``slots`` and let go of those of
+        ``passed``; mark the runs among ``ridx`` that read any of them stale."""
+        self.item_src[passed] = None
+        self.held[passed] = False
         self.item_entry[passed] = L.NO_SOURCE
+        for s, t in zip(slots.tolist(), sources):
+            self.item_src[s] = t
+        self.held[slots] = True
         if len(slots):
             self.item_entry[slots] = entries
-        changed = self._changed
+        changed = self._flag
         changed[slots], changed[passed] = True, True
         stale = ridx[changed[self.runs[ridx, ITEM]]]
         changed[slots], changed[passed] = False, False
