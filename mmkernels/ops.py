@@ -19,7 +19,8 @@ from mmkernels import layout as L
 from mmkernels.backend import _kernel_module, resolve_backend
 from mmkernels.reference import embed_and_gather_ref, gather_rows_ref
 from mmkernels.segments import check_output, check_sources, prepare_segments
-from mmkernels.step import INTERPRETER_PROGRAMS, StepConfig, block_rows_for, sm_count, step_config
+from mmkernels.step import (INTERPRETER_PROGRAMS, StepConfig, base_constexprs, block_rows_for,
+                            fixed_args, sm_count, step_config)
 from mmkernels.tables import KIND_OF_DTYPE, anchors_on
 
 def source_info(t: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -128,12 +129,10 @@ def prepare_launch(
     unit = vec if out.stride(0) % vec == 0 and ds.stride(0) % vec == 0 else 1
     args = (out, out.stride(0) // unit, ds, ds.stride(0) // unit,
             input_ids if fused else out, input_ids.stride(0) if fused else 0,
-            weight if fused else out, weight.stride(0) if fused else 0, weight.shape[0] if fused else 0,
-            *anchors, tables, tables[len(segs):], hidden, ds_cols)
-    constexprs = dict(FUSED=fused, HAS_DS=ds_cols > 0, MAIN_BLOCKS=-(-hidden // cfg.block_cols),
-                      DS_BLOCKS=-(-ds_cols // cfg.block_cols), BLOCK_R=rows, BLOCK_H=cfg.block_cols,
-                      OUT_UNIT=unit, SEARCH_W=cfg.search_keys, EMULATE_BF16_RNE=interpreted,
-                      num_warps=cfg.num_warps)
+            *fixed_args(weight, tables, tables[len(segs):], anchors, hidden, ds_cols))
+    constexprs = dict(base_constexprs(cfg, fused=fused, hidden=hidden, ds_cols=ds_cols,
+                                      interpreted=interpreted),
+                      OUT_UNIT=unit, BLOCK_R=rows, num_warps=cfg.num_warps)
     return PreparedLaunch(args, constexprs, grid, sources, tables)
 
 

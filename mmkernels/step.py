@@ -79,6 +79,27 @@ def block_rows_for(block_rows: int, rows: int, fill_programs: int) -> int:
     return block_rows
 
 
+def fixed_args(weight: torch.Tensor | None, runs: torch.Tensor, step: torch.Tensor, anchors,
+               hidden: int, ds_cols: int) -> tuple:
+    """The kernel's arguments after the six that change per call (output, deepstack and
+    id buffers with their strides), in its order: one builder for every launcher."""
+    if weight is None:  # scatter mode: no text rows, any valid pointer stands in
+        return (runs, 0, 0, *anchors, runs, step, hidden, ds_cols)
+    return (weight, weight.stride(0), weight.shape[0], *anchors, runs, step, hidden, ds_cols)
+
+
+def base_constexprs(cfg: StepConfig, *, fused: bool, hidden: int, ds_cols: int,
+                    interpreted: bool) -> dict:
+    """The kernel's constexprs for ``cfg``, before a launch sets ``OUT_UNIT`` and ``BLOCK_R``."""
+    if cfg.search_keys > L.MIN_REQUEST_ROWS:
+        raise ValueError(f"search_keys {cfg.search_keys} > {L.MIN_REQUEST_ROWS} "
+                         "(the step table's minimum request rows)")
+    return dict(FUSED=fused, HAS_DS=ds_cols > 0, MAIN_BLOCKS=-(-hidden // cfg.block_cols),
+                DS_BLOCKS=-(-ds_cols // cfg.block_cols), BLOCK_R=cfg.block_rows,
+                BLOCK_H=cfg.block_cols, OUT_UNIT=1, SEARCH_W=cfg.search_keys,
+                EMULATE_BF16_RNE=interpreted)
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (cached by torch)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -101,21 +122,11 @@ class StepOp:
         self.vec = 16 // torch.empty((), dtype=dtype).element_size()
         self.launcher = DirectLauncher(self.kernel_module._assemble_step_kernel,
                                        interpreted=interpreted)
-        fused = weight is not None
         anchors = [tables.anchors[k] for k in (L.KIND_F32, L.KIND_F16, L.KIND_BF16)]
-        # arguments after the six that change per call (out, ds, ids and their strides)
-        self._fixed = (weight if fused else tables.runs, weight.stride(0) if fused else 0,
-                       weight.shape[0] if fused else 0, *anchors, tables.runs, tables.step,
-                       hidden, ds_cols)
+        self._fixed = fixed_args(weight, tables.runs, tables.step, anchors, hidden, ds_cols)
         self._fixed_ints = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in self._fixed)
-        self._base = dict(FUSED=fused, HAS_DS=ds_cols > 0,
-                          MAIN_BLOCKS=-(-hidden // self.cfg.block_cols),
-                          DS_BLOCKS=-(-ds_cols // self.cfg.block_cols), BLOCK_R=self.cfg.block_rows,
-                          BLOCK_H=self.cfg.block_cols, OUT_UNIT=1, SEARCH_W=self.cfg.search_keys,
-                          EMULATE_BF16_RNE=interpreted)
-        if self.cfg.search_keys > L.MIN_REQUEST_ROWS:
-            raise ValueError(f"search_keys {self.cfg.search_keys} > {L.MIN_REQUEST_ROWS} "
-                             "(the step table's minimum request rows)")
+        self._base = base_constexprs(self.cfg, fused=weight is not None, hidden=hidden, ds_cols=ds_cols,
+                                     interpreted=interpreted)
         self._variants: dict = {}  # (OUT_UNIT, BLOCK_R) -> (constexprs, int arguments after the head)
         self.device_index = (tables.device.index or 0) if tables.device.type == "cuda" else 0
         sms = 0 if interpreted else sm_count(tables.device)
