@@ -154,8 +154,6 @@ def gather_rows(
     deepstack_out: torch.Tensor | None = None,
     backend: str = "auto",
     block_rows: int | None = None,
-    validate: bool = True,
-    info: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Scatter mode: copy each segment's rows from its source into ``out``, in place.
 
@@ -178,13 +176,6 @@ def gather_rows(
         ``"auto"``, ``"torch"`` or ``"triton"`` (see ``mmkernels.resolve_backend``).
     block_rows : int, optional
         rows per program (tests draw 1, 4, 16, 64).
-    validate : bool
-        check sources and segments (default). The host layer passes False: it has
-        checked the same things itself and hands over segments sorted by output row.
-    info : numpy.ndarray, optional
-        shape ``[len(sources), 5]``: each source's ``source_info``, when the caller keeps
-        it (reading it off many tensors is most of the host time of a large batch).
-
     Example
     -------
     >>> out = torch.zeros(4, 2)
@@ -194,15 +185,11 @@ def gather_rows(
     if torch.compiler.is_compiling():  # compiled callers get the custom op; eager skips the dispatcher
         torch.ops.mmkernels.gather_rows(out, list(sources), segments, deepstack_out, backend, block_rows)
         return out
-    if validate:
-        check_output("out", out)
-        ds_cols = _check_deepstack(deepstack_out, out)
-        check_sources(sources, out.device, out.shape[1], ds_cols)
-        segs = prepare_segments(segments, sources, out.shape[0])
-    else:
-        segs = segments
-    return _run(resolve_backend(backend, out.device), out, deepstack_out, sources, segs, None, None,
-                block_rows, info)
+    check_output("out", out)
+    ds_cols = _check_deepstack(deepstack_out, out)
+    check_sources(sources, out.device, out.shape[1], ds_cols)
+    segs = prepare_segments(segments, sources, out.shape[0])
+    return run_checked(out, deepstack_out, sources, segs, backend=backend, block_rows=block_rows)
 
 
 def embed_and_gather(
@@ -215,8 +202,6 @@ def embed_and_gather(
     deepstack_out: torch.Tensor | None = None,
     backend: str = "auto",
     block_rows: int | None = None,
-    validate: bool = True,
-    info: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Fused mode: token lookup for text rows and segment rows, one pass over the output.
 
@@ -250,11 +235,6 @@ def embed_and_gather(
                                                  deepstack_out, backend, block_rows)
         return out
     n, hidden = input_ids.shape[0], weight.shape[1]
-    if not validate:
-        if out is None:
-            out = torch.empty((n, hidden), dtype=weight.dtype, device=weight.device)
-        return _run(resolve_backend(backend, out.device), out, deepstack_out, sources, segments,
-                    input_ids, weight, block_rows, info)
     if input_ids.dim() != 1 or input_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"Invalid input_ids: expected a 1-D int32/int64 tensor, got "
                          f"{input_ids.dtype} of shape {list(input_ids.shape)}")
@@ -272,13 +252,23 @@ def embed_and_gather(
     ds_cols = _check_deepstack(deepstack_out, out)
     check_sources(sources, out.device, hidden, ds_cols)
     segs = prepare_segments(segments, sources, n)
-    return _run(resolve_backend(backend, out.device), out, deepstack_out, sources, segs, input_ids,
-                weight, block_rows, info)
+    return run_checked(out, deepstack_out, sources, segs, input_ids, weight, backend=backend,
+                       block_rows=block_rows)
 
 
-def _run(which, out, deepstack_out, sources, segs, input_ids, weight, block_rows,
-         info=None) -> torch.Tensor:
-    """Run checked, sorted segments on the chosen backend; fused mode when ``weight`` is set."""
+def run_checked(out: torch.Tensor, deepstack_out: torch.Tensor | None, sources: Sequence[torch.Tensor],
+                segs: np.ndarray, input_ids: torch.Tensor | None = None,
+                weight: torch.Tensor | None = None, *, backend: str = "auto",
+                block_rows: int | None = None, info: np.ndarray | None = None) -> torch.Tensor:
+    """Run segments that are already checked and sorted (``prepare_segments``, or the host
+    layer's own checks) on the chosen backend; fused mode when ``weight`` is set.
+
+    The public ops check first and call this; the host layer, which has checked the same
+    things itself, calls it directly. ``info`` is the sources' ``[n, 5]`` ``source_info``
+    when the caller keeps it (reading it off many tensors is most of a large batch's
+    host time).
+    """
+    which = resolve_backend(backend, out.device)
     if which == "torch":
         if weight is None:
             return gather_rows_ref(out, sources, segs, deepstack_out=deepstack_out)

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 import mmkernels
+from mmkernels.ops import run_checked
 from mmassembler.batch import Request
 from mmassembler.cache import EmbeddingCache
 from mmassembler.encode import Encoder, EncoderFn, resolve_sources
@@ -155,10 +156,8 @@ def assemble(
         raise BatchShapeError(str(exc)) from None
     plan, sources, info = prepare_batch(requests, input_ids, weight=weight, out=out,
                                         deepstack_out=deepstack_out, encoders=encoders, cache=cache)
-    # Everything the device layer would check is checked: skip its second pass.
+    # Everything the device layer would check is checked: run without its second pass.
     if weight is not None:
-        return mmkernels.embed_and_gather(input_ids, weight, sources, plan.segments,
-                                          deepstack_out=deepstack_out, backend=backend,
-                                          block_rows=block_rows, validate=False, info=info)
-    return mmkernels.gather_rows(out, sources, plan.segments, deepstack_out=deepstack_out,
-                                 backend=backend, block_rows=block_rows, validate=False, info=info)
+        out = torch.empty((plan.num_tokens, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+    return run_checked(out, deepstack_out, sources, plan.segments, input_ids, weight, backend=backend,
+                       block_rows=block_rows, info=info)
