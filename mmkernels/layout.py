@@ -60,6 +60,13 @@ def step_rows(max_requests: int) -> int:
     return max(max_requests, MIN_REQUEST_ROWS) + 2
 
 
+def loads_aligned(offset_bytes, stride_bytes, hidden_bytes):
+    """Whether a source may be read with 16-byte loads: its first row's offset from a
+    16-byte aligned anchor, its row stride and the deepstack columns' start (column
+    ``hidden``) are all 16-byte multiples (ints or arrays of them)."""
+    return (offset_bytes % 16 == 0) & (stride_bytes % 16 == 0) & (hidden_bytes % 16 == 0)
+
+
 def device_runs(host_runs: np.ndarray, sources: np.ndarray) -> np.ndarray:
     """Device run rows of ``host_runs`` ``[n, HOST_RUN_FIELDS]`` whose items' sources are
     ``sources`` ``[n, SOURCE_FIELDS]`` (one entry per run)."""

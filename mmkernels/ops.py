@@ -56,9 +56,7 @@ def segment_tables(segs: np.ndarray, info: np.ndarray, anchor_addr: np.ndarray, 
         runs[:, L.RUN_END] = segs[:, 2] + segs[:, 3]
         runs[:, L.RUN_OFF], runs[:, L.RUN_STRIDE] = off, stride
         runs[:, L.RUN_KIND], runs[:, L.RUN_COLS] = per[:, 3], per[:, 4]
-        # 16-byte loads: the row's start, the row stride and the deepstack columns' start
-        runs[:, L.RUN_ALIGNED] = ((off * esize) % 16 == 0) & ((stride * esize) % 16 == 0) & (
-            (hidden * esize) % 16 == 0)
+        runs[:, L.RUN_ALIGNED] = L.loads_aligned(off * esize, stride * esize, hidden * esize)
     step = table[s:]
     step[0, L.STEP_TOKENS], step[0, L.STEP_REQUESTS] = num_rows, 1
     step[1, L.STEP_RUN_END] = s  # base 0, prefix 0, runs [0, s)

@@ -72,12 +72,11 @@ class ResidentTables:
         stride, on ``device``)."""
         kind = KIND_OF_DTYPE[t.dtype]
         esize = t.element_size()
-        ptr = t.data_ptr()
-        delta = ptr - self._anchor_addr[kind]
+        delta = t.data_ptr() - self._anchor_addr[kind]
         if delta % esize:
             raise ValueError("Invalid source: its address is not aligned to its element size")
         stride = t.stride(0)
-        aligned = int(ptr % 16 == 0 and (stride * esize) % 16 == 0 and (hidden * esize) % 16 == 0)
+        aligned = int(L.loads_aligned(delta, stride * esize, hidden * esize))
         return (delta // esize, stride, kind, t.shape[1], aligned)
 
     def write_runs(self, run_idx: np.ndarray, run_rows: np.ndarray) -> None:
