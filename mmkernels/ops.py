@@ -19,8 +19,8 @@ from mmkernels import layout as L
 from mmkernels.backend import _kernel_module, resolve_backend
 from mmkernels.reference import embed_and_gather_ref, gather_rows_ref
 from mmkernels.segments import check_output, check_sources, prepare_segments
-from mmkernels.step import (INTERPRETER_PROGRAMS, StepConfig, base_constexprs, block_rows_for,
-                            fixed_args, sm_count, step_config)
+from mmkernels.step import (StepConfig, base_constexprs, fixed_args, grid_limits, launch_shape,
+                            step_config)
 from mmkernels.tables import KIND_OF_DTYPE, anchors_on
 
 def source_info(t: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -115,13 +115,9 @@ def prepare_launch(
     if out.is_cuda:
         # pinned through torch's caching host allocator: not reused before the copy is done
         tables = tables.pin_memory().to(out.device, non_blocking=True)
-    rows = cfg.block_rows
-    if interpreted:
-        grid = min(-(-n // rows), INTERPRETER_PROGRAMS)
-    else:
-        if config is None and block_rows is None:  # a small batch gives every SM a program
-            rows = block_rows_for(rows, n, sm_count(out.device))
-        grid = -(-n // rows)
+    limits = grid_limits(cfg, interpreted=interpreted, device=out.device,
+                         heuristic=config is None and block_rows is None)
+    rows, grid = launch_shape(cfg.block_rows, n, *limits)
     ds = deepstack_out if deepstack_out is not None else out
     vec = 16 // out.element_size()
     unit = vec if out.stride(0) % vec == 0 and ds.stride(0) % vec == 0 else 1

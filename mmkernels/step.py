@@ -105,6 +105,24 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def grid_limits(cfg: StepConfig, *, interpreted: bool, device: torch.device,
+                heuristic: bool) -> tuple[int, int]:
+    """``(max_programs, fill_programs)`` of launches with ``cfg``: the grid cap (the
+    interpreter's, or ``programs_per_sm``), and the programs a small launch halves its
+    rows to reach (the SM count, for the heuristic's shape only; 0: never)."""
+    if interpreted:
+        return INTERPRETER_PROGRAMS, 0
+    sms = sm_count(device)
+    return (sms * cfg.programs_per_sm if cfg.programs_per_sm else 1 << 30), (sms if heuristic else 0)
+
+
+def launch_shape(block_rows: int, rows: int, max_programs: int, fill_programs: int) -> tuple[int, int]:
+    """``(rows a program copies at a time, programs)`` of a launch over ``rows`` rows."""
+    if rows < block_rows * fill_programs:
+        block_rows = block_rows_for(block_rows, rows, fill_programs)
+    return block_rows, min(-(-rows // block_rows), max_programs)
+
+
 class StepOp:
     """One model's step kernel over ``tables`` (fused mode when ``weight`` is given).
 
@@ -129,20 +147,11 @@ class StepOp:
                                      interpreted=interpreted)
         self._variants: dict = {}  # (OUT_UNIT, BLOCK_R) -> (constexprs, int arguments after the head)
         self.device_index = (tables.device.index or 0) if tables.device.type == "cuda" else 0
-        sms = 0 if interpreted else sm_count(tables.device)
-        if interpreted:
-            self.max_programs = INTERPRETER_PROGRAMS
-        elif self.cfg.programs_per_sm:
-            self.max_programs = sms * self.cfg.programs_per_sm
-        else:
-            self.max_programs = 1 << 30
-        # the heuristic's shape: a step too small to give every SM a program takes fewer rows
-        # a program (H100: 1x1x256 ran in 2.9 us at 2 rows against 3.3 at 4)
-        self.fill_programs = sms if config is None and block_rows is None else 0
-
-    def block_rows_for(self, rows: int) -> int:
-        """Rows a program copies at a time for a launch over ``rows`` rows."""
-        return block_rows_for(self.cfg.block_rows, rows, self.fill_programs)
+        # a step too small to give every SM a program takes fewer rows a program (H100:
+        # 1x1x256 ran in 2.9 us at 2 rows against 3.3 at 4), for the heuristic's shape
+        self.max_programs, self.fill_programs = grid_limits(
+            self.cfg, interpreted=interpreted, device=tables.device,
+            heuristic=config is None and block_rows is None)
 
     def _variant(self, unit: int, br: int) -> tuple[dict, tuple]:
         constexprs = dict(self._base, OUT_UNIT=unit, BLOCK_R=br)
@@ -155,10 +164,7 @@ class StepOp:
 
         The step table must already be on the device; nothing here reads it back.
         """
-        br = self.cfg.block_rows
-        if rows < br * self.fill_programs:
-            br = self.block_rows_for(rows)
-        grid = min(-(-rows // br), self.max_programs)
+        br, grid = launch_shape(self.cfg.block_rows, rows, self.max_programs, self.fill_programs)
         if grid == 0:
             return
         ds = out if deepstack_out is None else deepstack_out
