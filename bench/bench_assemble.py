@@ -9,54 +9,51 @@ fused mode reads and writes N x H (every output row), scatter mode M x H (multim
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 import mmkernels
 from bench.baselines import BASELINES
 from bench.harness import gpu_time_us, host_time_us, wall_time_us
 from bench.scenarios import Built
-from mmassembler import Request, assemble, plan_batch
-from mmassembler.encode import resolve_sources
-from mmkernels.ops import anchors_on, prepare_launch, segment_tables
+from mmassembler import Request, assemble
+from mmassembler.request_step import request_step, step_sources
+from mmkernels.ops import prepare_launch, step_tables
 from mmkernels.step import StepConfig
+
+
+def stateless_tables(requests, out: torch.Tensor):
+    """What the stateless ``assemble`` builds on the host before its upload (precomputed
+    items): ``(sources, tables, runs)``, the tables being the runs' rows and the step table."""
+    step = request_step(requests)
+    sources, entries = step_sources(step, encoders=None, cache=None, device=out.device,
+                                    widths=(out.shape[1],))
+    return sources, step_tables(step.runs, step.table, entries), len(step.runs)
 
 
 def prepared(b: Built, mode: str, config: StepConfig | None = None):
     """Host work done, tables on the device: ``.run()`` is the kernel alone."""
-    plan = plan_batch(b.requests)
     out = b.out.clone()
-    sources, info = resolve_sources(plan, encoders=None, cache=None, device=out.device,
-                                    dtype=out.dtype, widths=(out.shape[1],))
-    if mode == "fused":
-        launch = prepare_launch(out, None, sources, plan.segments, b.input_ids, b.weight,
-                                config=config, info=info)
-    else:
-        launch = prepare_launch(out, None, sources, plan.segments, config=config, info=info)
+    sources, table, num_runs = stateless_tables(b.requests, out)
+    ids, weight = (b.input_ids, b.weight) if mode == "fused" else (None, None)
+    launch = prepare_launch(out, None, sources, table, num_runs, ids, weight, config=config)
     if out.is_cuda:  # the tables' copy is ordered on this stream; the timer replays on its own
         torch.cuda.synchronize(out.device)
     return launch
 
 
 def host_planning_us(b: Built, fresh_requests: bool = False) -> float:
-    """What ``assemble`` does on the host before the upload: plan, sources, tables (µs).
+    """What ``assemble`` does on the host before the upload: runs, sources, tables (µs).
 
     Requests are reused across calls (an engine advancing them with ``with_window``), or
-    with ``fresh_requests`` rebuilt every call, so per-request indexes are built each time.
+    with ``fresh_requests`` rebuilt every call, so their runs are built each time.
     """
-    hidden = b.out.shape[1]
-    anchor_addr = np.array([t.data_ptr() for t in anchors_on(b.out.device)], np.int64)
-
-    def plan_only():
+    def tables_only():
         reqs = b.requests
         if fresh_requests:
             reqs = [Request(r.items, r.prefix_len, r.extend_len, r.prompt_len) for r in reqs]
-        plan = plan_batch(reqs)
-        sources, info = resolve_sources(plan, encoders=None, cache=None, device=b.out.device,
-                                        dtype=b.out.dtype, widths=(hidden,))
-        segment_tables(plan.segments, info, anchor_addr, hidden, b.out.shape[0])
+        stateless_tables(reqs, b.out)
 
-    return host_time_us(plan_only)
+    return host_time_us(tables_only)
 
 
 def verify(b: Built, backend: str = "auto") -> bool:

@@ -104,7 +104,6 @@ def build(sc: Scenario, device: str = "cuda", dtype: torch.dtype = torch.bfloat1
         ids.append(prompt[lo:hi])
     input_ids = torch.cat(ids).to(device)
     out = weight[input_ids.clamp(0, vocab - 1)]
-    from mmassembler import plan_batch
-
-    plan = plan_batch(requests)
-    return Built(sc, requests, input_ids, weight, out, plan.num_mm_rows, plan.num_tokens)
+    mm_rows = sum(max(0, min(e + 1, r.prefix_len + r.extend_len) - max(s, r.prefix_len))
+                  for r in requests for it in r.items for s, e in it.spans)
+    return Built(sc, requests, input_ids, weight, out, mm_rows, int(input_ids.shape[0]))

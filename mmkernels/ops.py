@@ -17,7 +17,7 @@ import torch
 
 from mmkernels import layout as L
 from mmkernels.backend import _kernel_module, resolve_backend
-from mmkernels.reference import embed_and_gather_ref, gather_rows_ref
+from mmkernels.reference import assemble_step_ref, embed_and_gather_ref, gather_rows_ref
 from mmkernels.segments import check_output, check_sources, prepare_segments
 from mmkernels.step import (StepConfig, base_constexprs, fixed_args, grid_limits, launch_shape,
                             step_config)
@@ -64,6 +64,15 @@ def segment_tables(segs: np.ndarray, info: np.ndarray, anchor_addr: np.ndarray, 
     return table
 
 
+def step_tables(runs: np.ndarray, step: np.ndarray, entries: np.ndarray) -> np.ndarray:
+    """Device run rows of host runs ``runs`` (``HOST_RUN_*``; item = index into
+    ``entries``, the items' source entries) followed by the step table ``step``."""
+    table = np.empty((len(runs) + len(step), L.RUN_FIELDS), np.int64)
+    table[:len(runs)] = L.device_runs(runs, entries[runs[:, L.HOST_RUN_ITEM]])
+    table[len(runs):] = step
+    return table
+
+
 @dataclass
 class PreparedLaunch:
     """A launch whose host work is done and whose tables are on the device.
@@ -89,19 +98,20 @@ def prepare_launch(
     out: torch.Tensor,
     deepstack_out: torch.Tensor | None,
     sources: Sequence[torch.Tensor],
-    segs: np.ndarray,
+    table: np.ndarray,
+    num_runs: int,
     input_ids: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     *,
     interpreted: bool = False,
     block_rows: int | None = None,
     config: StepConfig | None = None,
-    info: np.ndarray | None = None,
 ) -> PreparedLaunch:
-    """Build the step kernel's tables and send them up in one non-blocking copy from
-    pinned memory.
+    """Send the step kernel's tables up in one non-blocking copy from pinned memory and
+    build its launch over ``out``'s rows.
 
-    ``segs`` must come from ``prepare_segments``; fused mode when ``weight`` is given.
+    ``table`` is ``num_runs`` device run rows followed by a step table (``segment_tables``
+    or ``step_tables``) whose runs read ``sources``; fused mode when ``weight`` is given.
     ``config`` (benchmarks' sweeps) overrides the heuristic and ``block_rows``.
     """
     fused = weight is not None
@@ -109,8 +119,6 @@ def prepare_launch(
     ds_cols = deepstack_out.shape[1] if deepstack_out is not None else 0
     cfg = config or step_config(max(hidden, ds_cols), interpreted, block_rows)
     anchors = anchors_on(out.device)
-    anchor_addr = np.array([t.data_ptr() for t in anchors], np.int64)
-    table = segment_tables(segs, _source_info(sources) if info is None else info, anchor_addr, hidden, n)
     tables = torch.from_numpy(table)
     if out.is_cuda:
         # pinned through torch's caching host allocator: not reused before the copy is done
@@ -123,7 +131,7 @@ def prepare_launch(
     unit = vec if out.stride(0) % vec == 0 and ds.stride(0) % vec == 0 else 1
     args = (out, out.stride(0) // unit, ds, ds.stride(0) // unit,
             input_ids if fused else out, input_ids.stride(0) if fused else 0,
-            *fixed_args(weight, tables, tables[len(segs):], anchors, hidden, ds_cols))
+            *fixed_args(weight, tables, tables[num_runs:], anchors, hidden, ds_cols))
     constexprs = dict(base_constexprs(cfg, fused=fused, hidden=hidden, ds_cols=ds_cols,
                                       interpreted=interpreted),
                       OUT_UNIT=unit, BLOCK_R=rows, num_warps=cfg.num_warps)
@@ -253,21 +261,33 @@ def embed_and_gather(
 def run_checked(out: torch.Tensor, deepstack_out: torch.Tensor | None, sources: Sequence[torch.Tensor],
                 segs: np.ndarray, input_ids: torch.Tensor | None = None,
                 weight: torch.Tensor | None = None, *, backend: str = "auto",
-                block_rows: int | None = None, info: np.ndarray | None = None) -> torch.Tensor:
-    """Run segments that are already checked and sorted (``prepare_segments``, or the host
-    layer's own checks) on the chosen backend; fused mode when ``weight`` is set.
-
-    The public ops check first and call this; the host layer, which has checked the same
-    things itself, calls it directly. ``info`` is the sources' ``[n, 5]`` ``source_info``
-    when the caller keeps it (reading it off many tensors is most of a large batch's
-    host time).
-    """
+                block_rows: int | None = None) -> torch.Tensor:
+    """Run segments already checked and sorted by ``prepare_segments`` on the chosen
+    backend; fused mode when ``weight`` is set (the public ops end here)."""
     which = resolve_backend(backend, out.device)
     if which == "torch":
         if weight is None:
             return gather_rows_ref(out, sources, segs, deepstack_out=deepstack_out)
         return embed_and_gather_ref(input_ids, weight, sources, segs, out=out,
                                     deepstack_out=deepstack_out)
-    prepare_launch(out, deepstack_out, sources, segs, input_ids, weight,
-                   interpreted=which == "interpreter", block_rows=block_rows, info=info).run()
+    anchor_addr = np.array([t.data_ptr() for t in anchors_on(out.device)], np.int64)
+    table = segment_tables(segs, _source_info(sources), anchor_addr, out.shape[1], out.shape[0])
+    prepare_launch(out, deepstack_out, sources, table, len(segs), input_ids, weight,
+                   interpreted=which == "interpreter", block_rows=block_rows).run()
+    return out
+
+
+def assemble_step(out: torch.Tensor, deepstack_out: torch.Tensor | None,
+                  input_ids: torch.Tensor | None, weight: torch.Tensor | None, runs: np.ndarray,
+                  step: np.ndarray, sources: Sequence[torch.Tensor | None], entries: np.ndarray, *,
+                  backend: str = "auto", block_rows: int | None = None) -> torch.Tensor:
+    """One step from host tables the caller has checked: host runs ``runs`` (item = index
+    into ``sources`` and their source entries ``entries``) and the filled step table
+    ``step`` over ``out``'s rows (``mmkernels/layout.py``); fused mode when ``weight``
+    is set. The tables go up with the launch: the stateless path's one-shot step."""
+    which = resolve_backend(backend, out.device)
+    if which == "torch":
+        return assemble_step_ref(out, deepstack_out, input_ids, weight, runs, step, sources)
+    prepare_launch(out, deepstack_out, sources, step_tables(runs, step, entries), len(runs),
+                   input_ids, weight, interpreted=which == "interpreter", block_rows=block_rows).run()
     return out

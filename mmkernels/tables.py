@@ -37,6 +37,31 @@ def anchors_on(device: torch.device) -> list[torch.Tensor]:
     return found
 
 
+_anchor_addr: dict = {}  # device -> kind code -> its anchor's address
+
+
+def anchor_addresses(device: torch.device) -> dict[int, int]:
+    """Kind code -> address of ``device``'s anchor of that dtype."""
+    found = _anchor_addr.get(device)
+    if found is None:
+        found = _anchor_addr.setdefault(device, {kind: t.data_ptr() for kind, t in zip(
+            KIND_OF_DTYPE.values(), anchors_on(device))})
+    return found
+
+
+def source_entry(t: torch.Tensor, hidden: int, anchor_addr: dict[int, int]) -> tuple[int, ...]:
+    """The source entry (``SOURCE_*`` fields) of a 2-D source ``t`` (unit column stride)
+    addressed from ``anchor_addr`` (``anchor_addresses`` of its device)."""
+    kind = KIND_OF_DTYPE[t.dtype]
+    esize = t.element_size()
+    delta = t.data_ptr() - anchor_addr[kind]
+    if delta % esize:
+        raise ValueError("Invalid source: its address is not aligned to its element size")
+    stride = t.stride(0)
+    aligned = int(L.loads_aligned(delta, stride * esize, hidden * esize))
+    return (delta // esize, stride, kind, t.shape[1], aligned)
+
+
 STAGING_RING = 8  # step tables in flight: a buffer is rewritten only once its copy has left
 _HALF = STAGING_RING // 2  # one event per half ring: a record and a wait every 4 steps
 
@@ -55,7 +80,7 @@ class ResidentTables:
         self.step = torch.zeros((rows, L.STEP_FIELDS), dtype=torch.int64, device=self.device)
         # Fixed anchors: a source's offset is counted from the anchor of its dtype.
         self.anchors = dict(zip(KIND_OF_DTYPE.values(), anchors_on(self.device)))
-        self._anchor_addr = {kind: t.data_ptr() for kind, t in self.anchors.items()}
+        self.anchor_addr = anchor_addresses(self.device)
         self.staging = [torch.zeros((rows, L.STEP_FIELDS), dtype=torch.int64, pin_memory=cuda)
                         for _ in range(STAGING_RING)]
         self._staging_np = [t.numpy() for t in self.staging]
@@ -66,18 +91,6 @@ class ResidentTables:
         self._step_ptr, self._row_bytes = self.step.data_ptr(), self.step.stride(0) * 8
         self._staging_ptrs = [t.data_ptr() for t in self.staging]
         self._device_index = (self.device.index or 0) if cuda else 0
-
-    def source_entry(self, t: torch.Tensor, hidden: int) -> tuple[int, ...]:
-        """The source entry (``SOURCE_*`` fields) of a 2-D source ``t`` (unit column
-        stride, on ``device``)."""
-        kind = KIND_OF_DTYPE[t.dtype]
-        esize = t.element_size()
-        delta = t.data_ptr() - self._anchor_addr[kind]
-        if delta % esize:
-            raise ValueError("Invalid source: its address is not aligned to its element size")
-        stride = t.stride(0)
-        aligned = int(L.loads_aligned(delta, stride * esize, hidden * esize))
-        return (delta // esize, stride, kind, t.shape[1], aligned)
 
     def write_runs(self, run_idx: np.ndarray, run_rows: np.ndarray) -> None:
         """Overwrite run rows (distinct indices): one upload, applied in stream order."""

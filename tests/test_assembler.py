@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from kernel_utils import assert_bitwise_equal
 from mmassembler import Assembler, EmbeddingCache, Item, Request, assemble_oracle
 from mmkernels import layout as L
+from mmkernels.tables import source_entry
 from schedules import encoded_rows, schedules
 
 BACKENDS = ["torch", "triton"]
@@ -80,7 +81,7 @@ def check_device_runs(asm: Assembler) -> None:
         r0, r1 = int(reg.run_first[h]), int(reg.run_end[h])
         for k, (pos, end, row, slot) in enumerate(reg.runs[r0:r1].tolist(), start=r0):
             src = reg.item_src[slot]
-            entry = L.NO_SOURCE if src is None else asm.tables.source_entry(src, asm.hidden)
+            entry = L.NO_SOURCE if src is None else source_entry(src, asm.hidden, asm.tables.anchor_addr)
             want = L.device_runs(np.array([[pos, end, row, slot]]), np.array([entry]))[0]
             assert (dev[k] == want).all(), f"run {k} of handle {h}: {dev[k]} != {want}"
 

@@ -1,10 +1,11 @@
 """Encoder batching across requests, dedupe by key, cache reuse across chunks, mixed sources."""
 
+import numpy as np
 import pytest
 import torch
 
-from mmassembler import (EmbeddingCache, Encoder, Item, Request, assemble, assemble_oracle,
-                         plan_batch)
+from mmassembler import EmbeddingCache, Encoder, Item, Request, assemble, assemble_oracle
+from mmassembler.request_step import request_step
 
 H = 16
 
@@ -149,6 +150,8 @@ def test_deepstack_from_encoder():
     assert torch.equal(ds[:2], torch.zeros(2, 2 * H)) and torch.equal(out[7:], weight[ids[7:]])
 
 
-def test_plan_counts():
-    plan = plan_batch(eight_requests(0, 46))
-    assert len(plan.items) == 24 and plan.num_mm_rows == 8 * (12 + 12 + 6)
+def test_reached_counts():
+    step = request_step(eight_requests(0, 46))
+    assert len(step.slots) == 24
+    rows_in_window = np.minimum(step.runs[:, 1], 46) - np.maximum(step.runs[:, 0], 0)
+    assert int(rows_in_window.sum()) == 8 * (12 + 12 + 6)

@@ -1,7 +1,8 @@
 """mmassembler: the host layer of the multimodal embedding assembler.
 
-Requests and items in, the batch's input embeddings out: plan, encode (once per
-modality, split by what the encoder returned), check every count, one kernel launch.
+Requests and items in, the batch's input embeddings out: runs checked once per request,
+sources resolved (encoded once per modality, split by what the encoder returned), every
+count checked, one kernel launch. ``Assembler`` keeps requests resident across steps.
 """
 
 from mmkernels import BackendUnavailableError, resolve_backend
@@ -14,7 +15,6 @@ from mmassembler.errors import (AssemblyError, BatchShapeError, CapacityError, C
                                 EmbedMaskError, EmbeddingFormatError, EncoderOutputError,
                                 MissingEncoderError, RowCountError, SpanError, UnknownHandleError)
 from mmassembler.oracle import assemble_oracle
-from mmassembler.planner import Plan, plan_batch
 
 __version__ = "0.1.0"
 
@@ -22,7 +22,7 @@ __all__ = [
     "Assembler", "AssemblyError", "BackendUnavailableError", "BatchShapeError", "CacheStats",
     "CapacityError", "ChunkWindowError", "UnknownHandleError",
     "EmbedMaskError", "EmbeddingCache", "EmbeddingFormatError", "Encoder", "EncoderOutputError",
-    "Item", "ItemLayout", "MissingEncoderError", "Plan", "Request", "RowCountError",
+    "Item", "ItemLayout", "MissingEncoderError", "Request", "RowCountError",
     "SpanError",
-    "assemble", "assemble_oracle", "plan_batch", "resolve_backend", "__version__",
+    "assemble", "assemble_oracle", "resolve_backend", "__version__",
 ]

@@ -1,8 +1,10 @@
 """The public call: ``assemble(requests, input_ids, ...)`` -> the batch's input embeddings.
 
-Plan (items ∩ chunks -> segments), resolve sources (precomputed, cached, or encoded
-once per modality), check every count, then one device-layer launch. Nothing is written
-to the output or the cache until every check has passed.
+The stateless path of the resident plan: the requests' runs (checked once per
+``Request``) become one step of the step kernel (``request_step``), the items its windows
+reach get sources (precomputed, cached, or encoded once per modality: ``resolve``, as in
+the ``Assembler``), and the tables go up with one launch. Nothing is written to the
+output or the cache until every check has passed.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from collections.abc import Mapping, Sequence
 import torch
 
 import mmkernels
-from mmkernels.ops import run_checked
 from mmassembler.batch import Request
 from mmassembler.cache import EmbeddingCache
-from mmassembler.encode import Encoder, EncoderFn, resolve_sources
+from mmassembler.encode import Encoder, EncoderFn
 from mmassembler.errors import BatchShapeError
-from mmassembler.planner import plan_batch
+from mmassembler.request_step import request_step, step_sources
+from mmkernels.ops import assemble_step
 from mmkernels.step import check_block_rows
 
 
@@ -38,39 +40,17 @@ def _check_buffer(name: str, t: torch.Tensor, rows: int | None, cols: int | None
         raise BatchShapeError(f"{name} has strides {t.stride()}: its rows overlap")
 
 
-def prepare_batch(
-    requests: Sequence[Request],
-    input_ids: torch.Tensor | None,
-    *,
-    weight: torch.Tensor | None,
-    out: torch.Tensor | None,
-    deepstack_out: torch.Tensor | None,
-    encoders,
-    cache: EmbeddingCache | None,
-    buffers_hold_more: bool = False,
-    check_plan=None,
-):
-    """Check everything, plan, and resolve sources: ``(plan, sources, source info)``.
-
-    Nothing is written before it returns. With ``buffers_hold_more`` (CUDA-graph mode)
-    ``out``/``deepstack_out`` may have more rows than the batch has tokens, and
-    ``input_ids`` is checked against the batch but not the buffers.
-    """
+def _check_step_buffers(num_tokens: int, input_ids, weight, out, deepstack_out):
+    """Check the call's mode and buffers against its token count; ``(widths, device, dtype)``."""
     if (weight is None) == (out is None):
         raise BatchShapeError("pass exactly one of weight (fused mode) and out (scatter mode)")
-    for r, req in enumerate(requests):
-        if not isinstance(req, Request):
-            raise BatchShapeError(f"requests[{r}] is a {type(req).__name__}, not a Request", request=r)
-    plan = plan_batch(requests)  # checks windows and spans
-    num_tokens = plan.num_tokens
-    rows = None if buffers_hold_more else num_tokens
     if weight is not None:
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] == 0:
             raise BatchShapeError("weight must be a 2-D [vocab, hidden] tensor with vocab >= 1")
         _check_buffer("weight", weight, weight.shape[0])
         hidden, device, dtype = weight.shape[1], weight.device, weight.dtype
     else:
-        _check_buffer("out", out, rows)
+        _check_buffer("out", out, num_tokens)
         hidden, device, dtype = out.shape[1], out.device, out.dtype
     if input_ids is None:
         if weight is not None:
@@ -86,18 +66,12 @@ def prepare_batch(
                                   f"extend lengths add up to {num_tokens}")
     ds_cols = 0
     if deepstack_out is not None:
-        _check_buffer("deepstack_out", deepstack_out, rows)
+        _check_buffer("deepstack_out", deepstack_out, num_tokens)
         if deepstack_out.dtype != dtype or deepstack_out.device != device:
             raise BatchShapeError(f"deepstack_out must be {dtype} on {device}, got "
                                   f"{deepstack_out.dtype} on {deepstack_out.device}")
         ds_cols = deepstack_out.shape[1]
-    if check_plan is not None:  # capacity checks of the caller, before the cache changes
-        check_plan(plan)
-    widths = (hidden, hidden + ds_cols)
-    stream = torch.cuda.current_stream(device) if cache is not None and device.type == "cuda" else None
-    sources, info = resolve_sources(plan, encoders=encoders, cache=cache, device=device,
-                                    dtype=dtype, widths=widths, stream=stream)
-    return plan, sources, info
+    return (hidden, hidden + ds_cols), device, dtype
 
 
 def assemble(
@@ -154,10 +128,12 @@ def assemble(
             mmkernels.resolve_backend(backend, ref.device)
     except ValueError as exc:
         raise BatchShapeError(str(exc)) from None
-    plan, sources, info = prepare_batch(requests, input_ids, weight=weight, out=out,
-                                        deepstack_out=deepstack_out, encoders=encoders, cache=cache)
-    # Everything the device layer would check is checked: run without its second pass.
+    step = request_step(requests)  # checks types, windows and spans
+    widths, device, dtype = _check_step_buffers(step.num_tokens, input_ids, weight, out, deepstack_out)
+    stream = torch.cuda.current_stream(device) if cache is not None and device.type == "cuda" else None
+    sources, entries = step_sources(step, encoders=encoders, cache=cache, device=device,
+                                    widths=widths, stream=stream)
     if weight is not None:
-        out = torch.empty((plan.num_tokens, weight.shape[1]), dtype=weight.dtype, device=weight.device)
-    return run_checked(out, deepstack_out, sources, plan.segments, input_ids, weight, backend=backend,
-                       block_rows=block_rows, info=info)
+        out = torch.empty((step.num_tokens, widths[0]), dtype=dtype, device=device)
+    return assemble_step(out, deepstack_out, input_ids, weight, step.runs, step.table, sources,
+                         entries, backend=backend, block_rows=block_rows)

@@ -227,9 +227,8 @@ class Assembler:
         wanted = [Wanted(s, item, rows, index_of[owner]) for s, item, rows, owner in zip(
             slots.tolist(), reg.item_obj[slots].tolist(), reg.item_rows[slots].tolist(),
             reg.item_owner[slots].tolist())]
-        sources = resolve(wanted, encoders=self.encoders, cache=self.cache, device=self.device,
-                          widths=self.widths)
-        entries = [self.tables.source_entry(t, self.hidden) for t in sources]
+        sources, entries = resolve(wanted, encoders=self.encoders, cache=self.cache,
+                                   device=self.device, widths=self.widths)
         # every check has passed: commit (the changed runs' device rows go with the next flush)
         self._release([t for t in reg.item_src[passed] if t is not None])
         reg.set_sources(slots, sources, entries, passed, ridx)

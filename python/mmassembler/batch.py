@@ -25,7 +25,7 @@ class ItemLayout:
     """
 
     runs: np.ndarray
-    runs_list: tuple  # the same runs as Python ints, for the planner's small-batch path
+    runs_list: tuple  # the same runs as Python ints
     num_positions: int
     num_rows: int
     first: int  # first placeholder position
@@ -60,7 +60,7 @@ class Item:
     data: Any = None
     embed_mask: Any = None
     _layout: ItemLayout | None = field(default=None, init=False, repr=False, compare=False)
-    # (widths, device, 2-D view) of ``embedding`` once checked, so later batches skip the checks
+    # (widths, device, 2-D view, source entry) of ``embedding`` once checked: later steps skip the checks
     _checked_embedding: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def layout(self, request: int | None = None) -> ItemLayout:
@@ -86,20 +86,18 @@ class Request:
     prefix_len: int
     extend_len: int
     prompt_len: int | None = None
-    # The planner's per-request index (runs of all items in position order), built on
-    # first use; ``with_window`` hands it to the request's next chunk.
-    _index: Any = field(default=None, init=False, repr=False, compare=False)
-    _layouts: Any = field(default=None, init=False, repr=False, compare=False)  # checked, cached
+    # The request's checked runs (``request_step.RequestRuns``), built on first use;
+    # ``with_window`` hands them to the request's next chunk.
+    _runs: Any = field(default=None, init=False, repr=False, compare=False)
 
     def with_window(self, prefix_len: int, extend_len: int) -> "Request":
-        """The same request and items at another chunk window, keeping the planner's index.
+        """The same request and items at another chunk window, keeping its checked runs.
 
         Engines that keep a request across prefill chunks call this instead of building a
-        new ``Request``, so per-request planning work is done once, not every chunk.
+        new ``Request``, so its items are checked and turned into runs once, not every chunk.
         """
         nxt = Request(self.items, prefix_len, extend_len, self.prompt_len)
-        object.__setattr__(nxt, "_index", self._index)
-        object.__setattr__(nxt, "_layouts", self._layouts)
+        object.__setattr__(nxt, "_runs", self._runs)
         return nxt
 
 

@@ -32,6 +32,9 @@ def as_rows(t, widths: Sequence[int], *, request: int, key: int, what: str) -> t
                                    f"the hidden size {sorted(set(widths))[0]}"
                                    + (f" or {max(widths)} (with deepstack)" if len(set(widths)) > 1
                                       else ""), request=request, item_key=key)
+    if t.data_ptr() % t.element_size():
+        raise EmbeddingFormatError(f"{what} starts at an address that is not a multiple of its "
+                                   f"{t.element_size()}-byte elements", request=request, item_key=key)
     if len(shape) > 2:
         t = t.reshape(-1, shape[-1])
     if shape[-1] > 1 and t.stride(1) != 1:

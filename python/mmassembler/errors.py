@@ -6,6 +6,8 @@ as they were. ``AssemblyError`` subclasses ``ValueError`` so generic handlers st
 
 from __future__ import annotations
 
+import copy
+
 
 class AssemblyError(ValueError):
     """Base of every error the library raises on bad input.
@@ -15,6 +17,7 @@ class AssemblyError(ValueError):
     """
 
     def __init__(self, message: str, *, request: int | None = None, item_key: int | None = None):
+        self.message = message
         self.request = request
         self.item_key = item_key
         where = []
@@ -23,6 +26,12 @@ class AssemblyError(ValueError):
         if item_key is not None:
             where.append(f"item {item_key}")
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
+
+    def naming(self, request: int) -> "AssemblyError":
+        """The same error naming ``request`` (raised where the request's index was unknown)."""
+        named = copy.copy(self)
+        AssemblyError.__init__(named, self.message, request=request, item_key=self.item_key)
+        return named
 
 
 class BatchShapeError(AssemblyError):

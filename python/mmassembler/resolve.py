@@ -6,11 +6,14 @@ embedding), and the misses sent to their modality's encoder once (``Encoder`` bu
 apply), split by the rows the encoder returned. Every count and format is checked before
 the cache changes; what is encoded is copied into tensors the library owns (an encoder
 may hand out views of a buffer it reuses; a ``stable`` encoder's outputs are read in
-place) and detached (assembly is inference).
+place) and detached (assembly is inference). Each source comes with its source entry
+(``mmkernels.tables.source_entry``); a precomputed embedding's checks and entry are made
+once per item and kept on it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -20,6 +23,9 @@ from mmassembler.cache import EmbeddingCache
 from mmassembler.embeddings import check_row_count, fits, kept, precomputed_rows
 from mmassembler.encode import Encoder, EncoderFn, _Need, _split
 from mmassembler.errors import MissingEncoderError, RowCountError
+from mmkernels.tables import anchor_addresses, source_entry
+
+logger = logging.getLogger(__name__)
 
 
 class Wanted(NamedTuple):
@@ -32,25 +38,39 @@ class Wanted(NamedTuple):
     request: int  # index of the request in the step
 
 
-def _precomputed(w: Wanted, widths, device) -> torch.Tensor:
-    t = precomputed_rows(w.item.embedding, widths, device, request=w.request, key=w.item.key)
-    check_row_count(t, w.rows, request=w.request, key=w.item.key)
-    return t
+def precomputed(w: Wanted, widths: tuple, device: torch.device) -> tuple:
+    """A precomputed embedding as checked rows and its source entry (both made once per
+    item, widths and device); its row count is checked every time."""
+    item = w.item
+    memo = item._checked_embedding
+    if memo is not None and memo[0] == widths and memo[1] == device:
+        t, entry = memo[2], memo[3]
+    else:
+        t = precomputed_rows(item.embedding, widths, device, request=w.request, key=item.key)
+        entry = source_entry(t, widths[0], anchor_addresses(device))
+        object.__setattr__(item, "_checked_embedding", (widths, device, t, entry))
+    check_row_count(t, w.rows, request=w.request, key=item.key)
+    return t, entry
 
 
 def resolve(wanted: Sequence[Wanted], *, encoders: Mapping[str, EncoderFn | Encoder] | None,
             cache: EmbeddingCache | None, device: torch.device,
-            widths: Sequence[int]) -> list[torch.Tensor]:
-    """A source for each wanted item, in order; raises before the cache changes."""
+            widths: Sequence[int], stream=None) -> tuple[list[torch.Tensor], list[tuple]]:
+    """A source and its source entry for each wanted item, in order; raises before the
+    cache changes. ``stream``: the CUDA stream that will read the sources while nothing
+    else holds them (the stateless path), on which cache entries read or put are noted
+    as used."""
     widths = tuple(widths)
+    anchors = anchor_addresses(device)
     sources: list = [None] * len(wanted)
+    entries: list = [None] * len(wanted)
     needs: dict[tuple, _Need] = {}  # (modality, key) -> one encode
     hits: dict = {}  # key -> cache entry (used)
     stale: list = []  # keys whose cache entry does not fit their item
     for i, w in enumerate(wanted):
         item = w.item
         if item.embedding is not None:
-            sources[i] = _precomputed(w, widths, device)
+            sources[i], entries[i] = precomputed(w, widths, device)
             continue
         ident = (item.modality, item.key)
         need = needs.get(ident)
@@ -87,17 +107,26 @@ def resolve(wanted: Sequence[Wanted], *, encoders: Mapping[str, EncoderFn | Enco
         for call in enc.batches(group):
             parts = _split(enc.fn([n.item for n in call]), call, modality, widths)
             encoded.extend((need, t, enc.stable) for need, t in zip(call, parts))
+        logger.debug("encoded %d %s items", len(group), modality)
     kept_parts = [(need, kept(t, device, need, stable), stable)  # may fail: before the cache
                   for need, t, stable in encoded]
     if cache is not None:
         for key in stale:
             cache.discard(key, "its rows, width, dtype or device do not fit the item")
+        # uses are noted before puts: an entry read here that a put evicts is not reused
+        # by the allocator before the stream's queued work
         for key in hits:
             cache.get(key)
+            if stream is not None:
+                cache.record_use(key, stream)
         for need, t, stable in kept_parts:
-            if not stable:
-                cache.put(need.key, t)
+            if not stable and cache.put(need.key, t) and stream is not None:
+                cache.record_use(need.key, stream)
     for need, t, _ in kept_parts:
         for i in need.waiting:
             sources[i] = t
-    return sources
+    hidden = widths[0]
+    for i, t in enumerate(sources):
+        if entries[i] is None:
+            entries[i] = source_entry(t, hidden, anchors)
+    return sources, entries
