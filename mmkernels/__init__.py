@@ -9,7 +9,7 @@ from mmkernels import custom_ops  # noqa: F401  (registers torch.ops.mmkernels.*
 from mmkernels.backend import BackendUnavailableError, kernels_interpreted, resolve_backend
 from mmkernels.ops import embed_and_gather, gather_rows
 from mmkernels.reference import embed_and_gather_ref, gather_rows_ref
-from mmkernels.segments import prepare_segments
+from mmkernels.segments import check_segments
 
 __version__ = "0.1.0"
 
@@ -20,7 +20,7 @@ __all__ = [
     "gather_rows",
     "gather_rows_ref",
     "kernels_interpreted",
-    "prepare_segments",
+    "check_segments",
     "resolve_backend",
     "__version__",
 ]

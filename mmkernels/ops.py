@@ -18,7 +18,7 @@ import torch
 from mmkernels import layout as L
 from mmkernels.backend import _kernel_module, resolve_backend
 from mmkernels.reference import assemble_step_ref, embed_and_gather_ref, gather_rows_ref
-from mmkernels.segments import check_output, check_sources, prepare_segments
+from mmkernels.segments import check_output, check_sources, check_segments
 from mmkernels.step import (StepConfig, base_constexprs, fixed_args, grid_limits, launch_shape,
                             step_config)
 from mmkernels.tables import KIND_OF_DTYPE, anchors_on
@@ -190,7 +190,7 @@ def gather_rows(
     check_output("out", out)
     ds_cols = _check_deepstack(deepstack_out, out)
     check_sources(sources, out.device, out.shape[1], ds_cols)
-    segs = prepare_segments(segments, sources, out.shape[0])
+    segs = check_segments(segments, sources, out.shape[0])
     return run_checked(out, deepstack_out, sources, segs, backend=backend, block_rows=block_rows)
 
 
@@ -253,7 +253,7 @@ def embed_and_gather(
             raise ValueError(f"Invalid device of {name}: expected {out.device}, got {t.device}")
     ds_cols = _check_deepstack(deepstack_out, out)
     check_sources(sources, out.device, hidden, ds_cols)
-    segs = prepare_segments(segments, sources, n)
+    segs = check_segments(segments, sources, n)
     return run_checked(out, deepstack_out, sources, segs, input_ids, weight, backend=backend,
                        block_rows=block_rows)
 
@@ -262,7 +262,7 @@ def run_checked(out: torch.Tensor, deepstack_out: torch.Tensor | None, sources: 
                 segs: np.ndarray, input_ids: torch.Tensor | None = None,
                 weight: torch.Tensor | None = None, *, backend: str = "auto",
                 block_rows: int | None = None) -> torch.Tensor:
-    """Run segments already checked and sorted by ``prepare_segments`` on the chosen
+    """Run segments already checked and sorted by ``check_segments`` on the chosen
     backend; fused mode when ``weight`` is set (the public ops end here)."""
     which = resolve_backend(backend, out.device)
     if which == "torch":

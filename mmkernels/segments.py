@@ -69,7 +69,7 @@ def check_sources(
                              f"got {src.stride()}")
 
 
-def prepare_segments(
+def check_segments(
     segments, sources: Sequence[torch.Tensor], num_out_rows: int
 ) -> np.ndarray:
     """Check segments against source and output row counts; return them sorted by output row.

@@ -10,7 +10,7 @@ reference. The Assembler's resident tables and graph replay: ``tests/memcheck_st
 
 import torch
 
-from mmkernels import embed_and_gather, embed_and_gather_ref, gather_rows, gather_rows_ref, prepare_segments
+from mmkernels import embed_and_gather, embed_and_gather_ref, gather_rows, gather_rows_ref, check_segments
 
 
 def main() -> None:
@@ -29,13 +29,13 @@ def main() -> None:
             dsr = torch.zeros(n, ds, device=dev).bfloat16() if ds else None
             got = embed_and_gather(ids, w, srcs, segs, deepstack_out=dso, block_rows=block_rows,
                                    backend="triton")
-            want = embed_and_gather_ref(ids, w, srcs, prepare_segments(segs, srcs, n),
+            want = embed_and_gather_ref(ids, w, srcs, check_segments(segs, srcs, n),
                                         deepstack_out=dsr)
             assert torch.equal(got, want) and (ds == 0 or torch.equal(dso, dsr))
             out = torch.randn(n, hidden, generator=g).bfloat16().to(dev)
             ref = out.clone()
             gather_rows(out, srcs, segs, deepstack_out=dso, block_rows=block_rows, backend="triton")
-            gather_rows_ref(ref, srcs, prepare_segments(segs, srcs, n), deepstack_out=dsr)
+            gather_rows_ref(ref, srcs, check_segments(segs, srcs, n), deepstack_out=dsr)
             assert torch.equal(out, ref) and (ds == 0 or torch.equal(dso, dsr))
     torch.cuda.synchronize()
     print("memcheck batch: all launches matched the reference")

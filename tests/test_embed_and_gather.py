@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from kernel_utils import assert_bitwise_equal, make_sources
 from strategies import DTYPES, segment_tables
 
-from mmkernels import embed_and_gather, embed_and_gather_ref, prepare_segments
+from mmkernels import embed_and_gather, embed_and_gather_ref, check_segments
 
 pytestmark = pytest.mark.interpreter
 
@@ -22,7 +22,7 @@ def _check(ids, weight, sources, segments, out_dtype=None, ds_cols=0, block_rows
     got_ds = None if ds is None else ds.clone()
     got = embed_and_gather(ids, weight, sources, segments, out=None if out is None else out.clone(),
                            deepstack_out=got_ds, backend="triton", block_rows=block_rows)
-    segs = prepare_segments(segments, sources, n)
+    segs = check_segments(segments, sources, n)
     want = embed_and_gather_ref(ids, weight, sources, segs, out=out, deepstack_out=ds)
     assert_bitwise_equal(got, want)
     if ds is not None:

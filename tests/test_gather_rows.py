@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from kernel_utils import assert_bitwise_equal, make_sources
 from strategies import DTYPES, segment_tables
 
-from mmkernels import gather_rows, gather_rows_ref, prepare_segments
+from mmkernels import gather_rows, gather_rows_ref, check_segments
 
 pytestmark = pytest.mark.interpreter
 
@@ -22,7 +22,7 @@ def _run_both(out, sources, segments, ds=None, block_rows=None):
     got_out, got_ds = out.clone(), None if ds is None else ds.clone()
     gather_rows(got_out, sources, segments, deepstack_out=got_ds, backend="triton",
                 block_rows=block_rows)
-    segs = prepare_segments(segments, sources, out.shape[0])
+    segs = check_segments(segments, sources, out.shape[0])
     gather_rows_ref(out, sources, segs, deepstack_out=ds)
     assert_bitwise_equal(got_out, out)
     if ds is not None:
