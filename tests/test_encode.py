@@ -152,6 +152,6 @@ def test_deepstack_from_encoder():
 
 def test_reached_counts():
     step = request_step(eight_requests(0, 46))
-    assert len(step.slots) == 24
+    assert len(step.reached_items()[0]) == 24
     rows_in_window = np.minimum(step.runs[:, 1], 46) - np.maximum(step.runs[:, 0], 0)
     assert int(rows_in_window.sum()) == 8 * (12 + 12 + 6)

@@ -47,9 +47,11 @@ def test_reference_deepstack_matches_oracle(batch):
 
 def _reached(step):
     """``(request, item key)`` of each reached item, and the runs as (pos, end, row, key)."""
-    keys = [step.requests[r].items[j].key for r, j in zip(step.owner.tolist(), step.index.tolist())]
-    return ([(r, k) for r, k in zip(step.owner.tolist(), keys)],
-            [(p, e, r, keys[i]) for p, e, r, i in step.runs.tolist()])
+    slots, owner, index, _ = step.reached_items()
+    key = {s: step.requests[r].items[j].key for s, r, j in zip(slots.tolist(), owner.tolist(),
+                                                               index.tolist())}
+    return ([(r, key[s]) for s, r in zip(slots.tolist(), owner.tolist())],
+            [(p, e, r, key[i]) for p, e, r, i in step.runs.tolist()])
 
 
 def _request_rows(step, r):
@@ -73,7 +75,7 @@ def test_window_cuts_through_a_multi_span_item():
     item = Item(1, [(2, 5), (9, 12)])  # rows 0-3 at 2-5, rows 4-7 at 9-12
     step = request_step([Request([item], prefix_len=4, extend_len=7)])  # positions 4..10
     assert _reached(step) == ([(0, 1)], [(2, 6, 0, 1), (9, 13, 4, 1)])
-    assert step.rows.tolist() == [8]
+    assert step.reached_items()[3].tolist() == [8]
 
 
 def test_masked_positions_split_runs_and_skip_rows():
@@ -86,7 +88,7 @@ def test_masked_positions_split_runs_and_skip_rows():
 def test_item_with_only_unmasked_positions_in_window_is_not_read():
     item = Item(1, [(0, 5)], embed_mask=[True, False, False, False, True, True])
     step = request_step([Request([item], prefix_len=1, extend_len=3)])
-    assert len(step.slots) == 0 and step.runs.shape == (0, L.HOST_RUN_FIELDS)
+    assert len(step.reached_items()[0]) == 0 and step.runs.shape == (0, L.HOST_RUN_FIELDS)
 
 
 def test_interleaved_items_are_placed_by_position():
@@ -161,13 +163,15 @@ def test_kept_request_sources_equal_resolving_each_item(batch):
     for _ in range(2):  # the memo is built, then read
         sources, entries = step_sources(step, encoders=None, cache=None, device=torch.device("cpu"),
                                         widths=widths)
-        wanted = [Wanted(i, step.requests[r].items[j], n, r) for i, (r, j, n) in enumerate(zip(
-            step.owner.tolist(), step.index.tolist(), step.rows.tolist()))]
+        slots, owner, index, rows = step.reached_items()
+        wanted = [Wanted(s, step.requests[r].items[j], n, r) for s, r, j, n in zip(
+            slots.tolist(), owner.tolist(), index.tolist(), rows.tolist())]
         want, want_entries = resolve(wanted, encoders=None, cache=None, device=torch.device("cpu"),
                                      widths=widths)
-        assert [(t.data_ptr(), t.shape, t.stride()) for t in sources] == [
+        got = [sources[s] for s in slots.tolist()]
+        assert [(t.data_ptr(), t.shape, t.stride()) for t in got] == [
             (t.data_ptr(), t.shape, t.stride()) for t in want]
-        assert entries.tolist() == [list(e) for e in want_entries]
+        assert entries[slots].tolist() == [list(e) for e in want_entries]
 
 
 def test_a_bad_embedding_outside_the_window_is_not_read():

@@ -55,19 +55,36 @@ class RequestRuns:
 
 
 class RequestStep(NamedTuple):
-    """A batch's step: the runs its windows reach (item = index into the reached items),
-    the filled step table and its token count; the reached items as batch item slots
-    (sorted), with their request, index in it and rows."""
+    """A batch's step: the runs its windows reach (item = the item's slot in the batch:
+    the request's first slot plus its index), the filled step table and token count, the
+    requests with their runs, each request's first slot, and how many runs it reaches."""
 
     runs: np.ndarray
     table: np.ndarray
     num_tokens: int
     requests: Sequence[Request]
     per: list[RequestRuns]
-    slots: np.ndarray
-    owner: np.ndarray
-    index: np.ndarray
-    rows: np.ndarray
+    first_item: np.ndarray
+    reached: np.ndarray
+
+    @property
+    def num_items(self) -> int:
+        """Item slots of the batch (reached or not)."""
+        return int(self.first_item[-1] + len(self.per[-1].rows)) if self.per else 0
+
+    def reached_items(self, among: np.ndarray | None = None):
+        """``(slots, request, index in it, rows)`` of the items the runs read, by slot;
+        with ``among`` (a flag per request), only those of flagged requests."""
+        flag = np.zeros(self.num_items, bool)
+        flag[self.runs[:, L.HOST_RUN_ITEM]] = True
+        count = len(self.per)
+        owner = np.repeat(np.arange(count), [len(x.rows) for x in self.per])
+        if among is not None:
+            flag &= among[owner]
+        slots = np.flatnonzero(flag)
+        owner = owner[slots]
+        rows = np.concatenate([x.rows for x in self.per])[slots]
+        return slots, owner, slots - self.first_item[owner], rows
 
 
 def request_runs(r: int, req: Request) -> RequestRuns:
@@ -121,67 +138,58 @@ def request_step(requests: Sequence[Request]) -> RequestStep:
     if count == 0:
         none = np.zeros(0, np.int64)
         return RequestStep(np.zeros((0, L.HOST_RUN_FIELDS), np.int64), table, 0, requests, per,
-                           none, none, none, none)
+                           none, none)
     win = np.array(windows, np.int64)
-    p, q = win[:, 0], win[:, 1]
-    stops = np.cumsum(q - p)
-    n = int(stops[-1])
     k = np.fromiter((len(x.runs) for x in per), np.int64, count)
     m = np.fromiter((len(x.rows) for x in per), np.int64, count)
-    runs = np.concatenate([x.runs for x in per])
+    first_item = np.cumsum(m) - m  # each request's first item slot
+    runs = per[0].runs if count == 1 else np.concatenate([x.runs for x in per])
     owner = np.repeat(np.arange(count), k)
-    hit = (runs[:, L.HOST_RUN_POS] < q[owner]) & (runs[:, L.HOST_RUN_END] > p[owner])
+    at = win[owner]  # each run's window
+    hit = (runs[:, L.HOST_RUN_POS] < at[:, 1]) & (runs[:, L.HOST_RUN_END] > at[:, 0])
     runs, owner = runs[hit], owner[hit]  # a new array: its item column may be rewritten
-    first_item = np.cumsum(m) - m
-    slots, local = np.unique(runs[:, L.HOST_RUN_ITEM] + first_item[owner], return_inverse=True)
-    runs[:, L.HOST_RUN_ITEM] = local
+    runs[:, L.HOST_RUN_ITEM] += first_item[owner]
     reached = np.bincount(owner, minlength=count)
     req_rows = table[1:count + 1]
-    req_rows[:, L.STEP_BASE] = stops - (q - p)
-    req_rows[:, L.STEP_PREFIX], req_rows[:, L.STEP_STOP] = p, q
+    req_rows[:, L.STEP_PREFIX:L.STEP_STOP + 1] = win
+    np.cumsum(win[:, 1] - win[:, 0], out=table[2:count + 2, L.STEP_BASE])  # row 1's base is 0
     np.cumsum(reached, out=req_rows[:, L.STEP_RUN_END])
     req_rows[:, L.STEP_RUN_FIRST] = req_rows[:, L.STEP_RUN_END] - reached
+    n = table.item(count + 1, L.STEP_BASE)
     table[0, L.STEP_TOKENS], table[0, L.STEP_REQUESTS] = n, count
-    table[count + 1, L.STEP_BASE] = n
-    slot_owner = np.repeat(np.arange(count), m)[slots]
-    item_rows = np.concatenate([x.rows for x in per])[slots]
-    return RequestStep(runs, table, n, requests, per, slots, slot_owner,
-                       slots - first_item[slot_owner], item_rows)
+    return RequestStep(runs, table, n, requests, per, first_item, reached)
 
 
 def step_sources(step: RequestStep, *, encoders: Mapping | None, cache: EmbeddingCache | None,
                  device: torch.device, widths: tuple, stream=None) -> tuple[list, np.ndarray]:
-    """A source for each reached item and their ``[n, SOURCE_FIELDS]`` entries, in slot
-    order; raises before the cache changes (``resolve``'s rules)."""
-    n = len(step.slots)
-    sources: list = [None] * n
-    entries = np.empty((n, L.SOURCE_FIELDS), np.int64)
-    owners = step.owner.tolist()
-    # reached items by request: slots are sorted, so each request's are one range
-    bounds = np.flatnonzero(np.diff(step.owner)) + 1 if n else step.owner
-    starts = [0, *bounds.tolist()]
-    ends = [*bounds.tolist(), n]
-    rest = []
-    for a, b in zip(starts, ends):
-        if a == b:
-            continue
-        r = owners[a]
+    """A source for each item slot the runs read and the ``[slots, SOURCE_FIELDS]``
+    entries (others: ``None`` and unset rows); raises before the cache changes
+    (``resolve``'s rules). A request whose items all carry embeddings fills its slots
+    from its kept sources; the reached items of other requests go through ``resolve``."""
+    total = step.num_items
+    sources: list = [None] * total
+    entries = np.empty((total, L.SOURCE_FIELDS), np.int64)
+    rest = None
+    first = step.first_item.tolist()
+    for r in np.flatnonzero(step.reached).tolist():
         per = step.per[r]
         memo = per.sources(r, step.requests[r].items, widths, device) if per.precomputed else None
         if memo is None:
-            rest.extend(range(a, b))
+            if rest is None:
+                rest = np.zeros(len(step.per), bool)
+            rest[r] = True
             continue
-        idx = step.index[a:b]
-        entries[a:b] = memo[1][idx]
-        every = memo[0]
-        sources[a:b] = [every[j] for j in idx.tolist()]
-    if rest:
+        f = first[r]
+        sources[f:f + len(memo[0])] = memo[0]
+        entries[f:f + len(memo[0])] = memo[1]
+    if rest is not None:
+        slots, owner, index, rows = step.reached_items(rest)
         requests = step.requests
-        wanted = [Wanted(i, requests[owners[i]].items[j], nrows, owners[i]) for i, j, nrows in zip(
-            rest, step.index[rest].tolist(), step.rows[rest].tolist())]
+        wanted = [Wanted(s, requests[r].items[j], nrows, r) for s, r, j, nrows in zip(
+            slots.tolist(), owner.tolist(), index.tolist(), rows.tolist())]
         found, found_entries = resolve(wanted, encoders=encoders, cache=cache, device=device,
                                        widths=widths, stream=stream)
-        for i, t in zip(rest, found):
-            sources[i] = t
-        entries[rest] = found_entries
+        for s, t in zip(slots.tolist(), found):
+            sources[s] = t
+        entries[slots] = found_entries
     return sources, entries
