@@ -43,8 +43,14 @@ class RequestRuns:
         memo = self._sources
         if memo is None or memo[0] != widths or memo[1] != device:
             try:
-                pairs = [precomputed(Wanted(j, it, n, r), widths, device)
-                         for j, (it, n) in enumerate(zip(items, self.rows.tolist()))]
+                pairs = []
+                for j, (it, n) in enumerate(zip(items, self.rows.tolist())):
+                    kept = it._checked_embedding  # what precomputed() keeps on an item
+                    if (kept is None or kept[0] != widths or kept[1] != device
+                            or kept[2].shape[0] != n):
+                        pairs.append(precomputed(Wanted(j, it, n, r), widths, device))
+                    else:
+                        pairs.append(kept[2:])
             except AssemblyError:
                 memo = (widths, device, None, None)
             else:
