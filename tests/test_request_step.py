@@ -183,3 +183,14 @@ def test_a_bad_embedding_outside_the_window_is_not_read():
     with pytest.raises(RowCountError) as info:
         assemble([req.with_window(8, 4)], None, out=torch.zeros(4, 4), backend="torch")
     assert info.value.request == 0 and info.value.item_key == 2
+
+
+def test_an_item_checked_before_is_checked_again_in_a_new_request():
+    # the item keeps its checked embedding after the first failure; a new Request that
+    # reads it must still see the row count is wrong
+    bad = Item(5, [(0, 3)], embedding=torch.ones(3, 4))  # 3 rows for 4 placeholders
+    for _ in range(2):
+        with pytest.raises(RowCountError) as info:
+            assemble([Request([bad], 0, 4)], None, out=torch.zeros(4, 4), backend="torch")
+        assert info.value.item_key == 5
+    assert bad._checked_embedding is not None
