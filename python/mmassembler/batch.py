@@ -45,7 +45,9 @@ class Item:
     modality : str
         Picks the encoder (``encoders[modality]``).
     embedding : torch.Tensor, optional
-        Precomputed rows (``[rows, hidden]``, or higher rank read as ``[-1, width]``).
+        Precomputed rows (``[rows, hidden]``, or higher rank read as ``[-1, width]``),
+        read in place. Its checks (and a contiguous copy, where its columns are strided)
+        are kept on the item from its first use: do not resize or re-point it afterwards.
     data : Any
         Whatever the modality's encoder needs (pixels, features, ...).
     embed_mask : sequence of bool, optional
