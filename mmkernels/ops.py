@@ -21,47 +21,28 @@ from mmkernels.reference import assemble_step_ref, embed_and_gather_ref, gather_
 from mmkernels.segments import check_output, check_sources, check_segments
 from mmkernels.step import (StepConfig, base_constexprs, fixed_args, grid_limits, launch_shape,
                             step_config)
-from mmkernels.tables import KIND_OF_DTYPE, anchors_on
+from mmkernels.tables import anchor_addresses, anchors_on, source_entry
 
-def source_info(t: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """What a run row needs of a source: address, row stride (elements), element size,
-    kind code, columns. The host layer keeps these for sources it sees again."""
-    return (t.data_ptr(), t.stride(0), t.element_size(), KIND_OF_DTYPE[t.dtype], t.shape[1])
-
-
-def _source_info(sources: Sequence[torch.Tensor]) -> np.ndarray:
-    """``[n, 5]`` int64 ``source_info`` of every source."""
-    return np.array([source_info(t) for t in sources], dtype=np.int64).reshape(len(sources), 5)
-
-
-def segment_tables(segs: np.ndarray, info: np.ndarray, anchor_addr: np.ndarray, hidden: int,
+def segment_tables(segs: np.ndarray, sources: Sequence[torch.Tensor], hidden: int,
                    num_rows: int) -> np.ndarray:
     """The run rows of checked, sorted segments followed by a one-request step table.
 
     Segment ``(s, r, o, n)`` becomes the run ``[o, o + n)`` of one request whose window is
-    the output's ``num_rows`` rows, reading source ``s`` from row ``r``: a fixed number of
-    numpy operations on O(segments) data. ``anchor_addr[kind]`` is each dtype's anchor.
+    the output's ``num_rows`` rows, reading ``sources[s]`` from row ``r``: one source entry
+    per source (``source_entry``), then a fixed number of numpy operations on O(segments).
     """
-    s = len(segs)
-    table = np.zeros((s + L.step_rows(1), L.RUN_FIELDS), np.int64)
-    if s:
-        per = info[segs[:, 0]]  # address, stride, element size, kind, columns
-        stride, esize = per[:, 1], per[:, 2]
-        delta = per[:, 0] - anchor_addr[per[:, 3]]
-        if (delta % esize).any():
-            raise ValueError("Invalid sources: a source address is not aligned to its element size")
-        off = delta // esize + segs[:, 1] * stride
-        runs = table[:s]
-        runs[:, L.RUN_POS] = segs[:, 2]
-        runs[:, L.RUN_END] = segs[:, 2] + segs[:, 3]
-        runs[:, L.RUN_OFF], runs[:, L.RUN_STRIDE] = off, stride
-        runs[:, L.RUN_KIND], runs[:, L.RUN_COLS] = per[:, 3], per[:, 4]
-        runs[:, L.RUN_ALIGNED] = L.loads_aligned(off * esize, stride * esize, hidden * esize)
-    step = table[s:]
+    anchors = anchor_addresses(sources[0].device) if len(sources) else {}
+    entries = np.array([source_entry(t, hidden, anchors) for t in sources],
+                       np.int64).reshape(len(sources), L.SOURCE_FIELDS)
+    runs = np.empty((len(segs), L.HOST_RUN_FIELDS), np.int64)
+    runs[:, L.HOST_RUN_POS] = segs[:, 2]
+    runs[:, L.HOST_RUN_END] = segs[:, 2] + segs[:, 3]
+    runs[:, L.HOST_RUN_ROW], runs[:, L.HOST_RUN_ITEM] = segs[:, 1], segs[:, 0]
+    step = np.zeros((L.step_rows(1), L.STEP_FIELDS), np.int64)
     step[0, L.STEP_TOKENS], step[0, L.STEP_REQUESTS] = num_rows, 1
-    step[1, L.STEP_RUN_END] = s  # base 0, prefix 0, runs [0, s)
+    step[1, L.STEP_RUN_END] = len(segs)  # base 0, prefix 0, runs [0, s)
     step[2, L.STEP_BASE] = num_rows
-    return table
+    return step_tables(runs, step, entries)
 
 
 def step_tables(runs: np.ndarray, step: np.ndarray, entries: np.ndarray) -> np.ndarray:
@@ -270,8 +251,7 @@ def run_checked(out: torch.Tensor, deepstack_out: torch.Tensor | None, sources: 
             return gather_rows_ref(out, sources, segs, deepstack_out=deepstack_out)
         return embed_and_gather_ref(input_ids, weight, sources, segs, out=out,
                                     deepstack_out=deepstack_out)
-    anchor_addr = np.array([t.data_ptr() for t in anchors_on(out.device)], np.int64)
-    table = segment_tables(segs, _source_info(sources), anchor_addr, out.shape[1], out.shape[0])
+    table = segment_tables(segs, sources, out.shape[1], out.shape[0])
     prepare_launch(out, deepstack_out, sources, table, len(segs), input_ids, weight,
                    interpreted=which == "interpreter", block_rows=block_rows).run()
     return out

@@ -5,14 +5,13 @@ import numpy as np
 import torch
 
 from mmkernels import layout as L
-from mmkernels.ops import _source_info, segment_tables
+from mmkernels.ops import segment_tables
 from mmkernels.tables import anchors_on
 
 
 def _tables(sources, segs, hidden, rows):
     anchors = anchors_on(torch.device("cpu"))
-    addr = np.array([t.data_ptr() for t in anchors], np.int64)
-    return segment_tables(np.array(segs, np.int64), _source_info(sources), addr, hidden, rows), anchors
+    return segment_tables(np.array(segs, np.int64), sources, hidden, rows), anchors
 
 
 def test_run_rows_locate_sources_and_flag_16_byte_loads():
