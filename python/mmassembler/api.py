@@ -19,6 +19,7 @@ from mmassembler.cache import EmbeddingCache
 from mmassembler.encode import Encoder, EncoderFn
 from mmassembler.errors import BatchShapeError
 from mmassembler.request_step import request_step, step_sources
+from mmassembler.step_inputs import check_input_ids
 from mmkernels.ops import assemble_step
 from mmkernels.step import check_block_rows
 
@@ -56,14 +57,7 @@ def _check_step_buffers(num_tokens: int, input_ids, weight, out, deepstack_out):
         if weight is not None:
             raise BatchShapeError("fused mode (weight=...) needs input_ids")
     else:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1 or input_ids.dtype not in (
-                torch.int32, torch.int64):
-            raise BatchShapeError("input_ids must be a 1-D int32/int64 tensor")
-        if input_ids.device != device:
-            raise BatchShapeError(f"input_ids are on {input_ids.device}, the embeddings on {device}")
-        if input_ids.shape[0] != num_tokens:
-            raise BatchShapeError(f"input_ids has {input_ids.shape[0]} tokens but the requests' "
-                                  f"extend lengths add up to {num_tokens}")
+        check_input_ids(input_ids, num_tokens, device)
     ds_cols = 0
     if deepstack_out is not None:
         _check_buffer("deepstack_out", deepstack_out, num_tokens)
