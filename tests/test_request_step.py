@@ -194,3 +194,22 @@ def test_an_item_checked_before_is_checked_again_in_a_new_request():
             assemble([Request([bad], 0, 4)], None, out=torch.zeros(4, 4), backend="torch")
         assert info.value.item_key == 5
     assert bad._checked_embedding is not None
+
+
+def test_a_reused_request_costs_the_same_calls_at_1_and_256_items(monkeypatch):
+    # items that carry embeddings are kept per request: a reused request's step makes no
+    # call per item (the launch is stubbed out: the interpreter would run the kernel here)
+    from test_assembler_host_work import count_calls
+
+    import mmassembler.api as api
+    monkeypatch.setattr(api, "assemble_step", lambda out, *args, **kwargs: out)
+
+    def calls(n_items):
+        items = [Item(k, [(3 * k + 1, 3 * k + 2)], embedding=torch.randn(2, 8)) for k in range(n_items)]
+        req = Request(items, 0, 3 * n_items + 1, prompt_len=3 * n_items + 1)
+        ids, weight = torch.zeros(3 * n_items + 1, dtype=torch.int64), torch.randn(4, 8)
+        for _ in range(2):  # the first step builds the runs, the second keeps the sources
+            assemble([req], ids, weight=weight)
+        return count_calls(lambda: assemble([req], ids, weight=weight))
+
+    assert calls(1) == calls(256)
