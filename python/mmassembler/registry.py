@@ -113,7 +113,7 @@ class Registry:
             self._run_alloc.release(r0, k_all)
             raise CapacityError(f"{n_all} items do not fit the item table (max_items); remove requests")
         handles = [self._free_handles.pop() for _ in range(m)]
-        run_rows, req_rows, slot_rows, meta_rows, objs, counts = [], [], [], [], [], []
+        run_rows, req_rows, slot_rows, meta_rows, objs, owners = [], [], [], [], [], []
         r, i = r0, i0
         for h, (items, prompt_len), (runs, meta) in zip(handles, requests, built):
             k, n = len(runs), len(meta)
@@ -127,7 +127,7 @@ class Registry:
             slot_rows.append((i, n, prompt))
             meta_rows.extend(meta)
             objs.extend(items)
-            counts.append(n)
+            owners.extend([h] * n)
             r, i = r + k, i + n
         if k_all:
             self.runs[r0:r0 + k_all] = run_rows
@@ -140,7 +140,7 @@ class Registry:
             self.item_src[items_slice] = None
             self.item_entry[items_slice] = L.NO_SOURCE
             self.item_meta[items_slice] = meta_rows
-            self.item_owner[items_slice] = np.repeat(handles, counts)
+            self.item_owner[items_slice] = owners
             self.held[items_slice] = False
         self.live[handles] = True
         return handles
