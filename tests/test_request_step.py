@@ -7,7 +7,8 @@ import torch
 from hypothesis import given
 from strategies import batches
 
-from mmassembler import Item, Request, RowCountError, SpanError, assemble, assemble_oracle
+from mmassembler import (ChunkWindowError, Item, Request, RowCountError, SpanError, assemble,
+                         assemble_oracle)
 from mmassembler.request_step import request_step, step_sources
 from mmassembler.resolve import Wanted, resolve
 from mmkernels import layout as L
@@ -213,3 +214,14 @@ def test_a_reused_request_costs_the_same_calls_at_1_and_256_items(monkeypatch):
         return count_calls(lambda: assemble([req], ids, weight=weight))
 
     assert calls(1) == calls(256)
+
+
+def test_a_request_works_after_a_step_that_failed_on_another():
+    ok = Request([Item(1, [(0, 1)], embedding=torch.ones(2, 4))], 0, 2)
+    bad = Request([Item(2, [(0, 1)])], 3, 2, prompt_len=4)  # window past its prompt
+    out = torch.zeros(4, 4)
+    with pytest.raises(ChunkWindowError) as info:
+        assemble([ok, bad], None, out=out, backend="torch")
+    assert info.value.request == 1 and torch.equal(out, torch.zeros(4, 4))
+    out = assemble([ok], None, out=torch.zeros(2, 4), backend="torch")
+    assert torch.equal(out, torch.ones(2, 4))
