@@ -21,7 +21,7 @@ import torch
 from mmassembler.batch import Request
 from mmassembler.cache import EmbeddingCache
 from mmassembler.errors import AssemblyError, BatchShapeError, ChunkWindowError, SpanError
-from mmassembler.resolve import Wanted, precomputed, resolve
+from mmassembler.resolve import Wanted, checked_embedding, precomputed, resolve
 from mmassembler.runs import run_lists
 from mmkernels import layout as L
 
@@ -45,12 +45,8 @@ class RequestRuns:
             try:
                 pairs = []
                 for j, (it, n) in enumerate(zip(items, self.rows.tolist())):
-                    kept = it._checked_embedding  # what precomputed() keeps on an item
-                    if (kept is None or kept[0] != widths or kept[1] != device
-                            or kept[2].shape[0] != n):
-                        pairs.append(precomputed(Wanted(j, it, n, r), widths, device))
-                    else:
-                        pairs.append(kept[2:])
+                    pairs.append(checked_embedding(it, n, widths, device)
+                                 or precomputed(Wanted(j, it, n, r), widths, device))
             except AssemblyError:
                 memo = (widths, device, None, None)
             else:

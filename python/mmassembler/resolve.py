@@ -38,9 +38,21 @@ class Wanted(NamedTuple):
     request: int  # index of the request in the step
 
 
+def checked_embedding(item, rows: int, widths: tuple, device: torch.device) -> tuple | None:
+    """``(rows tensor, source entry)`` kept on ``item`` by an earlier ``precomputed`` for
+    these widths and device, when it has ``rows`` rows; ``None`` otherwise."""
+    memo = item._checked_embedding
+    if memo is None or memo[0] != widths or memo[1] != device or memo[2].shape[0] != rows:
+        return None
+    return memo[2:]
+
+
 def precomputed(w: Wanted, widths: tuple, device: torch.device) -> tuple:
     """A precomputed embedding as checked rows and its source entry (both made once per
     item, widths and device); its row count is checked every time."""
+    found = checked_embedding(w.item, w.rows, widths, device)
+    if found is not None:
+        return found
     item = w.item
     memo = item._checked_embedding
     if memo is not None and memo[0] == widths and memo[1] == device:
