@@ -15,45 +15,64 @@ import mmkernels
 from bench.baselines import BASELINES
 from bench.harness import gpu_time_us, host_time_us, wall_time_us
 from bench.scenarios import Built
-from mmassembler import Request, assemble
-from mmassembler.request_step import request_step, step_sources
-from mmkernels.ops import prepare_launch, step_tables
-from mmkernels.step import StepConfig
-
-
-def stateless_tables(requests, out: torch.Tensor):
-    """What the stateless ``assemble`` builds on the host before its upload (precomputed
-    items): ``(sources, tables, runs)``, the tables being the runs' rows and the step table."""
-    step = request_step(requests)
-    sources, entries = step_sources(step, encoders=None, cache=None, device=out.device,
-                                    widths=(out.shape[1],))
-    return sources, step_tables(step.runs, step.table, entries), len(step.runs)
+from mmassembler import Item, Request, assemble
+from mmkernels.step_op import StepConfig, StepOp
 
 
 def prepared(b: Built, mode: str, config: StepConfig | None = None):
-    """Host work done, tables on the device: ``.run()`` is the kernel alone."""
+    """The step kernel over ``b``'s tables with every host step done and the tables on the
+    device: the returned call is the launch alone (what GPU time measures; the same
+    tables and kernel serve the ``Assembler`` and the stateless call)."""
+    import numpy as np
+
+    from mmassembler import Assembler
+
+    fused = mode == "fused"
+    dev = b.out.device
+    n_items = sum(len(r.items) for r in b.requests)
+    asm = Assembler(weight=b.weight if fused else None, hidden=b.weight.shape[1], dtype=b.weight.dtype,
+                    device=dev, max_tokens=max(1, b.num_tokens), max_requests=max(1, len(b.requests)),
+                    max_items=max(1, n_items), max_runs=max(1, 4 * n_items))
+    h = np.array(asm.add_requests([(r.items, r.prompt_len) for r in b.requests]))
     out = b.out.clone()
-    sources, table, num_runs = stateless_tables(b.requests, out)
-    ids, weight = (b.input_ids, b.weight) if mode == "fused" else (None, None)
-    launch = prepare_launch(out, None, sources, table, num_runs, ids, weight, config=config)
-    if out.is_cuda:  # the tables' copy is ordered on this stream; the timer replays on its own
-        torch.cuda.synchronize(out.device)
+    asm.assemble(h, [r.prefix_len for r in b.requests], [r.extend_len for r in b.requests], b.input_ids,
+                 **({} if fused else {"out": out}))
+    op = asm._op if config is None else StepOp(asm.tables, hidden=asm.hidden, ds_cols=0, dtype=asm.dtype,
+                                                 fused=fused, interpreted=False, config=config)
+    ids, weight = (b.input_ids, b.weight) if fused else (None, None)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+    def launch():
+        op.launch(out, None, ids, weight, b.num_tokens)
+
+    launch.asm = asm  # keeps the tables and held sources alive
     return launch
 
 
 def host_planning_us(b: Built, fresh_requests: bool = False) -> float:
-    """What ``assemble`` does on the host before the upload: runs, sources, tables (µs).
+    """Host time of the stateless ``assemble`` on the torch backend with its reference
+    copy stubbed out: registration, windows, sources and tables (µs). Requests are reused,
+    or with ``fresh_requests`` rebuilt over new ``Item`` objects every call."""
+    import mmassembler.core as core
 
-    Requests are reused across calls (an engine advancing them with ``with_window``), or
-    with ``fresh_requests`` rebuilt every call, so their runs are built each time.
-    """
-    def tables_only():
+    items = [[Item(it.key, it.spans, it.modality, it.embedding, it.data, it.embed_mask) for it in r.items]
+             for r in b.requests]
+
+    def host_only():
         reqs = b.requests
         if fresh_requests:
-            reqs = [Request(r.items, r.prefix_len, r.extend_len, r.prompt_len) for r in reqs]
-        stateless_tables(reqs, b.out)
+            reqs = [Request([Item(it.key, it.spans, it.modality, it.embedding, it.data, it.embed_mask)
+                             for it in its], r.prefix_len, r.extend_len, r.prompt_len)
+                    for its, r in zip(items, b.requests)]
+        assemble(reqs, None, out=b.out, backend="torch")
 
-    return host_time_us(tables_only)
+    real = core.assemble_step_ref
+    core.assemble_step_ref = lambda out, *a: out
+    try:
+        return host_time_us(host_only)
+    finally:
+        core.assemble_step_ref = real
 
 
 def verify(b: Built, backend: str = "auto") -> bool:
@@ -92,7 +111,7 @@ def measure(b: Built, bw: float, *, modes=("fused", "scatter"), backend: str = "
     }
     for mode in ("fused", "scatter"):
         run = mode in modes
-        row[f"gpu_{mode}_us"] = gpu_time_us(prepared(b, mode).run) if run and ours_on_gpu else None
+        row[f"gpu_{mode}_us"] = gpu_time_us(prepared(b, mode)) if run and ours_on_gpu else None
         row[f"wall_{mode}_us"] = wall_time_us(calls[mode], repeat=repeat, device=device) if run else None
     for name, fn in BASELINES.items():
         def call(fn=fn):

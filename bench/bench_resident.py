@@ -101,7 +101,7 @@ def measure(b, bw: float, repeat: int) -> dict:
             if cuda and not graph:
                 out = torch.empty_like(b.out) if mode == "fused" else out_buf
                 row[f"gpu_{tag}_us"] = gpu_time_us(lambda asm=asm, out=out: asm._op.launch(
-                    out, None, b.input_ids, n))
+                    out, None, b.input_ids if mode == "fused" else None, asm.weight, n))
             if mode == "fused" and not graph:
                 row["first_chunk_host_us"], row["first_chunk_wall_us"], row["register_us_per_item"] = \
                     first_chunk(asm, b, p, e, repeat, sync)
@@ -112,7 +112,7 @@ def measure(b, bw: float, repeat: int) -> dict:
     row["wall_stateless_us"] = wall_time_us(lambda: assemble(b.requests, b.input_ids, weight=b.weight),
                                             repeat=repeat, device=dev.type)
     if cuda:
-        row["gpu_stateless_us"] = gpu_time_us(prepared(b, "fused").run)
+        row["gpu_stateless_us"] = gpu_time_us(prepared(b, "fused"))
     for name, fn in BASELINES.items():
         call = lambda fn=fn: fn(b.requests, b.input_ids, b.weight)  # noqa: E731
         row[f"wall_{name}_us"] = wall_time_us(call, repeat=repeat, device=dev.type)
@@ -135,8 +135,7 @@ def first_chunk(asm, b, p, e, repeat, sync):
     host, wall, reg = [], [], []
     sets = fresh_items(b, max(5, repeat // 10))
     for items in sets:
-        for h in np.flatnonzero(asm.registry.live).tolist():
-            asm.remove_request(h)
+        asm.remove_requests(np.flatnonzero(asm.registry.live))
         sync()
         t0 = time.perf_counter()
         h = np.array(asm.add_requests([(its, r.prompt_len) for its, r in zip(items, b.requests)]))
@@ -180,7 +179,7 @@ COLUMNS = [("floor", "floor_us"), ("GPU step", "gpu_fused_us"), ("GPU old", "gpu
 
 def sweep(b) -> list[dict]:
     """GPU time of the step kernel over block shapes (rows x columns x warps)."""
-    from mmkernels.step import StepConfig, StepOp
+    from mmkernels.step_op import StepConfig, StepOp
 
     asm = Assembler(weight=b.weight, max_tokens=b.num_tokens, max_requests=len(b.requests))
     h = np.array([asm.add_request(r.items, r.prompt_len) for r in b.requests])
@@ -193,10 +192,11 @@ def sweep(b) -> list[dict]:
     for (block_rows, block_cols, warps), per_sm in itertools.product(shapes, (0,)):
         cfg = StepConfig(block_rows, min(block_cols, 1 << (b.weight.shape[1] - 1).bit_length()), warps,
                          per_sm)
-        op = StepOp(asm.tables, hidden=asm.hidden, ds_cols=0, dtype=asm.dtype, weight=asm.weight,
+        op = StepOp(asm.tables, hidden=asm.hidden, ds_cols=0, dtype=asm.dtype, fused=True,
                     interpreted=False, config=cfg)
         try:
-            us = gpu_time_us(lambda op=op: op.launch(out, None, b.input_ids, b.num_tokens), rep_ms=60)
+            us = gpu_time_us(lambda op=op: op.launch(out, None, b.input_ids, b.weight, b.num_tokens),
+                             rep_ms=60)
         except Exception as exc:  # noqa: BLE001 - a shape the compiler rejects is reported
             us = f"failed: {type(exc).__name__}"
         rows.append(dict(scenario=b.scenario.name, block_rows=block_rows, block_cols=cfg.block_cols,
@@ -209,7 +209,7 @@ def search_sweep(b) -> list[dict]:
     """GPU time of the step kernel (the default block shape) over keys per search round."""
     import dataclasses
 
-    from mmkernels.step import StepOp, step_config
+    from mmkernels.step_op import StepOp, step_config
 
     asm = Assembler(weight=b.weight, max_tokens=b.num_tokens, max_requests=len(b.requests))
     h = np.array(asm.add_requests([(r.items, r.prompt_len) for r in b.requests]))
@@ -218,9 +218,9 @@ def search_sweep(b) -> list[dict]:
     rows = []
     for keys in (2, 4, 8, 16, 32, 64, 128):
         cfg = dataclasses.replace(step_config(asm.hidden, False), search_keys=keys)
-        op = StepOp(asm.tables, hidden=asm.hidden, ds_cols=0, dtype=asm.dtype, weight=asm.weight,
+        op = StepOp(asm.tables, hidden=asm.hidden, ds_cols=0, dtype=asm.dtype, fused=True,
                     interpreted=False, config=cfg)
-        us = gpu_time_us(lambda op=op: op.launch(out, None, b.input_ids, b.num_tokens), rep_ms=60)
+        us = gpu_time_us(lambda op=op: op.launch(out, None, b.input_ids, b.weight, b.num_tokens), rep_ms=60)
         rows.append(dict(scenario=b.scenario.name, search_keys=keys, gpu_us=us))
         print(rows[-1], flush=True)
     return rows

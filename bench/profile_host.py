@@ -1,55 +1,111 @@
-"""Where the host time of one ``assemble`` call goes, phase by phase (medians, µs).
+"""Where a first contact's host time goes: a request's whole life (register, the step that
+first reaches its items, remove) through the ``Assembler``, the stateless ``assemble`` and
+the SGLang drop-in, profiled with cProfile.
 
-    python -m bench.profile_host
+    python -m bench.profile_host [--scenario SUBSTR ...] [--encoded] [--calls N] [--top K]
 
-Phases: plan (the requests' reached runs and step table), sources (checks, cache/encode),
-metadata (the step kernel's device run rows beside the step table), upload (pinned copy to the device, enqueue only), launch
-(Triton's Python launcher, enqueue only), and the whole call with a synchronize.
+Prints, per scenario and path, the host µs per new item (median of ``--calls`` lives,
+device idle before each, new ``Item`` objects every time) and the functions that took the
+most time (cumulative), so a closing note can show where a missed target goes. On a CPU
+the torch backend runs (its reference copy is part of the figure); say so when quoting.
 """
 
 from __future__ import annotations
 
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+
+import numpy as np
 import torch
 
-from bench.harness import host_time_us, wall_time_us
-from bench.scenarios import PLANNING_256, SCENARIOS, build
-from mmassembler import assemble
-from mmassembler.request_step import request_step, step_sources
-from mmkernels.ops import prepare_launch, step_tables
+from bench.bench_resident import RESIDENT_SCENARIOS
+from bench.scenarios import build, scaled
+from mmassembler import Assembler, EmbeddingCache, Item, Request, assemble
 
 
-def profile(b) -> dict:
-    dev, dtype, hidden, n = b.out.device, b.out.dtype, b.out.shape[1], b.out.shape[0]
-    step = request_step(b.requests)
-    sources, entries = step_sources(step, encoders=None, cache=None, device=dev, widths=(hidden,))
-    table = step_tables(step.runs, step.table, entries)
-    meta = torch.from_numpy(table)
-    prepared = prepare_launch(b.out.clone(), None, sources, table, len(step.runs), b.input_ids,
-                              b.weight)
-    row = dict(
-        plan=host_time_us(lambda: request_step(b.requests)),
-        sources=host_time_us(lambda: step_sources(step, encoders=None, cache=None, device=dev,
-                                                  widths=(hidden,))),
-        metadata=host_time_us(lambda: step_tables(step.runs, step.table, entries)),
-        upload=host_time_us(lambda: meta.pin_memory().to(dev, non_blocking=True)),
-        launch=host_time_us(prepared.run),
-        wall=wall_time_us(lambda: assemble(b.requests, b.input_ids, weight=b.weight)),
-        empty_torch_op=host_time_us(lambda: torch.empty(n, hidden, device=dev, dtype=dtype)),
-    )
-    torch.cuda.synchronize()
-    return row
+def lives(b, encoded: bool, copies: int):
+    """``copies`` sets of the scenario's requests as new ``Item``s (encoded: no embedding)."""
+    return [[[Item(it.key + 10**9 * (c + 1), it.spans, it.modality, None if encoded else it.embedding,
+                   it.embedding, it.embed_mask) for it in r.items] for r in b.requests]
+            for c in range(copies)]
 
 
-def main() -> int:
-    print(f"{'scenario':32s}" + "".join(f"{k:>10s}" for k in
-                                       ("plan", "sources", "metadata", "upload", "launch", "empty", "wall")))
-    for sc in (SCENARIOS[4], SCENARIOS[3], SCENARIOS[0], PLANNING_256):
-        b = build(sc)
-        r = profile(b)
-        print(f"{sc.name:32s}" + "".join(f"{r[k]:10.1f}" for k in
-                                           ("plan", "sources", "metadata", "upload", "launch",
-                                            "empty_torch_op", "wall")))
-        del b
+def encoder(items):
+    return [it.data for it in items]
+
+
+def paths(b, encoded: bool):
+    """name -> function(items of each request) running one whole life."""
+    dev = b.input_ids.device
+    p = np.array([r.prefix_len for r in b.requests])
+    e = np.array([r.extend_len for r in b.requests])
+    n_items = sum(len(r.items) for r in b.requests)
+    enc = {"image": encoder} if encoded else None
+    cache = EmbeddingCache(8 << 30) if encoded else None
+    asm = Assembler(weight=b.weight, max_tokens=b.num_tokens, max_requests=len(b.requests),
+                    max_items=n_items + 1, max_runs=4 * n_items + 4, encoders=enc, cache=cache)
+
+    def resident(items):
+        h = asm.add_requests([(its, r.prompt_len) for its, r in zip(items, b.requests)])
+        asm.assemble(h, p, e, b.input_ids)
+        asm.remove_requests(h)
+
+    def stateless(items):
+        reqs = [Request(its, r.prefix_len, r.extend_len, r.prompt_len) for its, r in zip(items, b.requests)]
+        assemble(reqs, b.input_ids, weight=b.weight, encoders=enc, cache=cache)
+
+    del dev
+    return {"Assembler": resident, "stateless": stateless}
+
+
+def profile(b, encoded: bool, calls: int, top: int) -> None:
+    sync = torch.cuda.synchronize if b.input_ids.is_cuda else (lambda: None)
+    n_items = sum(len(r.items) for r in b.requests)
+    for name, fn in paths(b, encoded).items():
+        sets = lives(b, encoded, calls + 3)
+        for items in sets[:3]:
+            fn(items)  # warm: compile, allocate
+        samples = []
+        for items in sets[3:]:
+            sync()
+            t0 = time.perf_counter()
+            fn(items)
+            samples.append(time.perf_counter() - t0)
+        sync()
+        us = 1e6 * statistics.median(samples)
+        print(f"\n{b.scenario.name} {'encoded' if encoded else 'precomputed'} {name}: "
+              f"{us:.0f} µs host a life, {us / max(1, n_items):.2f} µs per item")
+        pr = cProfile.Profile()
+        sets = lives(b, encoded, calls)
+        pr.enable()
+        for items in sets:
+            fn(items)
+        pr.disable()
+        sync()
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(top)
+        print("\n".join(s.getvalue().splitlines()[4:top + 10]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenario", nargs="*", default=["64x4x64", "256x1x64", "1x256x64"],
+                    help="substrings of scenario names (bench/scenarios.py)")
+    ap.add_argument("--encoded", action="store_true", help="items carry no embedding: the encoder runs")
+    ap.add_argument("--calls", type=int, default=30, help="lives timed and profiled per path")
+    ap.add_argument("--top", type=int, default=25, help="functions listed per profile")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        print("CPU run: the torch backend, scenarios scaled to 1/16 of their rows and 1/4 of hidden")
+    for sc in RESIDENT_SCENARIOS:
+        if any(k in sc.name for k in args.scenario):
+            profile(build(sc if cuda else scaled(sc, 1 / 16, 1 / 4), device="cuda" if cuda else "cpu"),
+                    args.encoded, args.calls, args.top)
     return 0
 
 

@@ -30,12 +30,7 @@ def profile(b) -> None:
     e = np.array([r.extend_len for r in b.requests])
     ids, n = b.input_ids, b.num_tokens
     out = asm.assemble(h, p, e, ids)
-    op, tables = asm._op, asm.tables
-    from mmkernels.launch import _direct_entry
-
-    compiled = op.launcher.compiled
-    key, c_entry = next(iter(compiled.items()))
-    run_entry = _direct_entry(c_entry[2], c_launch=False)  # through CudaLauncher.__call__
+    op, tables, core = asm._op, asm.tables, asm._core
     table = tables.staging_table()
     phases = {
         "step (whole)": lambda: asm.assemble(h, p, e, ids),
@@ -43,16 +38,25 @@ def profile(b) -> None:
         "torch.empty out": lambda: torch.empty((n, asm.hidden), dtype=asm.dtype, device=dev),
         "new_empty out": lambda: out.new_empty((n, asm.hidden)),
         "staging_table()": tables.staging_table,
-        "upload_step (driver)": lambda: tables.upload_step(len(h)),
-        "upload (Tensor.copy_)": lambda: tables.step.copy_(tables.staging[0], non_blocking=True),
-        "launch (C launch)": lambda: compiled.__setitem__(key, c_entry) or op.launch(out, None, ids, n),
-        "launch (run)": lambda: compiled.__setitem__(key, run_entry) or op.launch(out, None, ids, n),
-        "event.record": lambda: tables._half_done[0].record() if tables._half_done[0] is not None else None,
-        "_fill": lambda: asm._fill(table, h, p, e),
+        "_fill": lambda: core._fill(table, h, p, e),
         "_buffers": lambda: asm._buffers(n, ids, None, None),
-        "raw stream": lambda: torch._C._cuda_getCurrentRawStream(0),
     }
     if dev.type == "cuda":
+        from mmkernels.launch import _direct_entry
+
+        compiled = op.launcher.compiled
+        key, c_entry = next(iter(compiled.items()))
+        run_entry = _direct_entry(c_entry[2], c_launch=False)  # through CudaLauncher.__call__
+        phases.update({
+            "upload_step (driver)": lambda: tables.upload_step(len(h)),
+            "upload (Tensor.copy_)": lambda: tables.step.copy_(tables.staging[0], non_blocking=True),
+            "launch (C launch)": lambda: compiled.__setitem__(key, c_entry) or op.launch(
+                out, None, ids, b.weight, n),
+            "launch (run)": lambda: compiled.__setitem__(key, run_entry) or op.launch(
+                out, None, ids, b.weight, n),
+            "event.record": lambda: tables._half_done[0].record(),
+            "raw stream": lambda: torch._C._cuda_getCurrentRawStream(0),
+        })
         gasm = Assembler(weight=b.weight, max_tokens=b.num_tokens, max_requests=len(b.requests),
                          cuda_graph=True)
         gh = np.array(gasm.add_requests([(r.items, r.prompt_len) for r in b.requests]))
@@ -63,18 +67,19 @@ def profile(b) -> None:
     slow = []
     needs_work = asm.registry.needs_work
     asm.registry.needs_work = lambda *a: slow.append(1) or needs_work(*a)
-    print(f"\n{b.scenario.name}: direct launches so far {op.launcher.direct_launches}")
+    print(f"\n{b.scenario.name} ({dev.type}{'' if dev.type == 'cuda' else ': torch backend, CPU µs'})")
     for name, fn in phases.items():
-        print(f"  {name:22s} {host_us(fn, 500, sync):8.1f}")
-    compiled[key] = c_entry
-    launch = op.launch
-    op.launch = lambda *a: None
-    print(f"  {'step, no launch':22s} {host_us(phases['step (whole)'], 500, sync):8.1f}")
-    upload = tables.upload_step
-    tables.upload_step = lambda _: tables.mark_sent()
-    print(f"  {'step, no launch/upload':22s} {host_us(phases['step (whole)'], 500, sync):8.1f}")
-    op.launch, tables.upload_step = launch, upload
-    print(f"  slow-path steps: {len(slow)}; direct launches {op.launcher.direct_launches}")
+        print(f"  {name:22s} {host_us(fn, 500, sync):8.1f} µs")
+    if op is not None:
+        compiled[key] = c_entry
+        launch = op.launch
+        op.launch = lambda *a: None
+        print(f"  {'step, no launch':22s} {host_us(phases['step (whole)'], 500, sync):8.1f} µs")
+        upload = tables.upload_step
+        tables.upload_step = lambda _: None
+        print(f"  {'step, no launch/upload':22s} {host_us(phases['step (whole)'], 500, sync):8.1f} µs")
+        op.launch, tables.upload_step = launch, upload
+        print(f"  slow-path steps: {len(slow)}; direct launches {op.launcher.direct_launches}")
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(2000):

@@ -47,7 +47,7 @@ def step_kernel_configs() -> Iterator[tuple[int, int, int]]:
     (every power-of-two width up to the column cap, widths that take one wide block, the
     tests' block_rows, and the halved
     rows ``StepOp.block_rows_for`` takes for small steps)."""
-    from mmkernels.step import MAX_BLOCK_COLS, step_config
+    from mmkernels.step_op import MAX_BLOCK_COLS, step_config
 
     widths = [1 << k for k in range(4, MAX_BLOCK_COLS.bit_length())] + [1536, 3584, 8192]
     seen = set()

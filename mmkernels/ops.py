@@ -10,27 +10,76 @@ with a one-request step table in one non-blocking copy (``mmkernels/layout.py``)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+import threading
 
 import numpy as np
 import torch
 
 from mmkernels import layout as L
-from mmkernels.backend import _kernel_module, resolve_backend
-from mmkernels.reference import assemble_step_ref, embed_and_gather_ref, gather_rows_ref
+from mmkernels.backend import resolve_backend
+from mmkernels.reference import embed_and_gather_ref, gather_rows_ref
 from mmkernels.segments import check_output, check_sources, check_segments
-from mmkernels.step import (StepConfig, base_constexprs, fixed_args, grid_limits, launch_shape,
-                            step_config)
-from mmkernels.tables import anchor_addresses, anchors_on, source_entry
+from mmkernels.step_op import StepConfig, StepOp
+from mmkernels.tables import ResidentTables, anchor_addresses, source_entry
 
-def segment_tables(segs: np.ndarray, sources: Sequence[torch.Tensor], hidden: int,
-                   num_rows: int) -> np.ndarray:
-    """The run rows of checked, sorted segments followed by a one-request step table.
+class StepPool:
+    """Tables and step ops of one-shot steps on one device and stream: each call writes its
+    runs from row 0, fills a step table and launches (``launch_runs``), so one-shot
+    callers share the upload path and launcher of the resident ``Assembler``. Capacities
+    grow by doubling; a lock serialises callers."""
 
-    Segment ``(s, r, o, n)`` becomes the run ``[o, o + n)`` of one request whose window is
-    the output's ``num_rows`` rows, reading ``sources[s]`` from row ``r``: one source entry
-    per source (``source_entry``), then a fixed number of numpy operations on O(segments).
-    """
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.lock = threading.Lock()
+        self.tables: ResidentTables | None = None
+        self._ops: dict = {}
+
+    def ensure(self, requests: int, runs: int) -> ResidentTables:
+        """Tables with room for ``requests`` requests and ``runs`` runs (rebuilt, at the
+        next powers of two, when short)."""
+        t = self.tables
+        if t is None or t.max_requests < requests or t.max_runs < runs:
+            r = _pow2(max(requests, 1 if t is None else t.max_requests))
+            k = _pow2(max(runs, 64 if t is None else t.max_runs))
+            self.tables = t = ResidentTables(self.device, max_requests=r, max_runs=k)
+            self._ops.clear()
+        return t
+
+    def op(self, *, hidden: int, ds_cols: int, dtype: torch.dtype, fused: bool, interpreted: bool,
+           block_rows: int | None, config: StepConfig | None = None) -> StepOp:
+        key = (hidden, ds_cols, dtype, fused, interpreted, block_rows, config)
+        op = self._ops.get(key)
+        if op is None:
+            op = self._ops[key] = StepOp(self.tables, hidden=hidden, ds_cols=ds_cols, dtype=dtype,
+                                         fused=fused, interpreted=interpreted, block_rows=block_rows,
+                                         config=config)
+        return op
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+_pools: dict = {}
+_pools_lock = threading.Lock()
+
+
+def step_pool(device: torch.device) -> StepPool:
+    """The one-shot step pool of ``device`` and its current stream (a stream of its own, so
+    a call on another stream never rewrites tables a queued kernel still reads)."""
+    stream = torch._C._cuda_getCurrentRawStream(device.index or 0) if device.type == "cuda" else 0
+    key = (device, stream)
+    pool = _pools.get(key)
+    if pool is None:
+        with _pools_lock:
+            pool = _pools.setdefault(key, StepPool(device))
+    return pool
+
+
+def segment_runs(segs: np.ndarray, sources: Sequence[torch.Tensor], hidden: int) -> np.ndarray:
+    """Device run rows of checked, sorted segments: segment ``(s, r, o, n)`` is the run
+    ``[o, o + n)`` of one request whose window is the output, reading ``sources[s]`` from
+    row ``r`` (one source entry per source, then a fixed number of numpy operations)."""
     anchors = anchor_addresses(sources[0].device) if len(sources) else {}
     entries = np.array([source_entry(t, hidden, anchors) for t in sources],
                        np.int64).reshape(len(sources), L.SOURCE_FIELDS)
@@ -38,85 +87,7 @@ def segment_tables(segs: np.ndarray, sources: Sequence[torch.Tensor], hidden: in
     runs[:, L.HOST_RUN_POS] = segs[:, 2]
     runs[:, L.HOST_RUN_END] = segs[:, 2] + segs[:, 3]
     runs[:, L.HOST_RUN_ROW], runs[:, L.HOST_RUN_ITEM] = segs[:, 1], segs[:, 0]
-    step = np.zeros((L.step_rows(1), L.STEP_FIELDS), np.int64)
-    step[0, L.STEP_TOKENS], step[0, L.STEP_REQUESTS] = num_rows, 1
-    step[1, L.STEP_RUN_END] = len(segs)  # base 0, prefix 0, runs [0, s)
-    step[2, L.STEP_BASE] = num_rows
-    return step_tables(runs, step, entries)
-
-
-def step_tables(runs: np.ndarray, step: np.ndarray, entries: np.ndarray) -> np.ndarray:
-    """Device run rows of host runs ``runs`` (``HOST_RUN_*``; item = index into
-    ``entries``, the items' source entries) followed by the step table ``step``."""
-    table = np.empty((len(runs) + len(step), L.RUN_FIELDS), np.int64)
-    table[:len(runs)] = L.device_runs(runs, entries[runs[:, L.HOST_RUN_ITEM]])
-    table[len(runs):] = step
-    return table
-
-
-@dataclass
-class PreparedLaunch:
-    """A launch whose host work is done and whose tables are on the device.
-
-    ``run()`` only enqueues the kernel, so benchmarks can time (or graph-capture) the
-    device work alone. The sources must stay alive until the kernel has run. The tables'
-    copy was enqueued on the stream current at ``prepare_launch``: run on that stream, or
-    synchronise first (a kernel on another stream may read the tables before they land).
-    """
-
-    kernel_args: tuple
-    constexprs: dict
-    grid: int
-    sources: Sequence[torch.Tensor]
-    tables: torch.Tensor
-
-    def run(self) -> None:
-        if self.grid:
-            _kernel_module()._assemble_step_kernel[(self.grid,)](*self.kernel_args, **self.constexprs)
-
-
-def prepare_launch(
-    out: torch.Tensor,
-    deepstack_out: torch.Tensor | None,
-    sources: Sequence[torch.Tensor],
-    table: np.ndarray,
-    num_runs: int,
-    input_ids: torch.Tensor | None = None,
-    weight: torch.Tensor | None = None,
-    *,
-    interpreted: bool = False,
-    block_rows: int | None = None,
-    config: StepConfig | None = None,
-) -> PreparedLaunch:
-    """Send the step kernel's tables up in one non-blocking copy from pinned memory and
-    build its launch over ``out``'s rows.
-
-    ``table`` is ``num_runs`` device run rows followed by a step table (``segment_tables``
-    or ``step_tables``) whose runs read ``sources``; fused mode when ``weight`` is given.
-    ``config`` (benchmarks' sweeps) overrides the heuristic and ``block_rows``.
-    """
-    fused = weight is not None
-    n, hidden = out.shape
-    ds_cols = deepstack_out.shape[1] if deepstack_out is not None else 0
-    cfg = config or step_config(max(hidden, ds_cols), interpreted, block_rows)
-    anchors = anchors_on(out.device)
-    tables = torch.from_numpy(table)
-    if out.is_cuda:
-        # pinned through torch's caching host allocator: not reused before the copy is done
-        tables = tables.pin_memory().to(out.device, non_blocking=True)
-    limits = grid_limits(cfg, interpreted=interpreted, device=out.device,
-                         heuristic=config is None and block_rows is None)
-    rows, grid = launch_shape(cfg.block_rows, n, *limits)
-    ds = deepstack_out if deepstack_out is not None else out
-    vec = 16 // out.element_size()
-    unit = vec if out.stride(0) % vec == 0 and ds.stride(0) % vec == 0 else 1
-    args = (out, out.stride(0) // unit, ds, ds.stride(0) // unit,
-            input_ids if fused else out, input_ids.stride(0) if fused else 0,
-            *fixed_args(weight, tables, tables[num_runs:], anchors, hidden, ds_cols))
-    constexprs = dict(base_constexprs(cfg, fused=fused, hidden=hidden, ds_cols=ds_cols,
-                                      interpreted=interpreted),
-                      OUT_UNIT=unit, BLOCK_R=rows, num_warps=cfg.num_warps)
-    return PreparedLaunch(args, constexprs, grid, sources, tables)
+    return L.device_runs(runs, entries[runs[:, L.HOST_RUN_ITEM]])
 
 
 def _check_deepstack(deepstack_out: torch.Tensor | None, out: torch.Tensor) -> int:
@@ -172,7 +143,7 @@ def gather_rows(
     ds_cols = _check_deepstack(deepstack_out, out)
     check_sources(sources, out.device, out.shape[1], ds_cols)
     segs = check_segments(segments, sources, out.shape[0])
-    return run_checked(out, deepstack_out, sources, segs, backend=backend, block_rows=block_rows)
+    return run_segments(out, deepstack_out, sources, segs, backend=backend, block_rows=block_rows)
 
 
 def embed_and_gather(
@@ -235,39 +206,38 @@ def embed_and_gather(
     ds_cols = _check_deepstack(deepstack_out, out)
     check_sources(sources, out.device, hidden, ds_cols)
     segs = check_segments(segments, sources, n)
-    return run_checked(out, deepstack_out, sources, segs, input_ids, weight, backend=backend,
+    return run_segments(out, deepstack_out, sources, segs, input_ids, weight, backend=backend,
                        block_rows=block_rows)
 
 
-def run_checked(out: torch.Tensor, deepstack_out: torch.Tensor | None, sources: Sequence[torch.Tensor],
-                segs: np.ndarray, input_ids: torch.Tensor | None = None,
-                weight: torch.Tensor | None = None, *, backend: str = "auto",
-                block_rows: int | None = None) -> torch.Tensor:
+def run_segments(out: torch.Tensor, deepstack_out: torch.Tensor | None, sources: Sequence[torch.Tensor],
+                 segs: np.ndarray, input_ids: torch.Tensor | None = None,
+                 weight: torch.Tensor | None = None, *, backend: str = "auto",
+                 block_rows: int | None = None, config: StepConfig | None = None) -> torch.Tensor:
     """Run segments already checked and sorted by ``check_segments`` on the chosen
-    backend; fused mode when ``weight`` is set (the public ops end here)."""
+    backend; fused mode when ``weight`` is set (the public ops end here). On Triton the
+    segments are the runs of one request spanning ``out``: one step of the step kernel
+    through the device's ``StepPool``."""
     which = resolve_backend(backend, out.device)
     if which == "torch":
         if weight is None:
             return gather_rows_ref(out, sources, segs, deepstack_out=deepstack_out)
         return embed_and_gather_ref(input_ids, weight, sources, segs, out=out,
                                     deepstack_out=deepstack_out)
-    table = segment_tables(segs, sources, out.shape[1], out.shape[0])
-    prepare_launch(out, deepstack_out, sources, table, len(segs), input_ids, weight,
-                   interpreted=which == "interpreter", block_rows=block_rows).run()
-    return out
-
-
-def assemble_step(out: torch.Tensor, deepstack_out: torch.Tensor | None,
-                  input_ids: torch.Tensor | None, weight: torch.Tensor | None, runs: np.ndarray,
-                  step: np.ndarray, sources: Sequence[torch.Tensor | None], entries: np.ndarray, *,
-                  backend: str = "auto", block_rows: int | None = None) -> torch.Tensor:
-    """One step from host tables the caller has checked: host runs ``runs`` (item = index
-    into ``sources`` and their source entries ``entries``) and the filled step table
-    ``step`` over ``out``'s rows (``mmkernels/layout.py``); fused mode when ``weight``
-    is set. The tables go up with the launch: the stateless path's one-shot step."""
-    which = resolve_backend(backend, out.device)
-    if which == "torch":
-        return assemble_step_ref(out, deepstack_out, input_ids, weight, runs, step, sources)
-    prepare_launch(out, deepstack_out, sources, step_tables(runs, step, entries), len(runs),
-                   input_ids, weight, interpreted=which == "interpreter", block_rows=block_rows).run()
+    n, hidden = out.shape
+    ds_cols = deepstack_out.shape[1] if deepstack_out is not None else 0
+    pool = step_pool(out.device)
+    with pool.lock:
+        tables = pool.ensure(1, len(segs))
+        op = pool.op(hidden=hidden, ds_cols=ds_cols, dtype=out.dtype, fused=weight is not None,
+                     interpreted=which == "interpreter", block_rows=block_rows, config=config)
+        tables.write_runs(np.arange(len(segs)), segment_runs(segs, sources, hidden))
+        table = tables.staging_table()
+        table[0, L.STEP_TOKENS], table[0, L.STEP_REQUESTS] = n, 1
+        table[1] = 0  # base 0, prefix 0, runs [0, s)
+        table[1, L.STEP_RUN_END] = len(segs)
+        table[2, L.STEP_BASE] = n
+        tables.upload_step(1)
+        op.launch(out, deepstack_out, input_ids, weight, n)
+        tables.end_step(list(sources))
     return out

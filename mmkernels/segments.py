@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from mmkernels.tables import SUPPORTED_DTYPES
 
 
 def as_segment_array(segments) -> np.ndarray:

@@ -19,6 +19,7 @@ import torch
 from mmkernels import layout as L
 
 KIND_OF_DTYPE = {torch.float32: L.KIND_F32, torch.float16: L.KIND_F16, torch.bfloat16: L.KIND_BF16}
+SUPPORTED_DTYPES = tuple(KIND_OF_DTYPE)  # of sources, outputs and weights: defined here once
 logger = logging.getLogger(__name__)
 
 _anchors: dict = {}  # device -> its fixed per-dtype anchors
@@ -67,7 +68,15 @@ _HALF = STAGING_RING // 2  # one event per half ring: a record and a wait every 
 
 
 class ResidentTables:
-    """The run, item and step tables of one ``Assembler``, on ``device``."""
+    """The run and step tables of one step engine, on ``device``, with the staging ring
+    the step tables go up from and what the queued steps still read.
+
+    A step: ``staging_table()`` (the host rows to fill), ``upload_step`` (one copy),
+    the launch, ``end_step(retired)``. Objects a step retires (sources nothing else may
+    hold) are kept until the event recorded after that step's launch has passed, so the
+    allocator never hands their memory out under a queued kernel; on the CPU nothing is
+    queued and nothing is kept.
+    """
 
     def __init__(self, device: torch.device, *, max_requests: int, max_runs: int):
         self.device = torch.device(device)
@@ -86,6 +95,7 @@ class ResidentTables:
         self._staging_np = [t.numpy() for t in self.staging]
         self._half_done = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self._half_used = [False, False]
+        self._retired: list[list] = [[], []]  # per half ring: what its queued steps read
         self.slot = 0  # the staging buffer the next step fills
         self._memcpy = _driver_memcpy() if cuda and torch.version.cuda else None
         self._step_ptr, self._row_bytes = self.step.data_ptr(), self.step.stride(0) * 8
@@ -93,10 +103,21 @@ class ResidentTables:
         self._device_index = (self.device.index or 0) if cuda else 0
 
     def write_runs(self, run_idx: np.ndarray, run_rows: np.ndarray) -> None:
-        """Overwrite run rows (distinct indices): one upload, applied in stream order."""
-        if len(run_idx) == 0:
+        """Overwrite run rows (distinct indices): one upload, applied in stream order.
+
+        Rows of one contiguous range (what registration writes) go up in one copy; others
+        as ``(index, row)`` pairs, scattered on the device."""
+        k = len(run_idx)
+        if k == 0:
             return
-        packed = np.empty((len(run_idx), 1 + L.RUN_FIELDS), dtype=np.int64)
+        first = int(run_idx[0])
+        if int(run_idx[-1]) - first == k - 1 and (k < 3 or bool((np.diff(run_idx) == 1).all())):
+            upload = torch.from_numpy(np.ascontiguousarray(run_rows))
+            if self.device.type == "cuda":  # pinned by torch's caching host allocator
+                upload = upload.pin_memory()
+            self.runs[first:first + k].copy_(upload, non_blocking=True)
+            return
+        packed = np.empty((k, 1 + L.RUN_FIELDS), dtype=np.int64)
         packed[:, 0], packed[:, 1:] = run_idx, run_rows
         upload = torch.from_numpy(packed)
         if self.device.type == "cuda":
@@ -108,18 +129,20 @@ class ResidentTables:
         """The host step table to fill for the next step (its last copy has left).
 
         Starting a half of the ring waits for the event recorded after that half's last
-        copy: it blocks only if the GPU is ``_HALF`` steps behind.
+        step: it blocks only if the GPU is ``_HALF`` steps behind; what those steps
+        retired is let go.
         """
         s = self.slot
         if s % _HALF == 0:
             half = s // _HALF
             if self._half_used[half]:
                 self._half_done[half].synchronize()
+                self._retired[half] = []
         return self._staging_np[s]
 
     def upload_step(self, num_requests: int) -> None:
         """Copy the filled rows of the staging table up (header, ``num_requests`` request
-        rows, end row) and move the ring on.
+        rows, end row).
 
         On CUDA the copy is one driver call on the current stream (``cuMemcpyHtoDAsync``:
         about a microsecond of host time, a few less than ``Tensor.copy_``'s dispatch);
@@ -134,12 +157,25 @@ class ResidentTables:
                 logger.info("cuMemcpyHtoDAsync failed; step-table uploads use Tensor.copy_")
                 self._memcpy = None
             self.step[:rows].copy_(self.staging[s][:rows], non_blocking=True)
-        self.mark_sent()
 
-    def mark_sent(self) -> None:
-        """Record that the current staging buffer's copy is queued (graph replays too)."""
+    def enqueue_step_copy(self, slot: int) -> None:
+        """Copy staging buffer ``slot`` whole to the device table (what a graph captures)."""
+        self.step.copy_(self.staging[slot], non_blocking=True)
+
+    def retire(self, objs: list) -> None:
+        """Keep ``objs`` (sources let go of between steps) until the steps queued so far
+        have run (CUDA); on the CPU nothing is queued and nothing is kept."""
+        if objs and self._half_done[0] is not None:
+            self._retired[(self.slot - 1) % STAGING_RING // _HALF].extend(objs)
+
+    def end_step(self, retired: list | None = None) -> None:
+        """After the step's launch (or graph replay): keep ``retired`` until the step has
+        run, record the half ring's event at its last step, and move the ring on."""
         s = self.slot
-        if s % _HALF == _HALF - 1 and self._half_done[0] is not None:
+        cuda = self._half_done[0] is not None
+        if retired and cuda:
+            self._retired[s // _HALF].extend(retired)
+        if s % _HALF == _HALF - 1 and cuda:
             self._half_done[s // _HALF].record()
             self._half_used[s // _HALF] = True
         self.slot = (s + 1) % STAGING_RING

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmassembler import (Assembler, AssemblyError, BatchShapeError, CapacityError, ChunkWindowError,
+from mmassembler import (cache_key, Assembler, AssemblyError, BatchShapeError, CapacityError, ChunkWindowError,
                          EmbeddingCache, EmbeddingFormatError, Item, MissingEncoderError, Request,
                          RowCountError, SpanError, UnknownHandleError, assemble_oracle)
 
@@ -15,8 +15,8 @@ H = 8
 def _setup(device, backend="triton"):
     weight = torch.randn(20, H, device=device)
     cache = EmbeddingCache(1 << 20)
-    cache.put(99, torch.randn(3, H, device=device))
     enc = {"image": lambda items: [torch.randn(it.data, H, device=device) for it in items]}
+    cache.put(cache_key(enc["image"], 99), torch.randn(3, H, device=device))
     asm = Assembler(weight=weight, max_tokens=64, max_requests=3, max_items=8, max_runs=8,
                     encoders=enc, cache=cache, backend=backend)
     items = [Item(1, [(2, 4)], embedding=torch.randn(3, H, device=device)),
@@ -137,12 +137,17 @@ REGISTRATION_CASES = [
 @pytest.mark.parametrize("name,items,err", REGISTRATION_CASES, ids=[c[0] for c in REGISTRATION_CASES])
 def test_bad_registration_is_typed_and_leaves_no_trace(device, name, items, err):
     asm, h, _, cache = _setup(device)
-    free_before = (list(asm.registry._run_alloc.free), list(asm.registry._item_alloc.free),
-                   list(asm.registry._free_handles))
+    before = _registry_state(asm.registry)
     with pytest.raises(err):
         asm.add_request(items, prompt_len=14 if name == 'too many runs' else 10)
-    assert free_before == (asm.registry._run_alloc.free, asm.registry._item_alloc.free,
-                           asm.registry._free_handles)
+    assert before == _registry_state(asm.registry)
+
+
+def _registry_state(reg):
+    """Everything registration changes: tops, counts, handles, the request and slot rows."""
+    return (reg.run_top, reg.item_top, reg.live_runs, reg.live_items, list(reg._free_handles),
+            reg.req.tobytes(), reg.slots.tobytes(), reg.runs.tobytes(), reg.item_meta.tobytes(),
+            reg.item_obj.tolist())
 
 
 def test_capacity_of_requests_and_removed_handles(device):

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from mmassembler import Assembler, EmbeddingCache, Item, Request, assemble, assemble_oracle
+from mmassembler import cache_key, Assembler, EmbeddingCache, Item, Request, assemble, assemble_oracle
 
 H = 8
 
@@ -42,8 +42,9 @@ def test_cache_owns_entries_of_an_encoder_that_reuses_its_buffer(device, path):
             h = asm.add_request([item])
             asm.assemble([h], [0], [4], ids)
             asm.remove_request(h)
-    assert torch.equal(cache.peek(1), torch.full((4, H), 1.0, device=device))  # a hit gives key 1's rows
-    assert torch.equal(cache.peek(2), torch.full((4, H), 2.0, device=device))
+    key = lambda k: cache_key(enc["image"], k)  # noqa: E731
+    assert torch.equal(cache.peek(key(1)), torch.full((4, H), 1.0, device=device))  # a hit gives key 1's rows
+    assert torch.equal(cache.peek(key(2)), torch.full((4, H), 2.0, device=device))
 
 
 @pytest.mark.parametrize("entry", ["wider", "float64", "int"])
@@ -53,8 +54,8 @@ def test_a_cache_hit_gets_the_checks_of_a_precomputed_embedding(device, path, en
     cache = EmbeddingCache(1 << 20)
     bad = {"wider": torch.randn(3, 2 * H), "float64": torch.randn(3, H, dtype=torch.float64),
            "int": torch.zeros(3, H, dtype=torch.int32)}[entry].to(device)
-    cache.put(5, bad)  # e.g. a cache shared with another model
     enc = {"image": lambda items: [torch.full((3, H), 5.0, device=device) for _ in items]}
+    cache.put(cache_key(enc["image"], 5), bad)  # e.g. a cache shared with another model
     item = Item(5, [(1, 3)])
     ids = torch.zeros(4, dtype=torch.long, device=device)
     if path == "stateless":
@@ -63,7 +64,7 @@ def test_a_cache_hit_gets_the_checks_of_a_precomputed_embedding(device, path, en
         asm = Assembler(weight=weight, max_tokens=8, max_requests=1, encoders=enc, cache=cache)
         got = asm.assemble([asm.add_request([item])], [0], [4], ids)
     assert torch.equal(got[1:4], torch.full((3, H), 5.0, device=device))  # re-encoded, not truncated
-    assert torch.equal(cache.peek(5), torch.full((3, H), 5.0, device=device))
+    assert torch.equal(cache.peek(cache_key(enc["image"], 5)), torch.full((3, H), 5.0, device=device))
 
 
 def test_budget_counts_storage_once_per_storage(device):
@@ -135,10 +136,12 @@ def test_threads_share_a_cache_and_an_assembler(device, shared):
     assert cache.stats.evictions > 0 and cache.stats.hits > 0
 
 
-def test_owned_always_copies(device):
-    from mmassembler.embeddings import owned
+def test_own_block_always_copies(device):
+    from mmassembler.embeddings import own_block
 
     t = torch.randn(4, H, device=device)
     for target in (torch.device(device), torch.device(device.split(":")[0])):
-        c = owned(t, target)
-        assert c.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() and torch.equal(c, t)
+        for parts in ([t], [t[:1], t[1:]]):
+            c, starts = own_block(parts, target, (0, 1))
+            assert c.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() and torch.equal(c, t)
+            assert starts.tolist() == [0, 1][:len(parts)]

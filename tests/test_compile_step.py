@@ -15,7 +15,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from mmkernels.aot import compile_step_variant, step_kernel_configs  # noqa: E402
-from mmkernels.step import StepConfig  # noqa: E402
+from mmkernels.step_op import StepConfig  # noqa: E402
 
 CONFIGS = list(step_kernel_configs())
 CUDA90, CUDA80, GFX942 = GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32), GPUTarget("hip", "gfx942", 64)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmassembler import EmbeddingCache, Encoder, Item, Request, assemble, assemble_oracle
-from mmassembler.request_step import request_step
+from mmassembler import cache_key, EmbeddingCache, Encoder, Item, Request, assemble, assemble_oracle
+from mmassembler import Assembler
 
 H = 16
 
@@ -95,7 +95,7 @@ def test_budgets_split_calls_without_splitting_items():
 def test_mixed_sources_and_two_modalities_in_one_batch():
     img, aud = CountingEncoder(), CountingEncoder()
     cache = EmbeddingCache(1 << 24)
-    cache.put(50, image_embedding(50, 6))  # cached image
+    cache.put(cache_key(img, 50), image_embedding(50, 6))  # cached image
     pre = Item(60, [(30, 33)], embedding=torch.randn(4, H).half())  # precomputed, fp16
     audio = Item(70, [(40, 44)], modality="audio", data={"rows": 5})
     reqs = [Request([image(50, 2, 6), image(51, 12, 3), pre, audio], 0, 50),
@@ -111,13 +111,13 @@ def test_mixed_sources_and_two_modalities_in_one_batch():
 def test_collided_cache_entry_is_dropped_and_reencoded():
     enc = CountingEncoder()
     cache = EmbeddingCache(1 << 20)
-    cache.put(5, torch.zeros(3, H))  # wrong row count for the item with key 5
+    cache.put(cache_key(enc, 5), torch.zeros(3, H))  # wrong row count for the item with key 5
     reqs = [Request([image(5, 0, 6)], 0, 6)]
     out = assemble(reqs, torch.zeros(6, dtype=torch.long), weight=torch.zeros(2, H),
                    encoders={"image": enc}, cache=cache)
     assert enc.calls == [[5]] and cache.stats.collisions == 1
     assert torch.equal(out, image_embedding(5, 6))
-    assert cache.peek(5).shape[0] == 6
+    assert cache.peek(cache_key(enc, 5)).shape[0] == 6
 
 
 def test_oversized_embedding_is_used_but_not_cached():
@@ -125,7 +125,7 @@ def test_oversized_embedding_is_used_but_not_cached():
     cache = EmbeddingCache(64)
     out = assemble([Request([image(9, 0, 8)], 0, 8)], torch.zeros(8, dtype=torch.long),
                    weight=torch.zeros(2, H), encoders={"image": enc}, cache=cache)
-    assert torch.equal(out, image_embedding(9, 8)) and 9 not in cache
+    assert torch.equal(out, image_embedding(9, 8)) and cache_key(enc, 9) not in cache and not len(cache)
 
 
 def test_encoder_output_in_another_dtype_is_converted_once_in_the_kernel():
@@ -134,7 +134,7 @@ def test_encoder_output_in_another_dtype_is_converted_once_in_the_kernel():
     weight = torch.zeros(2, H).bfloat16()
     out = assemble([Request([image(3, 0, 4)], 0, 4)], torch.zeros(4, dtype=torch.long),
                    weight=weight, encoders={"image": enc}, cache=cache)
-    assert cache.peek(3).dtype == torch.float32  # cached as returned
+    assert cache.peek(cache_key(enc, 3)).dtype == torch.float32  # cached as returned
     assert torch.equal(out, image_embedding(3, 4).bfloat16())
 
 
@@ -151,7 +151,15 @@ def test_deepstack_from_encoder():
 
 
 def test_reached_counts():
-    step = request_step(eight_requests(0, 46))
-    assert len(step.reached_items()[0]) == 24
-    rows_in_window = np.minimum(step.runs[:, 1], 46) - np.maximum(step.runs[:, 0], 0)
-    assert int(rows_in_window.sum()) == 8 * (12 + 12 + 6)
+    """Every item a window reaches gets a source (24 slots); each distinct key is encoded
+    once, in one call (10 keys: two shared by every request, one of each's own)."""
+    enc = CountingEncoder()
+    asm = Assembler(weight=torch.randn(50, H), max_tokens=8 * 46, max_requests=8, encoders={"image": enc},
+                    backend="torch")
+    reqs = eight_requests(0, 46)
+    handles = asm.add_requests([(r.items, None) for r in reqs])
+    asm.assemble(handles, [0] * 8, [46] * 8, torch.randint(0, 50, (8 * 46,)))
+    stats = asm.stats()
+    assert stats["first_contacts"] == 24 and stats["encoder_calls"] == 1 and len(enc.calls) == 1
+    assert sorted(enc.calls[0]) == sorted([10, 11] + list(range(100, 108)))
+    assert stats["encoded_rows"] == 10 * 12 and stats["held_sources"] == 24

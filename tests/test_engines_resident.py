@@ -9,7 +9,7 @@ from test_engines import Modality, SgInputs, SgItem
 from torch import nn
 
 from mmassembler import assemble_oracle
-from mmassembler.batch import Item, Request
+from mmassembler.items import Item, Request
 from mmassembler.engines import sglang
 from mmassembler.engines._resident import MIN_REQUESTS, resident_for
 
@@ -43,8 +43,8 @@ def test_registers_once_across_chunks_and_removes_dropped_requests(monkeypatch):
     a, b = SgInputs(_items(3)), SgInputs(_items(2))
     res = resident_for(embed, embed.weight, embed.weight, 0, "auto")
     adds = []
-    real_add = res.asm.add_requests
-    monkeypatch.setattr(res.asm, "add_requests", lambda reqs: adds.extend(reqs) or real_add(reqs))
+    real_add = res.asm._add_columns
+    monkeypatch.setattr(res.asm, "_add_columns", lambda new: adds.extend(new.counts) or real_add(new))
     for prefix in (0, 6, 12):  # three chunks of both requests
         _step([a, b], [prefix, prefix], [6, 6], embed)
     assert len(adds) == 2  # registered together at the first step, never again

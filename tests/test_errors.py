@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mmassembler import (AssemblyError, BatchShapeError, ChunkWindowError, EmbeddingCache,
+from mmassembler import (cache_key, AssemblyError, BatchShapeError, ChunkWindowError, EmbeddingCache,
                          EmbeddingFormatError, EmbedMaskError, EncoderOutputError, Item,
                          MissingEncoderError, Request, RowCountError, SpanError, assemble)
 
@@ -114,8 +114,8 @@ ENCODER_CASES = {
 @pytest.mark.parametrize("name", list(ENCODER_CASES))
 def test_encoder_row_mismatch_writes_and_caches_nothing(name):
     cache = EmbeddingCache(1 << 20)
-    cache.put(99, torch.zeros(4, H))
     enc = _encoder_returning(ENCODER_CASES[name])
+    cache.put(cache_key(enc, 99), torch.zeros(4, H))
     requests = [Request([Item(99, [(0, 3)])], 0, 6),
                 Request([Item(1, [(0, 2)]), Item(2, [(4, 7)])], 0, 10)]
     out = torch.full((16, H), 5.0)
@@ -127,7 +127,7 @@ def test_encoder_row_mismatch_writes_and_caches_nothing(name):
     if name != "not a list":
         assert info.value.expected is not None and info.value.returned is not None
     assert torch.equal(out, torch.full((16, H), 5.0))
-    assert len(cache) == 1 and 1 not in cache and 2 not in cache
+    assert len(cache) == 1 and cache_key(enc, 1) not in cache and cache_key(enc, 2) not in cache
     assert vars(cache.stats) == stats_before
 
 

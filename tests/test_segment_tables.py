@@ -1,17 +1,17 @@
-"""The stateless path's tables: a batch's segments as the runs of one request that spans
-the output, each run row saying where its source lies and whether 16-byte loads are safe."""
+"""The segment ops' tables: a batch's segments as the runs of one request that spans the
+output, each run row saying where its source lies and whether 16-byte loads are safe."""
 
 import numpy as np
 import torch
 
 from mmkernels import layout as L
-from mmkernels.ops import segment_tables
+from mmkernels.ops import segment_runs
 from mmkernels.tables import anchors_on
 
 
 def _tables(sources, segs, hidden, rows):
     anchors = anchors_on(torch.device("cpu"))
-    return segment_tables(np.array(segs, np.int64), sources, hidden, rows), anchors
+    return segment_runs(np.array(segs, np.int64), sources, hidden), anchors
 
 
 def test_run_rows_locate_sources_and_flag_16_byte_loads():
@@ -21,8 +21,7 @@ def test_run_rows_locate_sources_and_flag_16_byte_loads():
                torch.zeros(4, 36)[:, :32],  # f32, row stride 144 bytes
                torch.zeros(4, 35)[:, :32]]  # f32, row stride 140 bytes: no 16-byte loads
     segs = [(0, 1, 0, 2), (1, 0, 2, 1), (2, 3, 4, 1), (3, 0, 5, 1)]  # row 3 is text
-    table, anchors = _tables(sources, segs, 32, 7)
-    runs, step = table[:4], table[4:]
+    runs, anchors = _tables(sources, segs, 32, 7)
     assert runs[:, L.RUN_ALIGNED].tolist() == [1, 0, 1, 0]
     assert runs[:, L.RUN_POS].tolist() == [0, 2, 4, 5] and runs[:, L.RUN_END].tolist() == [2, 3, 5, 6]
     assert runs[:, L.RUN_KIND].tolist() == [L.KIND_BF16, L.KIND_BF16, L.KIND_F32, L.KIND_F32]
@@ -31,12 +30,6 @@ def test_run_rows_locate_sources_and_flag_16_byte_loads():
     assert runs[0, L.RUN_OFF] == (sources[0].data_ptr() - bf16_anchor) // 2 + 40
     assert runs[2, L.RUN_OFF] == (sources[2].data_ptr() - f32_anchor) // 4 + 3 * 36
     assert runs[:, L.RUN_STRIDE].tolist() == [40, 40, 36, 35]
-    # one request: base 0, prefix 0, every run; the row after it ends at the output's rows
-    assert step[0, L.STEP_TOKENS] == 7 and step[0, L.STEP_REQUESTS] == 1
-    assert step[1, L.STEP_BASE] == 0 and step[1, L.STEP_PREFIX] == 0
-    assert (step[1, L.STEP_RUN_FIRST], step[1, L.STEP_RUN_END]) == (0, 4)
-    assert step[2, L.STEP_BASE] == 7
-    assert len(step) >= L.MIN_REQUEST_ROWS + 2  # the kernel reads the first bases unmasked
 
 
 def test_deepstack_columns_at_an_unaligned_width_stop_16_byte_loads():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mmkernels
-from mmassembler import (Assembler, AssemblyError, BatchShapeError, CapacityError, EmbeddingCache,
+from mmassembler import (cache_key, Assembler, AssemblyError, BatchShapeError, CapacityError, EmbeddingCache,
                          Item, Request, RowCountError, assemble)
 
 H = 8
@@ -79,7 +79,8 @@ def test_encoder_outputs_that_require_grad_are_detached(device, path):
                         backend="torch")
         got = asm.assemble([asm.add_request([item])], [0], [5], ids)
     assert not got.requires_grad and got.grad_fn is None
-    assert not cache.peek(7).requires_grad and cache.peek(7).grad_fn is None
+    kept = cache.peek(cache_key(enc["image"], 7))
+    assert not kept.requires_grad and kept.grad_fn is None
     assert torch.equal(got[1:4], (grad_src * 2).detach())
 
 
@@ -88,8 +89,8 @@ def test_encoder_outputs_that_require_grad_are_detached(device, path):
 def test_one_key_with_two_row_counts_fails_in_either_order(device, hit_first, path):
     weight = torch.randn(5, H, device=device)
     cache = EmbeddingCache(1 << 20)
-    cache.put(9, torch.randn(3, H, device=device))  # fits the 3-row item
     enc = {"image": lambda items: [torch.randn(len(range(*it.data)), H, device=device) for it in items]}
+    cache.put(cache_key(enc["image"], 9), torch.randn(3, H, device=device))  # fits the 3-row item
     three, four = Item(9, [(0, 2)], data=(0, 3)), Item(9, [(0, 3)], data=(0, 4))
     first, second = (three, four) if hit_first else (four, three)
     ids = torch.zeros(8, dtype=torch.long, device=device)
@@ -158,8 +159,8 @@ def test_a_failed_copy_of_an_encoder_output_is_typed_and_caches_nothing(device, 
 
     weight = torch.randn(5, H, device=device)
     cache = EmbeddingCache(1 << 20)
-    cache.put(1, torch.ones(2, H, device=device))
     enc = {"image": lambda items: [torch.empty(it.data, H, device="meta") for it in items]}
+    cache.put(cache_key(enc["image"], 1), torch.ones(2, H, device=device))
     items = [Item(1, [(0, 1)]), Item(2, [(3, 5)], data=3)]  # a hit, then a failed copy
     ids = torch.zeros(6, dtype=torch.long, device=device)
     before = dict(cache._entries), cache.stats.hits, cache.stats.misses

@@ -6,7 +6,7 @@ import torch
 
 from kernel_utils import assert_bitwise_equal
 from mmassembler import Assembler, Item, Request, assemble_oracle
-from mmkernels.step import StepConfig
+from mmkernels.step_op import StepConfig
 
 H = 8
 SEARCH_W = StepConfig(1, 1, 1).search_keys  # the kernel's keys per search round

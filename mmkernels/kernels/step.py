@@ -114,7 +114,7 @@ def _copy_item(anchor_ptr, off, stride, aligned, src_row, ok, dst, ds_dst, has_d
                           DS_BLOCKS, BLOCK_H, EMULATE_BF16_RNE)
 
 
-@triton.jit(do_not_specialize=["out_stride", "ds_stride", "ids_stride"])
+@triton.jit(do_not_specialize=["out_stride", "ds_stride", "ids_stride", "vocab_size"])
 def _assemble_step_kernel(
     out_ptr, out_stride,  # [tokens, hidden]; stride in units of OUT_UNIT elements
     ds_ptr, ds_stride,  # deepstack [tokens, ds_cols] (out_ptr without one); OUT_UNIT units

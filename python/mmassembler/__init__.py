@@ -8,15 +8,15 @@ count checked, one kernel launch. ``Assembler`` keeps requests resident across s
 from mmkernels import BackendUnavailableError, resolve_backend
 from mmassembler.api import assemble
 from mmassembler.assembler import Assembler
-from mmassembler.batch import Item, ItemLayout, Request
-from mmassembler.cache import CacheStats, EmbeddingCache
+from mmassembler.cache import CacheStats, EmbeddingCache, cache_key
 from mmassembler.encode import Encoder
+from mmassembler.items import Item, ItemLayout, Request
 from mmassembler.errors import (AssemblyError, BatchShapeError, CapacityError, ChunkWindowError,
                                 EmbedMaskError, EmbeddingFormatError, EncoderOutputError,
                                 MissingEncoderError, RowCountError, SpanError, UnknownHandleError)
 from mmassembler.oracle import assemble_oracle
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Assembler", "AssemblyError", "BackendUnavailableError", "BatchShapeError", "CacheStats",
@@ -24,5 +24,5 @@ __all__ = [
     "EmbedMaskError", "EmbeddingCache", "EmbeddingFormatError", "Encoder", "EncoderOutputError",
     "Item", "ItemLayout", "MissingEncoderError", "Request", "RowCountError",
     "SpanError",
-    "assemble", "assemble_oracle", "resolve_backend", "__version__",
+    "assemble", "assemble_oracle", "cache_key", "resolve_backend", "__version__",
 ]

@@ -1,44 +1,98 @@
 """The public call: ``assemble(requests, input_ids, ...)`` -> the batch's input embeddings.
 
-The stateless path of the resident plan: the requests' runs (checked once per
-``Request``) become one step of the step kernel (``request_step``), the items its windows
-reach get sources (precomputed, cached, or encoded once per modality: ``resolve``, as in
-the ``Assembler``), and the tables go up with one launch. Nothing is written to the
-output or the cache until every check has passed.
+A stateless call is a first contact on the ``Assembler``'s machinery: the requests are
+registered on a pooled ``StepCore`` (one per device and stream, grown by doubling), the
+step is assembled there (windows checked, sources resolved for the items the windows
+reach, one upload and one launch), and the requests are removed. Nothing is written to
+the output or the cache until every check has passed.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 import mmkernels
-from mmassembler.batch import Request
 from mmassembler.cache import EmbeddingCache
+from mmassembler.core import StepCore
 from mmassembler.encode import Encoder, EncoderFn
-from mmassembler.errors import BatchShapeError
-from mmassembler.request_step import request_step, step_sources
-from mmassembler.step_inputs import check_input_ids
-from mmkernels.ops import assemble_step
-from mmkernels.step import check_block_rows
+from mmassembler.errors import BatchShapeError, CapacityError, ChunkWindowError
+from mmassembler.items import Request
+from mmassembler.runs import MAX_REQUESTS, NO_LIMIT, request_columns
+from mmassembler.step_inputs import check_buffer, check_cache, check_encoders, check_input_ids
+from mmkernels import check_block_rows
 
 
-def _check_buffer(name: str, t: torch.Tensor, rows: int | None, cols: int | None = None) -> None:
-    """A 2-D float buffer with unit column stride; ``rows=None`` leaves the row count free."""
-    if not isinstance(t, torch.Tensor) or t.dim() != 2:
-        raise BatchShapeError(f"{name} must be a 2-D tensor, got "
-                              f"{getattr(t, 'shape', type(t).__name__)}")
-    if (rows is not None and t.shape[0] != rows) or (cols is not None and t.shape[1] != cols):
-        want = f"[{rows}, {cols}]" if cols is not None else f"[{rows}, *]"
-        raise BatchShapeError(f"{name} has shape {list(t.shape)}, expected {want} "
-                              "(rows = sum of extend_len)")
-    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise BatchShapeError(f"{name} has dtype {t.dtype}; expected float32, float16 or bfloat16")
-    if t.shape[1] > 1 and t.stride(1) != 1:
-        raise BatchShapeError(f"{name} must have unit column stride, got strides {t.stride()}")
-    if t.shape[0] > 1 and t.stride(0) < t.shape[1]:
-        raise BatchShapeError(f"{name} has strides {t.stride()}: its rows overlap")
+class _Pool:
+    """A ``StepCore`` for stateless calls on one device and stream, grown by doubling."""
+
+    def __init__(self, device: torch.device, backend: str):
+        self.device, self.backend = device, backend
+        self.lock = threading.Lock()
+        self.core: StepCore | None = None
+
+    def core_for(self, requests: int, items: int, runs: int) -> StepCore:
+        c = self.core
+        if c is None or c.max_requests < requests or c.registry.max_items < items or (
+                c.registry.max_runs < runs):
+            r = _pow2(max(requests, 16 if c is None else c.max_requests))
+            i = _pow2(max(items, 64 if c is None else c.registry.max_items))
+            k = _pow2(max(runs, 2 * i, 0 if c is None else c.registry.max_runs))
+            self.core = c = StepCore(self.device, backend=self.backend, max_tokens=NO_LIMIT,
+                                     max_requests=min(r, MAX_REQUESTS), max_runs=k, max_items=i)
+        return c
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+_pools: dict = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(device: torch.device, backend: str) -> _Pool:
+    stream = torch._C._cuda_getCurrentRawStream(device.index or 0) if device.type == "cuda" else 0
+    key = (device, stream, backend)
+    pool = _pools.get(key)
+    if pool is None:
+        with _pools_lock:
+            pool = _pools.setdefault(key, _Pool(device, backend))
+    return pool
+
+
+def _windows(requests) -> tuple[np.ndarray, np.ndarray]:
+    """The requests' windows as int64 arrays; ``ChunkWindowError`` naming the request for
+    a window that is not a pair of non-negative ints (at most 2**40) inside its prompt."""
+    p = [r.prefix_len for r in requests]
+    e = [r.extend_len for r in requests]
+    pl = [r.prompt_len for r in requests]
+    if not set(map(type, p + e)) <= {int} or not set(map(type, pl)) <= {int, type(None)}:
+        for i, r in enumerate(requests):
+            for name in ("prefix_len", "extend_len", "prompt_len"):
+                v = getattr(r, name)
+                if name == "prompt_len" and v is None:
+                    continue
+                if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                    raise ChunkWindowError(f"{name} must be a non-negative int, got {v!r}", request=i)
+        p, e = [int(v) for v in p], [int(v) for v in e]
+    pa, ea = np.array(p, dtype=object), np.array(e, dtype=object)
+    bad = (pa < 0) | (ea < 0) | (pa > NO_LIMIT) | (ea > NO_LIMIT)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ChunkWindowError(f"window [{p[i]}, {p[i]} + {e[i]}) must have non-negative ints of at "
+                               "most 2**40", request=i)
+    pa, ea = np.array(p, np.int64), np.array(e, np.int64)
+    lim = np.array([NO_LIMIT if x is None else min(x, NO_LIMIT) for x in pl], np.int64)
+    past = pa + ea > lim
+    if past.any():
+        i = int(np.flatnonzero(past)[0])
+        raise ChunkWindowError(f"chunk [{p[i]}, {p[i] + e[i]}) runs past the prompt of {pl[i]} "
+                               "positions", request=i)
+    return pa, ea
 
 
 def _check_step_buffers(num_tokens: int, input_ids, weight, out, deepstack_out):
@@ -46,12 +100,15 @@ def _check_step_buffers(num_tokens: int, input_ids, weight, out, deepstack_out):
     if (weight is None) == (out is None):
         raise BatchShapeError("pass exactly one of weight (fused mode) and out (scatter mode)")
     if weight is not None:
+        if isinstance(weight, torch.nn.Module):
+            raise BatchShapeError(f"weight is a {type(weight).__name__} module; pass its table "
+                                  "(for nn.Embedding: weight=embedding.weight)")
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] == 0:
             raise BatchShapeError("weight must be a 2-D [vocab, hidden] tensor with vocab >= 1")
-        _check_buffer("weight", weight, weight.shape[0])
+        check_buffer("weight", weight, weight.shape[0])
         hidden, device, dtype = weight.shape[1], weight.device, weight.dtype
     else:
-        _check_buffer("out", out, num_tokens)
+        check_buffer("out", out, num_tokens)
         hidden, device, dtype = out.shape[1], out.device, out.dtype
     if input_ids is None:
         if weight is not None:
@@ -60,7 +117,7 @@ def _check_step_buffers(num_tokens: int, input_ids, weight, out, deepstack_out):
         check_input_ids(input_ids, num_tokens, device)
     ds_cols = 0
     if deepstack_out is not None:
-        _check_buffer("deepstack_out", deepstack_out, num_tokens)
+        check_buffer("deepstack_out", deepstack_out, num_tokens)
         if deepstack_out.dtype != dtype or deepstack_out.device != device:
             raise BatchShapeError(f"deepstack_out must be {dtype} on {device}, got "
                                   f"{deepstack_out.dtype} on {deepstack_out.device}")
@@ -104,7 +161,7 @@ def assemble(
     encoders : mapping of modality -> callable or Encoder
         ``fn(items) -> [tensor per item]`` or ``(tensor, rows_per_item)``.
     cache : EmbeddingCache, optional
-        Read before encoding; receives what was encoded.
+        Read before encoding (under each encoder's identity); receives what was encoded.
     backend : str
         ``"auto"``, ``"torch"`` or ``"triton"``; ``mmkernels.resolve_backend`` says which runs.
     block_rows : int, optional
@@ -115,19 +172,39 @@ def assemble(
     AssemblyError
         On any bad input, naming the request and item, before anything is written.
     """
+    if not isinstance(requests, (list, tuple)):
+        raise BatchShapeError(f"requests must be a list of Request, got {type(requests).__name__}")
+    if not set(map(type, requests)) <= {Request}:
+        r = next(i for i, x in enumerate(requests) if not isinstance(x, Request))
+        raise BatchShapeError(f"requests[{r}] is a {type(requests[r]).__name__}, not a Request", request=r)
     try:
         check_block_rows(block_rows)
         ref = weight if weight is not None else out
-        if isinstance(ref, torch.Tensor):  # a bad backend fails before the cache changes
-            mmkernels.resolve_backend(backend, ref.device)
+        which = mmkernels.resolve_backend(backend, ref.device) if isinstance(ref, torch.Tensor) else None
     except ValueError as exc:
         raise BatchShapeError(str(exc)) from None
-    step = request_step(requests)  # checks types, windows and spans
-    widths, device, dtype = _check_step_buffers(step.num_tokens, input_ids, weight, out, deepstack_out)
-    stream = torch.cuda.current_stream(device) if cache is not None and device.type == "cuda" else None
-    sources, entries = step_sources(step, encoders=encoders, cache=cache, device=device,
-                                    widths=widths, stream=stream)
-    if weight is not None:
-        out = torch.empty((step.num_tokens, widths[0]), dtype=dtype, device=device)
-    return assemble_step(out, deepstack_out, input_ids, weight, step.runs, step.table, sources,
-                         entries, backend=backend, block_rows=block_rows)
+    check_encoders(encoders)
+    check_cache(cache)
+    p, e = _windows(requests)
+    widths, device, dtype = _check_step_buffers(int(e.sum()), input_ids, weight, out, deepstack_out)
+    new = request_columns([(r.items, r.prompt_len) for r in requests])
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    pool = _pool(device, which)
+    with pool.lock:
+        core = pool.core_for(len(requests), len(new.keys), 0)
+        while True:
+            try:
+                handles = core.add(new)
+                break
+            except CapacityError:  # more runs than the pooled tables hold: double them
+                core = pool.core_for(len(requests), len(new.keys), 2 * core.registry.max_runs)
+        try:
+            if weight is not None:
+                out = torch.empty((int(e.sum()), widths[0]), dtype=dtype, device=device)
+            op = core.op(hidden=widths[0], ds_cols=widths[1] - widths[0], dtype=dtype,
+                         fused=weight is not None, block_rows=block_rows)
+            return core.step(handles, p, e, lambda n: (out, deepstack_out, input_ids), weight=weight,
+                             op=op, widths=widths, encoders=encoders, cache=cache)
+        finally:
+            core.remove(handles)

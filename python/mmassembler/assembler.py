@@ -12,22 +12,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 
 import mmkernels
 from mmassembler.cache import EmbeddingCache
+from mmassembler.core import StepCore
 from mmassembler.encode import Encoder, EncoderFn
 from mmassembler.errors import BatchShapeError
-from mmassembler.registry import Registry
-from mmassembler.runs import MAX_REQUESTS, NO_LIMIT
-from mmassembler.resolve import Wanted, resolve
-from mmassembler.step_inputs import (FLOATS, check_input_ids, check_rows_buffer, check_windows,
-                                     int_array)
-from mmkernels import layout as L
-from mmkernels.reference import assemble_step_ref
-from mmkernels.step import StepOp, check_block_rows
-from mmkernels.tables import STAGING_RING, ResidentTables
+from mmassembler.runs import MAX_REQUESTS, NO_LIMIT, check_items_type, request_columns
+from mmassembler.step_inputs import (FLOATS, check_cache, check_encoders, check_input_ids,
+                                     check_rows_buffer)
+from mmkernels import StepGraph, check_block_rows
 
 
 class Assembler:
@@ -47,6 +42,9 @@ class Assembler:
                  cache: EmbeddingCache | None = None, deepstack_cols: int = 0,
                  backend: str = "auto", cuda_graph: bool = False, out: torch.Tensor | None = None,
                  deepstack_out: torch.Tensor | None = None, block_rows: int | None = None):
+        if isinstance(weight, torch.nn.Module):
+            raise BatchShapeError(f"weight is a {type(weight).__name__} module; pass its table "
+                                  "(for nn.Embedding: weight=embedding.weight)")
         if weight is not None:
             if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] == 0:
                 raise BatchShapeError("weight must be a 2-D [vocab, hidden] tensor with vocab >= 1")
@@ -55,36 +53,52 @@ class Assembler:
             hidden, dtype, device = weight.shape[1], weight.dtype, weight.device
         elif hidden is None or dtype is None or device is None:
             raise BatchShapeError("pass weight (fused mode) or hidden, dtype and device (scatter mode)")
-        for name, v in (("max_tokens", max_tokens), ("max_requests", max_requests),
-                        ("hidden", hidden), ("deepstack_cols", deepstack_cols + 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise BatchShapeError(f"{name} must be a positive int, got {v!r}")
+        for name, v, least in (("max_tokens", max_tokens, 1), ("max_requests", max_requests, 1),
+                               ("hidden", hidden, 1), ("deepstack_cols", deepstack_cols, 0),
+                               ("max_items", 1 if max_items is None else max_items, 1),
+                               ("max_runs", 1 if max_runs is None else max_runs, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise BatchShapeError(f"{name} must be an int >= {least}, got {v!r}")
         if max_requests > MAX_REQUESTS:
             raise BatchShapeError(f"max_requests must be at most {MAX_REQUESTS}, got {max_requests}")
+        if max_tokens > NO_LIMIT:
+            raise BatchShapeError(f"max_tokens must be at most 2**40, got {max_tokens}")
         if dtype not in FLOATS:
             raise BatchShapeError(f"dtype must be one of {FLOATS}, got {dtype}")
+        check_encoders(encoders)
+        check_cache(cache)
         self.weight, self.hidden, self.dtype = weight, hidden, dtype
+        self.fused = weight is not None
         self.device, self.deepstack_cols = _full_device(device), deepstack_cols
         self.max_tokens, self.max_requests = max_tokens, max_requests
         self.encoders, self.cache = encoders, cache
         self.widths = (hidden, hidden + deepstack_cols)
         try:
             check_block_rows(block_rows)
+            self.backend = mmkernels.resolve_backend(backend, self.device)
         except ValueError as exc:
             raise BatchShapeError(str(exc)) from None
-        self.backend = mmkernels.resolve_backend(backend, self.device)
         max_items = max_items or 64 * max_requests + 1024
         max_runs = max_runs or 4 * max_items
-        self.registry = Registry(max_requests=max_requests, max_runs=max_runs, max_items=max_items)
-        self.tables = ResidentTables(self.device, max_requests=max_requests, max_runs=max_runs)
-        self._op = None if self.backend == "torch" else StepOp(
-            self.tables, hidden=hidden, ds_cols=deepstack_cols, dtype=dtype, weight=weight,
-            interpreted=self.backend == "interpreter", block_rows=block_rows)
-        self._bad = np.zeros((4, max_requests), bool)  # scratch of the window check
+        self._core = StepCore(self.device, backend=self.backend, max_tokens=max_tokens,
+                              max_requests=max_requests, max_runs=max_runs, max_items=max_items)
+        self.registry, self.tables = self._core.registry, self._core.tables
+        self._op = self._core.op(hidden=hidden, ds_cols=deepstack_cols, dtype=dtype,
+                                 fused=weight is not None, block_rows=block_rows)
         self._lock = threading.RLock()
         self._graph = None
         if cuda_graph:
-            self._graph = _GraphState(self, out, deepstack_out)
+            self._graph = _graph_for(self, out, deepstack_out)
+
+    def __repr__(self) -> str:
+        mode = "fused" if self.fused else "scatter"
+        return (f"Assembler({mode}, hidden={self.hidden}, {str(self.dtype).replace('torch.', '')}, "
+                f"{self.device}, backend={self.backend}, {self.registry.num_live}/{self.max_requests} "
+                f"requests, {self.registry.live_items} items, {self._core.stats.steps} steps)")
+
+    def __len__(self) -> int:
+        """Live (registered, not yet removed) requests."""
+        return self.registry.num_live
 
     @property
     def input_ids(self) -> torch.Tensor | None:
@@ -98,30 +112,58 @@ class Assembler:
 
         Raises ``SpanError`` (spans, masks, keys) or ``CapacityError`` before any change.
         """
-        _check_prompt_len(prompt_len, None)
-        with self._lock:
-            return self.registry.add(items, None if prompt_len is None else int(prompt_len))
+        check_items_type(items)
+        return self.add_requests([(items, prompt_len)])[0]
 
     def add_requests(self, requests: Sequence[tuple[Sequence, int | None]]) -> list[int]:
-        """Register several requests ``(items, prompt_len)`` at once (one write per table:
-        what a step with many new requests wants); their handles, in order. Raises
-        ``SpanError`` naming the request's index, or ``CapacityError``, before any change."""
-        requests = list(requests)
-        for i, (_, prompt_len) in enumerate(requests):
-            _check_prompt_len(prompt_len, i)
+        """Register several requests ``(items, prompt_len)`` at once (array operations over
+        all their items: what a step with many new requests wants); their handles, in
+        order. Raises ``SpanError`` naming the request's index, or ``CapacityError``,
+        before any change."""
+        new = request_columns(requests)
         with self._lock:
-            return self.registry.add_many([(items, None if p is None else int(p)) for items, p in requests])
+            return self._core.add(new)
+
+    def _add_columns(self, new) -> list[int]:
+        """Register requests given as ``runs.NewRequests`` columns (the engine adapters fill
+        them straight from the engine's objects)."""
+        with self._lock:
+            return self._core.add(new)
 
     def remove_request(self, handle: int) -> None:
         """Free a request's slots and every reference held to its sources."""
-        with self._lock:
-            self._release(self.registry.remove(handle))
+        self.registry.check_live(handle)
+        self.remove_requests([handle])
 
-    def _release(self, tensors: list) -> None:
-        if self.device.type == "cuda" and tensors:
-            stream = torch.cuda.current_stream(self.device)
-            for t in tensors:  # the allocator may not hand its memory out before queued steps ran
-                t.record_stream(stream)
+    def remove_requests(self, handles) -> None:
+        """Free several requests' slots and sources at once (array operations); a bad or
+        repeated handle raises before any is removed."""
+        with self._lock:
+            self._core.remove(handles)
+
+    def stats(self) -> dict:
+        """What the Assembler holds and has done: live requests and items, held sources and
+        their bytes, capacity used per table, steps, first contacts (items given a source),
+        encoder calls and rows, and cache hits and misses (``cache`` stats when it has one)."""
+        reg, core = self.registry, self._core
+        held = reg.item_src[reg.held]
+        storages = {}
+        for t in held.tolist():
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+        return dict(live_requests=reg.num_live, live_items=reg.live_items, live_runs=reg.live_runs,
+                    held_sources=int(reg.held.sum()), held_bytes=sum(storages.values()),
+                    requests_used=f"{reg.num_live}/{reg.max_requests}",
+                    items_used=f"{reg.live_items}/{reg.max_items}",
+                    runs_used=f"{reg.live_runs}/{reg.max_runs}", **core.stats.as_dict(),
+                    cache=None if self.cache is None else vars(self.cache.stats).copy())
+
+    def dump_step(self, handles, prefix_lens, extend_lens) -> str:
+        """A readable account of a step's table (request, window, runs, sources), for bug
+        reports; reads the registry only, changes nothing."""
+        from mmassembler.debug import describe_step
+
+        return describe_step(self, handles, prefix_lens, extend_lens)
 
     # -- a step ---------------------------------------------------------------------------
     def assemble(self, handles, prefix_lens, extend_lens, input_ids: torch.Tensor | None = None, *,
@@ -135,61 +177,20 @@ class Assembler:
         ``AssemblyError`` before anything is written.
         """
         with self._lock:
-            h = int_array(handles, "handles")
-            p = int_array(prefix_lens, "prefix_lens")
-            e = int_array(extend_lens, "extend_lens")
-            r = len(h)
-            table = self.tables.staging_table()
-            fits = len(p) == r == len(e) and r <= self.max_requests
-            n = self._fill(table, h, p, e) if fits else None
-            if n is None or n > self.max_tokens:  # a bad window, or one that needs sources
-                reg = self.registry
-                n = check_windows(h, p, e, reg, self.max_requests, self.max_tokens)
-                out, deepstack_out, input_ids = self._buffers(n, input_ids, out, deepstack_out)
-                q = p + e
-                work = reg.needs_work(h, p, q)
-                if len(work):
-                    self._resolve(work, h, p, q)
-                self._fill(table, h, p, e)
-            else:
-                out, deepstack_out, input_ids = self._buffers(n, input_ids, out, deepstack_out)
-            self._flush()
-            table[0, L.STEP_TOKENS], table[0, L.STEP_REQUESTS] = n, r
-            if self._graph is not None:
-                return self._graph.replay(n, input_ids)
-            if self._op is None:
-                assemble_step_ref(out, deepstack_out, input_ids, self.weight, self.registry.runs, table,
-                                  self.registry.item_src)
-                self.tables.mark_sent()
-            else:
-                self.tables.upload_step(r)
-                self._op.launch(out, deepstack_out, input_ids, n)
-            return out
-
-    def _fill(self, table: np.ndarray, h: np.ndarray, p: np.ndarray, e: np.ndarray) -> int | None:
-        """Write the windows' rows of the staging table (a fixed number of array calls);
-        their token count, or ``None`` when a window is bad or needs work.
-
-        Each request's registry row is gathered whole (a bad handle clips to a sentinel
-        row), then the windows go beside their bounds and two comparisons check them all.
-        """
-        r = len(h)
-        rows = table[1:r + 1]
-        self.registry.req.take(h, 0, rows, "clip")
-        rows[:, L.STEP_PREFIX] = p
-        np.add(p, e, out=rows[:, L.STEP_STOP])
-        np.add.accumulate(e, out=table[2:r + 2, L.STEP_BASE])  # row 1's base is 0 (gathered)
-        bad = self._bad[:, :r]  # [check, request]: contiguous per check, for large r
-        # READY_LO <= PREFIX <= STOP <= READY_HI and PREFIX <= START_MAX; READY_HI is at most
-        # NO_LIMIT, so the bases cannot overflow
-        np.greater(rows[:, L.STEP_READY_LO:L.STEP_READY_HI].T, rows[:, L.STEP_PREFIX:L.STEP_READY_HI + 1].T,
-                   out=bad[:3])
-        np.greater(rows[:, L.STEP_PREFIX], rows[:, L.STEP_START_MAX], out=bad[3])
-        return None if np.count_nonzero(bad) else table.item(r + 1, L.STEP_BASE)
+            return self._core.step(
+                handles, prefix_lens, extend_lens,
+                lambda n: self._buffers(n, input_ids, out, deepstack_out),
+                weight=self.weight, op=self._op, widths=self.widths, encoders=self.encoders,
+                cache=self.cache, graph=self._graph)
 
     def _buffers(self, n, input_ids, out, deepstack_out):
         """Check (and in fused mode allocate) the step's buffers."""
-        fused = self.weight is not None
+        fused, w = self.fused, self.weight
+        if fused and (not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] != self.hidden
+                      or w.dtype != self.dtype or w.device != self.device or w.shape[0] == 0):
+            raise BatchShapeError(f"the weight is now {getattr(w, 'dtype', None)} "
+                                  f"{list(getattr(w, 'shape', []))} on {getattr(w, 'device', None)}; this "
+                                  f"Assembler was made for [*, {self.hidden}] {self.dtype} on {self.device}")
         if fused or input_ids is not None:
             check_input_ids(input_ids, n, self.device)
         if self._graph is not None:
@@ -212,41 +213,6 @@ class Assembler:
             raise BatchShapeError("deepstack_out given, but the Assembler has deepstack_cols=0")
         return out, deepstack_out, input_ids
 
-    def _resolve(self, work: np.ndarray, h, p, q) -> None:
-        """Sources for items the windows ``work`` reach first; release items they passed."""
-        reg = self.registry
-        hw, pw, qw = h[work], p[work], q[work]
-        if np.bincount(h).max() > 1:  # a release below must see every window of a request
-            check_windows(h, p, q - p, reg, self.max_requests, self.max_tokens)
-        ridx, rwin, iidx, iwin = reg.reached(hw)
-        runs = reg.runs[ridx]
-        hit = (runs[:, L.HOST_RUN_POS] < qw[rwin]) & (runs[:, L.HOST_RUN_END] > pw[rwin])
-        slots = reg.unheld_among(runs[hit, L.HOST_RUN_ITEM], iidx)
-        passed = iidx[reg.held[iidx] & (reg.item_end[iidx] <= pw[iwin])]
-        index_of = dict(zip(h.tolist(), range(len(h))))
-        wanted = [Wanted(s, item, rows, index_of[owner]) for s, item, rows, owner in zip(
-            slots.tolist(), reg.item_obj[slots].tolist(), reg.item_rows[slots].tolist(),
-            reg.item_owner[slots].tolist())]
-        sources, entries = resolve(wanted, encoders=self.encoders, cache=self.cache,
-                                   device=self.device, widths=self.widths)
-        # every check has passed: commit (the changed runs' device rows go with the next flush)
-        self._release([t for t in reg.item_src[passed] if t is not None])
-        reg.set_sources(slots, sources, entries, passed, ridx)
-        reg.update_ready(hw, pw, qw, ridx, rwin, iidx, iwin)
-
-    def _flush(self) -> None:
-        """Send the run rows registration or a source change made stale (one upload)."""
-        if self.registry.dirty_runs:
-            self.tables.write_runs(*self.registry.take_dirty_runs())
-
-
-def _check_prompt_len(prompt_len, request: int | None) -> None:
-    """``None`` or an int in ``[0, NO_LIMIT]``."""
-    if prompt_len is not None and (isinstance(prompt_len, bool) or not isinstance(
-            prompt_len, (int, np.integer)) or not 0 <= prompt_len <= NO_LIMIT):
-        raise BatchShapeError(f"prompt_len must be None or an int in [0, 2**40], got {prompt_len!r}",
-                              request=request)
-
 
 def _full_device(device) -> torch.device:
     """``device`` with its index (``cuda`` means the current CUDA device), for comparisons."""
@@ -256,45 +222,19 @@ def _full_device(device) -> torch.device:
     return device
 
 
-class _GraphState:
-    """Persistent buffers and one captured graph per staging buffer (copy + kernel)."""
-
-    def __init__(self, asm: Assembler, out, deepstack_out):
-        if asm.backend != "triton" or asm.device.type != "cuda":
-            raise mmkernels.BackendUnavailableError("cuda_graph=True needs compiled Triton on CUDA")
-        t, h, d = asm.max_tokens, asm.hidden, asm.deepstack_cols
-        if out is None:
-            if asm.weight is None:
-                raise BatchShapeError("a scatter-mode cuda_graph Assembler needs out= (persistent)")
-            out = torch.empty((t, h), dtype=asm.dtype, device=asm.device)
-        check_rows_buffer("out", out, t, h, asm.dtype, asm.device)
-        if d and deepstack_out is None:
-            deepstack_out = torch.zeros((t, d), dtype=asm.dtype, device=asm.device)
-        if d:
-            check_rows_buffer("deepstack_out", deepstack_out, t, d, asm.dtype, asm.device)
-        self.asm, self.out, self.deepstack_out = asm, out, deepstack_out
-        self.input_ids = torch.zeros(t, dtype=torch.int64, device=asm.device)
-        self.graphs: list | None = None
-
-    def _capture(self) -> None:
-        asm, tables = self.asm, self.asm.tables
-        # warm-up outside the capture compiles the kernel; a step of 0 tokens writes nothing
-        tables.step[0, :2] = 0
-        asm._op.launch(self.out, self.deepstack_out, self.input_ids, asm.max_tokens)
-        torch.cuda.synchronize(asm.device)
-        self.graphs = []
-        for s in range(STAGING_RING):  # one graph per staging buffer: the copy's source is fixed
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                tables.step.copy_(tables.staging[s], non_blocking=True)
-                asm._op.launch(self.out, self.deepstack_out, self.input_ids, asm.max_tokens)
-            self.graphs.append(graph)
-
-    def replay(self, n: int, input_ids) -> torch.Tensor:
-        if self.graphs is None:
-            self._capture()
-        if input_ids is not None and input_ids.data_ptr() != self.input_ids.data_ptr():
-            self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.graphs[self.asm.tables.slot].replay()
-        self.asm.tables.mark_sent()
-        return self.out[:n]
+def _graph_for(asm: Assembler, out, deepstack_out) -> StepGraph:
+    """Persistent buffers and the ``StepGraph`` of a ``cuda_graph`` Assembler."""
+    if asm.backend != "triton" or asm.device.type != "cuda":
+        raise mmkernels.BackendUnavailableError("cuda_graph=True needs compiled Triton on CUDA")
+    t, h, d = asm.max_tokens, asm.hidden, asm.deepstack_cols
+    if out is None:
+        if asm.weight is None:
+            raise BatchShapeError("a scatter-mode cuda_graph Assembler needs out= (persistent)")
+        out = torch.empty((t, h), dtype=asm.dtype, device=asm.device)
+    check_rows_buffer("out", out, t, h, asm.dtype, asm.device)
+    if d and deepstack_out is None:
+        deepstack_out = torch.zeros((t, d), dtype=asm.dtype, device=asm.device)
+    if d:
+        check_rows_buffer("deepstack_out", deepstack_out, t, d, asm.dtype, asm.device)
+    ids = torch.zeros(t, dtype=torch.int64, device=asm.device)
+    return StepGraph(asm._op, out, deepstack_out, ids, asm.weight, t)

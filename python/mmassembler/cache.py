@@ -1,21 +1,29 @@
-"""The embedding cache: item key -> embedding rows, LRU, bounded in bytes.
+"""The embedding cache: (encoder identity, modality, item key) -> embedding rows, LRU,
+bounded in bytes.
 
-The budget counts the storage each entry keeps alive (a view of a larger tensor keeps
-all of it), each storage once however many entries share it. An entry whose row count
-no longer matches the item asking for it (a key collision, or a reused client-provided
-id) is dropped and re-encoded. On CUDA, an entry read by a batch on some stream is freed
-only after that stream's queued work (``record_stream``). Every method takes a lock:
-threads may share one cache.
+One item key may mean different rows to two models or two modalities, so the assembler
+keys every entry by the identity of the encoder that made it and the modality as well as
+the item's key (``entry_key``). The budget counts the storage each entry keeps alive (a
+view of a larger tensor keeps all of it), each storage once however many entries share
+it: a step's encoded items are views of one block the library owns. An entry whose
+format or row count no longer matches the item asking for it (a key collision, or a
+reused client-provided id) is dropped and re-encoded. Readers hold what they read until
+their kernels have run, so eviction never frees memory a queued step reads. Every method
+takes a lock: threads may share one cache.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+from mmassembler.errors import BatchShapeError
+from mmassembler.identity import ObjectState
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +35,10 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
-    collisions: int = 0
+    collisions: int = 0  # entries dropped because they no longer fit their item
     rejected: int = 0  # puts larger than the whole budget
-    bytes: int = 0  # bytes held now
+    bytes: int = 0  # bytes of storage held now
+    entries: int = 0  # entries held now
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int]:
@@ -38,8 +47,13 @@ def _storage(t: torch.Tensor) -> tuple[int, int]:
     return st.data_ptr(), st.nbytes()
 
 
+_tokens = itertools.count(1)
+_token_lock = threading.Lock()
+
+
 class EmbeddingCache:
-    """LRU map from item key to embedding tensor, holding at most ``max_bytes``.
+    """LRU map from ``(encoder identity, modality, item key)`` to an embedding tensor,
+    holding at most ``max_bytes`` of storage.
 
     Example
     -------
@@ -51,12 +65,12 @@ class EmbeddingCache:
     """
 
     def __init__(self, max_bytes: int):
-        if max_bytes < 0:
-            raise ValueError(f"Invalid max_bytes: expected >= 0, got {max_bytes}")
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise BatchShapeError(f"Invalid max_bytes: expected an int >= 0, got {max_bytes!r}")
         self.max_bytes = int(max_bytes)
         self._entries: OrderedDict = OrderedDict()
-        self._streams: dict = {}
         self._storages: dict[int, list[int]] = {}  # storage identity -> [bytes, entries using it]
+        self._ident: dict = {}  # key -> its entry's storage identity
         self._lock = threading.RLock()
         self.stats = CacheStats()
 
@@ -68,40 +82,67 @@ class EmbeddingCache:
         with self._lock:
             return len(self._entries)
 
+    def __repr__(self) -> str:
+        s = self.stats
+        return (f"EmbeddingCache({s.entries} entries, {s.bytes}/{self.max_bytes} bytes, "
+                f"{s.hits} hits, {s.misses} misses, {s.evictions} evictions)")
+
     @property
     def bytes(self) -> int:
         """Bytes of storage held now (never more than ``max_bytes``)."""
         return self.stats.bytes
 
     def get(self, key, rows: int | None = None) -> torch.Tensor | None:
-        """The entry for ``key`` (marked most recent), or ``None``.
+        """The entry for ``key`` (marked most recent), or ``None`` (a miss).
 
         With ``rows``, an entry of another row count is a collision: it is dropped,
         logged, and ``None`` is returned so the caller re-encodes.
         """
         with self._lock:
             entry = self._entries.get(key)
+            if entry is not None and rows is not None and entry.shape[0] != rows:
+                self._collide(key, f"it holds {entry.shape[0]} rows but the item needs {rows}")
+                entry = None
             if entry is None:
                 self.stats.misses += 1
-                return None
-            if rows is not None and entry.shape[0] != rows:
-                logger.warning("embedding cache: entry %r holds %d rows but the item needs %d; "
-                               "dropping it (key collision or reused id)", key, entry.shape[0], rows)
-                self.stats.collisions += 1
-                self.stats.misses += 1
-                self._drop(key)
                 return None
             self._entries.move_to_end(key)
             self.stats.hits += 1
             return entry
 
+    def lookup(self, keys: list) -> list:
+        """The entries of ``keys`` (``None`` where absent), touching nothing: a step reads
+        its candidates here, checks them, then settles hits and misses in ``commit``."""
+        with self._lock:
+            return list(map(self._entries.get, keys))
+
+    def commit(self, hits: list, misses: int, stale: list, keys: list, values: list, block=None) -> int:
+        """A step's outcome in one call: ``hits`` (keys read, marked most recent), ``misses``
+        counted, ``stale`` entries dropped (they did not fit their item), then ``values``
+        put under ``keys`` (views of ``block`` when given: its storage is counted once).
+        Returns how many were put."""
+        with self._lock:
+            move = self._entries.move_to_end
+            for k in hits:
+                if k in self._entries:
+                    move(k)
+            self.stats.hits += len(hits)
+            self.stats.misses += misses
+            for k in stale:
+                if k in self._entries:
+                    self._collide(k, "its rows, width, dtype or device do not fit the item")
+            if not keys:
+                return 0
+            if block is None:
+                return sum(self._put(k, v, _storage(v)) for k, v in zip(keys, values))
+            store = _storage(block)
+            return sum(self._put(k, v, store) for k, v in zip(keys, values))
+
     def discard(self, key, reason: str) -> None:
         """Drop ``key``'s entry because it no longer fits its item (counted as a collision)."""
         with self._lock:
             if key in self._entries:
-                logger.warning("embedding cache: dropping entry %r: %s", key, reason)
-                self.stats.collisions += 1
-                self._drop(key)
+                self._collide(key, reason)
 
     def peek(self, key) -> torch.Tensor | None:
         """The entry for ``key`` without touching recency or counters."""
@@ -114,44 +155,86 @@ class EmbeddingCache:
         Returns False (and caches nothing) when the storage ``value`` keeps alive exceeds
         the whole budget.
         """
-        ident, full = _storage(value)
+        store = _storage(value)
         with self._lock:
-            if key in self._entries:
-                self._drop(key)
-            if full > self.max_bytes:
-                self.stats.rejected += 1
-                return False
-            # a storage already held for another entry costs nothing more
-            while self.stats.bytes + (0 if ident in self._storages else full) > self.max_bytes:
-                self._drop(next(iter(self._entries)))
-                self.stats.evictions += 1
-            use = self._storages.setdefault(ident, [full, 0])
-            if use[1] == 0:
-                self.stats.bytes += full
-            use[1] += 1
-            self._entries[key] = value
-            return True
-
-    def record_use(self, key, stream) -> None:
-        """Note that work queued on ``stream`` reads entry ``key`` (CUDA only)."""
-        with self._lock:
-            if key in self._entries:
-                self._streams.setdefault(key, set()).add(stream)
+            return self._put(key, value, store)
 
     def clear(self) -> None:
-        """Drop every entry (counters other than ``bytes`` are kept)."""
+        """Drop every entry (counters other than ``bytes`` and ``entries`` are kept)."""
         with self._lock:
             for key in list(self._entries):
                 self._drop(key)
 
+    def _put(self, key, value, store) -> bool:
+        ident, full = store
+        if key in self._entries:
+            self._drop(key)
+        if full > self.max_bytes:
+            self.stats.rejected += 1
+            return False
+        # a storage already held for another entry costs nothing more
+        while self.stats.bytes + (0 if ident in self._storages else full) > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+            self.stats.evictions += 1
+        use = self._storages.setdefault(ident, [full, 0])
+        if use[1] == 0:
+            self.stats.bytes += full
+        use[1] += 1
+        self._entries[key] = value
+        self._ident[key] = ident
+        self.stats.entries += 1
+        return True
+
+    def _collide(self, key, reason: str) -> None:
+        logger.warning("embedding cache: dropping entry %r: %s (key collision or reused id)", key, reason)
+        self.stats.collisions += 1
+        self._drop(key)
+
     def _drop(self, key) -> None:
-        value = self._entries.pop(key)
-        ident = _storage(value)[0]
+        self._entries.pop(key)
+        ident = self._ident.pop(key)
         use = self._storages[ident]
         use[1] -= 1
+        self.stats.entries -= 1
         if use[1] == 0:
             del self._storages[ident]
             self.stats.bytes -= use[0]
-        for stream in self._streams.pop(key, ()):
-            # The allocator will not reuse the memory before this stream's queued work.
-            value.record_stream(stream)
+
+
+_identities = ObjectState()
+
+
+def encoder_token(fn) -> object:
+    """A process-unique identity for an encoder, for ``entry_key``: a bound method's
+    instance (by a token) and function, or the callable's token. Tokens are kept beside
+    the objects weakly, so a later object at the same address gets a new one; an object
+    that takes no weak reference gets a token of its own every time (nothing is shared)."""
+    owner = getattr(fn, "__self__", None)
+    func = getattr(fn, "__func__", None)
+    if owner is not None and func is not None:
+        return (_token_of(owner), func)
+    return _token_of(fn)
+
+
+def _token_of(obj) -> int:
+    found = _identities.get(obj)
+    if found is None:
+        with _token_lock:
+            found = _identities.get(obj)
+            if found is None:
+                found = next(_tokens)
+                _identities.set(obj, found)
+    return found
+
+
+def entry_key(token, modality: str, key) -> tuple:
+    """The cache key of an item: the encoder's identity, the modality and the item key."""
+    return (token, modality, key)
+
+
+def cache_key(encoder, key, modality: str = "image") -> tuple:
+    """The key under which the assembler caches ``key``'s rows made by ``encoder`` (a
+    callable or an ``Encoder``) for ``modality``: use it to prefill or inspect a cache."""
+    ident = getattr(encoder, "identity", None)
+    fn = ident if ident is not None else getattr(encoder, "fn", encoder)
+    return entry_key(encoder_token(fn), modality, key)

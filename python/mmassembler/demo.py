@@ -18,7 +18,7 @@ from torch import nn
 import mmkernels
 from mmassembler.api import assemble
 from mmassembler.assembler import Assembler
-from mmassembler.batch import Item, Request
+from mmassembler.items import Item, Request
 from mmassembler.cache import EmbeddingCache
 from mmassembler.oracle import assemble_oracle
 

@@ -1,37 +1,49 @@
-"""Embedding tensors on their way in: viewed as rows, checked, and owned.
+"""Embedding tensors on their way in: checked as rows, given source entries, and owned.
 
 Every source the library reads -- a precomputed embedding, a cache entry, an encoder's
-output -- passes through here, on both paths (the stateless ``assemble`` and the
-``Assembler``), so one set of checks decides what is usable.
+output -- passes through here, so one set of checks decides what is usable. A batch of
+tensors is checked in one pass over their attributes (no call per tensor beyond its
+address and strides); only tensors that need a change (a higher rank, strided columns,
+autograd) or fail take the one-by-one path, which fixes or raises. Encoder outputs the
+library must own are copied into one block per encoder call (``own_block``), and items
+read that block through their row offsets.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from mmassembler.errors import EmbeddingFormatError, RowCountError
+from mmkernels import layout as L
+from mmkernels import KIND_OF_DTYPE, SUPPORTED_DTYPES, anchor_addresses
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+FLOATS = SUPPORTED_DTYPES
+_ESIZE = {L.KIND_F32: 4, L.KIND_F16: 2, L.KIND_BF16: 2}
+Naming = Callable[[int], tuple]  # index in a batch -> (request, item key) for errors
 
 
-def as_rows(t, widths: Sequence[int], *, request: int, key: int, what: str) -> torch.Tensor:
+def as_rows(t, widths: Sequence[int], *, request: int | None, key, what: str) -> torch.Tensor:
     """View an embedding as 2-D ``[rows, width]`` (higher rank read as ``reshape(-1, width)``)."""
     if not isinstance(t, torch.Tensor):
         raise EmbeddingFormatError(f"{what} is a {type(t).__name__}, not a torch.Tensor",
                                    request=request, item_key=key)
     if t.requires_grad:
         t = t.detach()  # assembly is inference: no autograd graph is kept or returned
-    if t.dtype not in _FLOATS:
+    if t.dtype not in FLOATS:
         raise EmbeddingFormatError(f"{what} has dtype {t.dtype}; expected one of "
-                                   f"{[str(d) for d in _FLOATS]}", request=request, item_key=key)
-    shape = t.shape  # read once: every step's first chunk checks each new item here
+                                   f"{[str(d) for d in FLOATS]}", request=request, item_key=key)
+    shape = t.shape
     if len(shape) < 2 or shape[-1] not in widths:
         raise EmbeddingFormatError(f"{what} has shape {list(shape)}; its last dimension must be "
                                    f"the hidden size {sorted(set(widths))[0]}"
                                    + (f" or {max(widths)} (with deepstack)" if len(set(widths)) > 1
                                       else ""), request=request, item_key=key)
+    if t.device.type == "meta":
+        raise EmbeddingFormatError(f"{what} is on the meta device: it has no values",
+                                   request=request, item_key=key)
     if t.data_ptr() % t.element_size():
         raise EmbeddingFormatError(f"{what} starts at an address that is not a multiple of its "
                                    f"{t.element_size()}-byte elements", request=request, item_key=key)
@@ -42,55 +54,112 @@ def as_rows(t, widths: Sequence[int], *, request: int, key: int, what: str) -> t
     return t
 
 
-def fits(t, rows: int, widths: Sequence[int], device: torch.device) -> bool:
-    """A cache entry usable for an item: 2-D float rows of a known width on ``device``."""
-    return (isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == rows
-            and t.shape[1] in widths and t.dtype in _FLOATS and t.device == device
-            and (t.shape[1] <= 1 or t.stride(1) == 1))
+def check_row_count(t: torch.Tensor, rows: int, *, request: int | None, key, what: str) -> None:
+    """An embedding has exactly the rows its item's placeholders take."""
+    if t.shape[0] != rows:
+        raise RowCountError(f"{what} has {t.shape[0]} rows but the item's placeholders take {rows}",
+                            request=request, item_key=key, expected=rows, returned=t.shape[0])
 
 
-def owned(t: torch.Tensor, device: torch.device, need: object | None = None) -> torch.Tensor:
-    """A detached copy of ``t`` on ``device`` that nothing else writes to (an encoder may
-    hand out views of a buffer it reuses; a cache entry must not change under it).
-
-    A copy that fails (a meta tensor, an unreachable device) is an ``EmbeddingFormatError``
-    naming ``need``'s request and item, raised before the cache changes.
-    """
-    t = t.detach()
-    try:  # copy=True: `to` on the same device (also "cuda" vs "cuda:0") would return t itself
-        return t.to(device=device, copy=True)
-    except (RuntimeError, NotImplementedError) as exc:
-        raise EmbeddingFormatError(
-            f"the encoder's output on {t.device} could not be copied to {device}: {exc}",
-            request=need.requests[0] if need else None, item_key=need.key if need else None) from None
-
-
-def kept(t: torch.Tensor, device: torch.device, need: object | None, stable: bool) -> torch.Tensor:
-    """An encoder's output as the step keeps it: ``owned`` (a copy), or for a ``stable``
-    encoder the tensor itself, detached, which must already be on ``device``."""
-    if not stable:
-        return owned(t, device, need)
-    if t.device != device:
-        raise EmbeddingFormatError(f"the stable encoder's output is on {t.device}, the output on {device}",
-                                   request=need.requests[0] if need else None,
-                                   item_key=need.key if need else None)
-    return t.detach()
+def entries_of(ptrs: list, strides: list, kinds: list, cols: list, hidden: int,
+               device: torch.device) -> np.ndarray:
+    """Source entries ``[n, SOURCE_FIELDS]`` of 2-D sources with unit column stride, from
+    their addresses, row strides, kind codes and widths (array operations)."""
+    n = len(ptrs)
+    entries = np.empty((n, L.SOURCE_FIELDS), np.int64)
+    if not n:
+        return entries
+    kind = np.array(kinds, np.int64)
+    anchors = anchor_addresses(device)
+    anchor = np.array([anchors[L.KIND_F32], anchors[L.KIND_F16], anchors[L.KIND_BF16]], np.int64)
+    esize = np.where(kind == L.KIND_F32, 4, 2)
+    delta = np.asarray(ptrs, np.int64) - anchor[kind]
+    stride = np.array(strides, np.int64)
+    entries[:, L.SOURCE_OFF] = delta // esize
+    entries[:, L.SOURCE_STRIDE] = stride
+    entries[:, L.SOURCE_KIND] = kind
+    entries[:, L.SOURCE_COLS] = cols
+    entries[:, L.SOURCE_ALIGNED] = L.loads_aligned(delta, stride * esize, hidden * esize * np.ones_like(delta))
+    return entries
 
 
-def precomputed_rows(embedding, widths: Sequence[int], device: torch.device, *, request: int | None,
-                     key) -> torch.Tensor:
-    """A precomputed embedding as checked rows on ``device`` (its row count is checked by
-    ``check_row_count``, every time it is used)."""
-    t = as_rows(embedding, widths, request=request, key=key, what="the precomputed embedding")
-    if t.device != device:
-        raise EmbeddingFormatError(f"the precomputed embedding is on {t.device}, the output on "
-                                   f"{device}", request=request, item_key=key)
+def checked_sources(ts: list, rows: np.ndarray, widths: tuple, device: torch.device | None,
+                    naming: Naming, what: str) -> tuple[list, np.ndarray | None]:
+    """Tensors checked as the sources of items that take ``rows`` rows each: ``(2-D
+    views, source entries)``; raises a typed error naming the first bad one's request and
+    item. Plain 2-D tensors of a float dtype on ``device`` cost a pass over attributes and
+    two calls each (address, strides); the rest go one by one through ``as_rows``. With
+    ``device=None`` any device is accepted and no entries are made (outputs to be copied)."""
+    n = len(ts)
+    try:
+        info = [(t.dtype, t.ndim, t.device, t.requires_grad, t.shape[-1]) for t in ts]
+        dtypes, ndims, devices, grads, cols = zip(*info) if n else ((),) * 5
+        plain = (set(map(type, ts)) <= {torch.Tensor, torch.nn.Parameter} and set(ndims) <= {2}
+                 and set(dtypes) <= set(FLOATS) and not any(grads) and set(cols) <= set(widths)
+                 and (device is None or set(devices) <= {device}))
+    except (AttributeError, IndexError, TypeError):
+        plain = False
+    if plain:
+        strides = [t.stride() for t in ts]
+        plain = ([t.shape[0] for t in ts] == rows.tolist()
+                 and all(s[1] == 1 or c == 1 for s, c in zip(strides, cols)))
+    if not plain:
+        ts = [_one(t, r, widths, device, naming(i), what) for i, (t, r) in enumerate(zip(ts, rows.tolist()))]
+        dtypes = [t.dtype for t in ts]
+        cols = [t.shape[1] for t in ts]
+        strides = [t.stride() for t in ts]
+    if device is None:
+        return ts, None
+    ptrs = np.array([t.data_ptr() for t in ts], np.int64)
+    kinds = [KIND_OF_DTYPE[d] for d in dtypes]
+    if n:
+        odd = ptrs % np.where(np.array(kinds) == L.KIND_F32, 4, 2)
+        if odd.any():
+            request, key = naming(int(np.flatnonzero(odd)[0]))
+            raise EmbeddingFormatError(f"{what} starts at an address that is not a multiple of its "
+                                       "element size", request=request, item_key=key)
+    return ts, entries_of(ptrs, [s[0] for s in strides], kinds, cols, widths[0], device)
+
+
+def _one(t, rows: int, widths, device, name: tuple, what: str) -> torch.Tensor:
+    """One tensor through every check (and fix) of ``as_rows``, its device and rows."""
+    request, key = name
+    t = as_rows(t, widths, request=request, key=key, what=what)
+    if device is not None and t.device != device:
+        raise EmbeddingFormatError(f"{what} is on {t.device}, the output on {device}",
+                                   request=request, item_key=key)
+    check_row_count(t, rows, request=request, key=key, what=what)
     return t
 
 
-def check_row_count(t: torch.Tensor, rows: int, *, request: int | None, key) -> None:
-    """A precomputed embedding has exactly the rows its item's placeholders take."""
-    if t.shape[0] != rows:
-        raise RowCountError(f"the precomputed embedding has {t.shape[0]} rows but the item's "
-                            f"placeholders take {rows}", request=request, item_key=key,
-                            expected=rows, returned=t.shape[0])
+def own_block(parts: list, device: torch.device, name: tuple) -> tuple[torch.Tensor, np.ndarray]:
+    """Copy 2-D ``parts`` (one width) into one block on ``device`` that nothing else writes
+    to (an encoder may reuse its buffers; a cache entry must not change under it): one
+    ``torch.cat`` (a launch per up to 128 inputs), or one copy of a single tensor. Returns
+    the block and each part's first row in it. Mixed dtypes promote to one that holds them
+    all exactly (a float16 and a bfloat16 part give float32). A copy that fails (a meta
+    tensor, an unreachable device) is an ``EmbeddingFormatError`` naming ``name``'s request
+    and item, raised before the cache changes."""
+    rows = np.fromiter((p.shape[0] for p in parts), np.int64, len(parts))
+    starts = np.cumsum(rows) - rows
+    try:
+        with torch.no_grad():
+            if len(parts) == 1:
+                block = parts[0].detach().to(device=device, copy=True)
+            else:
+                block = torch.cat(parts).to(device)
+    except (RuntimeError, NotImplementedError) as exc:
+        raise EmbeddingFormatError(f"the encoder's output on {parts[0].device} could not be copied to "
+                                   f"{device}: {exc}", request=name[0], item_key=name[1]) from None
+    return block.detach(), starts
+
+
+def block_entries(block: torch.Tensor, starts: np.ndarray, hidden: int) -> np.ndarray:
+    """Source entries of the items whose rows start at ``starts`` in a 2-D ``block``."""
+    n = len(starts)
+    stride = block.stride(0) if block.shape[0] > 1 else block.shape[1]
+    kind = KIND_OF_DTYPE[block.dtype]
+    esize = _ESIZE[kind]
+    ptr = block.data_ptr()
+    return entries_of(ptr + starts * stride * esize, [stride] * n, [kind] * n,
+                      [block.shape[1]] * n, hidden, block.device)

@@ -1,28 +1,28 @@
-"""Encoder batching: one call per modality for the whole batch, split by what it returned.
+"""Encoder batching: one call per modality for a step's misses, split by what it returned.
 
-The items of a batch that overlap their chunk and have neither a precomputed embedding
-nor a cache entry are deduped by key and passed to their modality's encoder together
-(optionally in budgeted micro-batches). The output is split by the rows the encoder
-actually returned -- never by placeholder counts -- and every count is checked against
-the rows the item's placeholders take before anything is cached or written.
+The items of a step whose window reaches them first and that have neither a precomputed
+embedding nor a cache entry are deduped by (modality, key) and passed to their
+modality's encoder together (optionally in budgeted calls). The output is split by the
+rows the encoder actually returned -- never by placeholder counts -- and every count is
+checked against the rows the item's placeholders take before anything is cached or
+written. What a call returns is copied into one block the library owns (one copy per
+call, never one per item), unless the encoder is ``stable``: its outputs are read in
+place.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from mmassembler.batch import Item
-from mmassembler.embeddings import as_rows
+from mmassembler.embeddings import as_rows, block_entries, checked_sources, own_block
 from mmassembler.errors import BatchShapeError, EncoderOutputError, RowCountError
 
-
 EncoderOutput = Sequence[torch.Tensor] | tuple[torch.Tensor, Sequence[int]]
-EncoderFn = Callable[[list[Item]], EncoderOutput]
-
+EncoderFn = Callable[[list], EncoderOutput]
 
 
 @dataclass(frozen=True)
@@ -31,59 +31,52 @@ class Encoder:
 
     ``fn(items)`` returns one tensor per item, or ``(tensor, rows_per_item)`` with the
     items' rows concatenated. ``max_items`` / ``max_rows`` cap one call; more calls
-    are made when the batch needs more. Outputs are copied into tensors the library owns
-    (an encoder may reuse its buffers) unless ``stable``: the caller keeps them unchanged
-    while they may be read (an engine's own encoder cache), so they are read in place, must
-    already be on the output's device, and are not put in the ``EmbeddingCache``.
+    are made when the batch needs more. Outputs are copied into one block the library
+    owns per call (an encoder may reuse its buffers) unless ``stable``: the caller keeps
+    them unchanged while they may be read (an engine's own encoder cache), so they are
+    read in place, must already be on the output's device, and are not put in the
+    ``EmbeddingCache``. Cache entries are keyed by ``identity`` (the object whose outputs
+    they are: ``fn`` unless given, e.g. the model method a wrapper calls), the modality
+    and the item key, so two models never read each other's rows.
     """
 
     fn: EncoderFn
     max_items: int | None = None
     max_rows: int | None = None
     stable: bool = False
+    identity: object = None  # what cache entries are keyed by (default ``fn``; see ``encoder_token``)
 
     def __post_init__(self):
+        if not callable(self.fn):
+            raise BatchShapeError(f"Encoder needs a callable items -> embeddings, got {self.fn!r:.80}")
         for name in ("max_items", "max_rows"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise BatchShapeError(f"Encoder {name} must be a positive int or None, got {v!r}")
 
-    def batches(self, needs: list["_Need"]) -> list[list["_Need"]]:
-        """Split ``needs`` into calls that respect the budgets (an item is never split)."""
-        calls, cur, cur_rows = [], [], 0
-        for need in needs:
-            full = (self.max_items is not None and len(cur) >= self.max_items) or (
-                self.max_rows is not None and cur and cur_rows + need.rows > self.max_rows)
+    def calls(self, rows: list[int]) -> list[slice]:
+        """Split items needing ``rows`` rows each into calls within the budgets (an item is
+        never split): slices of the list."""
+        if self.max_items is None and self.max_rows is None:
+            return [slice(0, len(rows))]
+        calls, start, cur_rows = [], 0, 0
+        for i, r in enumerate(rows):
+            full = (self.max_items is not None and i - start >= self.max_items) or (
+                self.max_rows is not None and i > start and cur_rows + r > self.max_rows)
             if full:
-                calls.append(cur)
-                cur, cur_rows = [], 0
-            cur.append(need)
-            cur_rows += need.rows
-        if cur:
-            calls.append(cur)
+                calls.append(slice(start, i))
+                start, cur_rows = i, 0
+            cur_rows += r
+        calls.append(slice(start, len(rows)))
         return calls
 
 
-@dataclass
-class _Need:
-    """One distinct key to encode and the planned items waiting for it."""
-
-    key: int
-    item: Item
-    rows: int
-    waiting: list[int] = field(default_factory=list)  # indices of the wanted items
-    requests: list[int] = field(default_factory=list)
+def as_encoder(enc) -> Encoder:
+    """``enc`` as an ``Encoder`` (a bare callable gets no budgets)."""
+    return enc if isinstance(enc, Encoder) else Encoder(enc)
 
 
-def _check_rows(t: torch.Tensor, need: _Need, modality: str) -> None:
-    if t.shape[0] != need.rows:
-        raise RowCountError(
-            f"the {modality} encoder returned {t.shape[0]} rows but the item's placeholders take "
-            f"{need.rows} (requests {sorted(set(need.requests))}); nothing was written or cached",
-            request=need.requests[0], item_key=need.key, expected=need.rows, returned=t.shape[0])
-
-
-def _row_counts(rows_per_item, modality: str, first: _Need) -> list[int]:
+def _row_counts(rows_per_item, modality: str, name: tuple) -> list[int]:
     """An encoder's ``rows_per_item``: a 1-D sequence of ints (list, tuple, array, tensor)."""
     if isinstance(rows_per_item, torch.Tensor):
         rows_per_item = rows_per_item.tolist() if rows_per_item.dim() == 1 else None
@@ -93,45 +86,80 @@ def _row_counts(rows_per_item, modality: str, first: _Need) -> list[int]:
             isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in rows_per_item):
         raise EncoderOutputError(
             f"the {modality} encoder returned (tensor, rows_per_item) with rows_per_item "
-            f"{rows_per_item!r}; expected a 1-D sequence of ints, one per item",
-            request=first.requests[0], item_key=first.key)
+            f"{rows_per_item!r:.200}; expected a 1-D sequence of ints, one per item",
+            request=name[0], item_key=name[1])
     return [int(n) for n in rows_per_item]
 
 
-def _split(result, call: list[_Need], modality: str, widths: Sequence[int]) -> list[torch.Tensor]:
-    """Split one encoder call's output into per-item tensors, checking every count."""
-    first = call[0]
+def encode_call(enc: Encoder, objs: list, rows: np.ndarray, modality: str, widths: tuple,
+                device: torch.device, naming) -> tuple[list, np.ndarray, list]:
+    """Call ``enc`` once on ``objs`` (items needing ``rows`` rows each) and check what it
+    returned: ``(sources, source entries, blocks)`` -- one 2-D source per item, rows of
+    a block the library owns (``blocks``: what the cache may keep), or, for a stable
+    encoder, the returned tensors themselves. ``naming(i)`` names item ``i``'s request
+    and key in errors; everything raises before anything changes."""
+    result = enc.fn(objs)
+    first = naming(0)
+    n = len(objs)
+    what = f"the {modality} encoder's output"
     if (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.Tensor)
             and not (isinstance(result[1], torch.Tensor) and result[1].is_floating_point())):
-        tensor, rows_per_item = result
-        rows_per_item = _row_counts(rows_per_item, modality, first)
-        if len(rows_per_item) != len(call):
-            raise EncoderOutputError(
-                f"the {modality} encoder returned rows for {len(rows_per_item)} items, "
-                f"but was given {len(call)}", request=first.requests[0], item_key=first.key,
-                expected=len(call), returned=len(rows_per_item))
-        tensor = as_rows(tensor, widths, request=first.requests[0], key=first.key,
-                         what=f"the {modality} encoder's output")
-        if sum(rows_per_item) != tensor.shape[0] or min(rows_per_item) < 0:
+        tensor, per = result
+        per = _row_counts(per, modality, first)
+        if len(per) != n:
+            raise EncoderOutputError(f"the {modality} encoder returned rows for {len(per)} items, "
+                                     f"but was given {n}", request=first[0], item_key=first[1],
+                                     expected=n, returned=len(per))
+        tensor = as_rows(tensor, widths, request=first[0], key=first[1], what=what)
+        if sum(per) != tensor.shape[0] or min(per, default=0) < 0:
             raise EncoderOutputError(
                 f"the {modality} encoder returned {tensor.shape[0]} rows but rows_per_item "
-                f"{rows_per_item} add up to {sum(rows_per_item)}", request=first.requests[0],
-                item_key=first.key, expected=sum(rows_per_item), returned=tensor.shape[0])
-        parts = list(torch.split(tensor, rows_per_item))
-    elif isinstance(result, (list, tuple)):
-        if len(result) != len(call):
-            missing = call[len(result)] if len(result) < len(call) else call[-1]
-            raise EncoderOutputError(
-                f"the {modality} encoder returned {len(result)} tensors for {len(call)} items",
-                request=missing.requests[0], item_key=missing.key, expected=len(call),
-                returned=len(result))
-        parts = [as_rows(t, widths, request=n.requests[0], key=n.key,
-                         what=f"the {modality} encoder's output") for t, n in zip(result, call)]
-    else:
+                f"{per} add up to {sum(per)}", request=first[0], item_key=first[1],
+                expected=sum(per), returned=tensor.shape[0])
+        _check_counts(np.array(per, np.int64), rows, modality, naming)
+        if enc.stable:
+            parts = list(torch.split(tensor, per))
+            return checked_sources(parts, rows, widths, device, naming, what) + ([],)
+        block, _ = own_block([tensor], device, first)
+        starts = np.cumsum(per) - np.array(per, np.int64)
+        return list(torch.split(block, per)), block_entries(block, starts, widths[0]), [block]
+    if not isinstance(result, (list, tuple)):
         raise EncoderOutputError(
             f"the {modality} encoder returned a {type(result).__name__}; expected a list with one "
-            "tensor per item or (tensor, rows_per_item)", request=first.requests[0],
-            item_key=first.key)
-    for t, need in zip(parts, call):
-        _check_rows(t, need, modality)
-    return parts
+            "tensor per item or (tensor, rows_per_item)", request=first[0], item_key=first[1])
+    if len(result) != n:
+        missing = naming(min(len(result), n - 1))
+        raise EncoderOutputError(f"the {modality} encoder returned {len(result)} tensors for {n} items",
+                                 request=missing[0], item_key=missing[1], expected=n,
+                                 returned=len(result))
+    if enc.stable:
+        return checked_sources(list(result), rows, widths, device, naming, what) + ([],)
+    parts, _ = checked_sources(list(result), rows, widths, None, naming, what)
+    sources: list = [None] * n
+    entries = np.empty((n, 5), np.int64)
+    blocks = []
+    groups: dict = {}
+    for i, p in enumerate(parts):  # one block per width (and source device): almost always one
+        groups.setdefault((p.shape[1], p.device), []).append(i)
+    for idx in groups.values():
+        block, starts = own_block([parts[i] for i in idx], device, naming(idx[0]))
+        blocks.append(block)
+        views = torch.split(block, [parts[i].shape[0] for i in idx])
+        if len(idx) == n:
+            sources, entries = list(views), block_entries(block, starts, widths[0])
+        else:
+            for i, v in zip(idx, views):
+                sources[i] = v
+            entries[idx] = block_entries(block, starts, widths[0])
+    return sources, entries, blocks
+
+
+def _check_counts(returned: np.ndarray, rows: np.ndarray, modality: str, naming) -> None:
+    bad = returned != rows
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        request, key = naming(i)
+        raise RowCountError(
+            f"the {modality} encoder returned {returned[i]} rows but the item's placeholders take "
+            f"{rows[i]}; nothing was written or cached", request=request, item_key=key,
+            expected=int(rows[i]), returned=int(returned[i]))

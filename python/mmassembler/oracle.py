@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mmassembler.batch import Item, Request
+from mmassembler.items import Item, Request
 
 
 def item_positions(item: Item) -> list[int]:

@@ -1,10 +1,17 @@
 """Registered requests on the host: handles, run and item slots, and which windows need work.
 
-Each live request owns a contiguous range of run slots and of item slots (first fit).
-Host run rows name the item slot and its first row; the device's rows are built from them
-and the items' sources (``mmkernels.layout.device_runs``). A request's
-row of ``req`` is laid out as a step-table row (``mmkernels/layout.py``): its run range,
-and the bounds a window ``[p, q)`` must keep to need no work: ``READY_LO <= p`` and
+Each live request owns a contiguous range of run slots and of item slots. Registration
+appends at the top of each table (one range for a whole batch of new requests, written
+in one assignment per column); removal only marks slots free; when the top reaches the
+end, the live ranges are compacted to the bottom in array operations (their device
+rows rewritten with the next upload). So registering and removing cost array
+operations per batch, never a call per item, and capacity is the tables' total, never
+split by fragments.
+
+Host run rows name the item slot and its first row; the device's rows are built from
+them and the items' sources (``mmkernels.layout.device_runs``). A request's row of
+``req`` is laid out as a step-table row (``mmkernels/layout.py``): its run range, and the
+bounds a window ``[p, q)`` must keep to need no work: ``READY_LO <= p`` and
 ``q <= READY_HI`` (every item the window reaches holds a source, and the window is inside
 the prompt) and ``p <= START_MAX`` (no held source has been passed). A step gathers its
 requests' rows into the step table and checks all windows with two comparisons; only
@@ -15,55 +22,29 @@ the table turns any bad handle into a failed check. A removed handle's row fails
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Sequence
-
 import numpy as np
 
-from mmassembler.errors import CapacityError, SpanError, UnknownHandleError
-from mmassembler.runs import NO_LIMIT, run_lists
+from mmassembler.errors import BatchShapeError, CapacityError, UnknownHandleError
+from mmassembler.runs import NO_LIMIT, NewRequests, build_runs
 from mmkernels import layout as L
-
-
-class RangeAllocator:
-    """First-fit allocation of contiguous ranges in ``[0, capacity)``."""
-
-    def __init__(self, capacity: int):
-        self.free = [(0, capacity)] if capacity else []  # sorted, disjoint, coalesced
-
-    def alloc(self, n: int) -> int | None:
-        if n == 0:
-            return 0
-        for k, (start, size) in enumerate(self.free):
-            if size >= n:
-                self.free[k:k + 1] = [(start + n, size - n)] if size > n else []
-                return start
-        return None
-
-    def release(self, start: int, n: int) -> None:
-        if n == 0:
-            return
-        free = self.free
-        k = bisect.bisect_left(free, (start, 0))
-        free.insert(k, (start, n))
-        if k + 1 < len(free) and start + n == free[k + 1][0]:  # merge with the next range
-            free[k] = (start, n + free.pop(k + 1)[1])
-        if k > 0 and free[k - 1][0] + free[k - 1][1] == start:  # and with the previous one
-            s, size = free.pop(k - 1)
-            free[k - 1] = (s, size + free[k - 1][1])
-
 
 LO, HI, START_MAX = L.STEP_READY_LO, L.STEP_READY_HI, L.STEP_START_MAX  # bounds columns of req
 POS, END, ITEM = L.HOST_RUN_POS, L.HOST_RUN_END, L.HOST_RUN_ITEM  # columns of host run rows
+
+
+def _objects(values: list) -> np.ndarray:
+    """A 1-D object array of ``values`` (numpy never looks inside them: tensors stay whole)."""
+    return np.fromiter(values, object, len(values))
 
 
 class Registry:
     """Live requests' runs and item slots, mirrored on the host."""
 
     def __init__(self, *, max_requests: int, max_runs: int, max_items: int):
-        self.max_requests = max_requests
+        self.max_requests, self.max_runs, self.max_items = max_requests, max_runs, max_items
         self.runs = np.zeros((max_runs, L.HOST_RUN_FIELDS), np.int64)  # host layout
-        self._run_alloc, self._item_alloc = RangeAllocator(max_runs), RangeAllocator(max_items)
+        self.run_top = self.item_top = 0  # registration appends here
+        self.live_runs = self.live_items = 0
         self._free_handles = list(range(max_requests, 0, -1))
         self.req = np.zeros((max_requests + 2, L.STEP_FIELDS), np.int64)
         self.req[:, LO], self.req[:, HI] = NO_LIMIT, -1  # no live request: every window fails
@@ -71,10 +52,14 @@ class Registry:
         self.run_first, self.run_end = self.req[:, L.STEP_RUN_FIRST], self.req[:, L.STEP_RUN_END]
         self.slots = np.zeros((max_requests + 2, 3), np.int64)  # first item, items, prompt length
         self.item_first, self.item_count, self.prompt_len = (self.slots[:, c] for c in range(3))
-        self.item_obj = np.empty(max_items, object)  # the Item of each slot
+        self.item_obj = np.empty(max_items, object)  # what the item's encoder is handed
+        self.item_key = np.empty(max_items, object)
+        self.item_modality = np.empty(max_items, object)
+        self.item_emb = np.empty(max_items, object)  # its precomputed embedding, or None
         self.item_src = np.empty(max_items, object)  # its source while held, else None
         self.item_meta = np.zeros((max_items, 3), np.int64)  # rows, end of last position, owner
         self.item_rows, self.item_end, self.item_owner = (self.item_meta[:, c] for c in range(3))
+        self.has_emb = np.zeros(max_items, bool)
         self.held = np.zeros(max_items, bool)
         # each slot's source entry (``SOURCE_*`` fields; NO_SOURCE while it holds none): the
         # device's run rows are built from the host runs and these when they are sent
@@ -83,91 +68,136 @@ class Registry:
         self._flag = np.zeros(max_items, bool)  # scratch flags over slots, all False between calls
         self.dirty_runs: list[np.ndarray] = []  # run indices whose device rows are stale
 
-    def add(self, items: Sequence, prompt_len: int | None) -> int:
-        """Register a request; its handle. Raises ``SpanError``/``CapacityError`` first."""
-        return self.add_many([(items, prompt_len)])[0]
+    @property
+    def num_live(self) -> int:
+        return self.max_requests - len(self._free_handles)
 
-    def add_many(self, requests: Sequence[tuple[Sequence, int | None]]) -> list[int]:
-        """Register requests ``(items, prompt_len)`` together: one slot range each for all
-        their runs and items, one write per table. Raises ``SpanError`` (naming the
-        request's index in ``requests`` when there are several) or ``CapacityError`` before
-        any change."""
-        built = []
-        for i, (items, prompt_len) in enumerate(requests):
-            try:
-                built.append(run_lists(items, prompt_len))
-            except SpanError as exc:
-                if len(requests) == 1:
-                    raise
-                raise type(exc)(f"requests[{i}]: {exc}", request=i, item_key=exc.item_key) from None
-        m = len(requests)
+    # -- registration -----------------------------------------------------------------------
+    def add_many(self, new: NewRequests) -> list[int]:
+        """Register a batch of new requests: every span checked and every run built in array
+        operations, one slot range for all their runs and one for all their items. Raises
+        ``SpanError`` (naming the request's index when there are several) or
+        ``CapacityError`` before any change. Their handles, in order."""
+        built = build_runs(new)
+        m, n, k = len(new.counts), len(new.keys), len(built.runs)
         if m > len(self._free_handles):
-            raise CapacityError(f"{m} more requests do not fit max_requests {self.max_requests}")
-        k_all = sum(len(runs) for runs, _ in built)
-        n_all = sum(len(meta) for _, meta in built)
-        r0 = self._run_alloc.alloc(k_all)
-        if r0 is None:
-            raise CapacityError(f"{k_all} runs do not fit the run table (max_runs); remove requests")
-        i0 = self._item_alloc.alloc(n_all)
-        if i0 is None:
-            self._run_alloc.release(r0, k_all)
-            raise CapacityError(f"{n_all} items do not fit the item table (max_items); remove requests")
-        handles = [self._free_handles.pop() for _ in range(m)]
-        run_rows, req_rows, slot_rows, meta_rows, objs, owners = [], [], [], [], [], []
-        r, i = r0, i0
-        for h, (items, prompt_len), (runs, meta) in zip(handles, requests, built):
-            k, n = len(runs), len(meta)
-            run_rows.extend((s, e, row, j + i) for s, e, row, j in runs)
-            prompt = NO_LIMIT if prompt_len is None else prompt_len
-            # no runs: a window needs no sources; else the first window with tokens resolves
-            row = [0] * L.STEP_FIELDS
-            row[HI], row[START_MAX] = prompt if k == 0 else 0, NO_LIMIT
-            row[L.STEP_RUN_FIRST], row[L.STEP_RUN_END] = r, r + k
-            req_rows.append(row)
-            slot_rows.append((i, n, prompt))
-            meta_rows.extend(meta)
-            objs.extend(items)
-            owners.extend([h] * n)
-            r, i = r + k, i + n
-        if k_all:
-            self.runs[r0:r0 + k_all] = run_rows
-            self.dirty_runs.append(np.arange(r0, r0 + k_all))
-        self.req[handles] = req_rows
-        self.slots[handles] = slot_rows
-        if n_all:
-            items_slice = slice(i0, i0 + n_all)
-            self.item_obj[items_slice] = objs
-            self.item_src[items_slice] = None
-            self.item_entry[items_slice] = L.NO_SOURCE
-            self.item_meta[items_slice] = meta_rows
-            self.item_owner[items_slice] = owners
-            self.held[items_slice] = False
-        self.live[handles] = True
+            raise CapacityError(f"{m} more requests do not fit max_requests {self.max_requests} "
+                                f"({self.num_live} live): remove finished requests")
+        if self.live_runs + k > self.max_runs:
+            raise CapacityError(f"{k} runs do not fit the run table (max_runs {self.max_runs}, "
+                                f"{self.live_runs} in use): remove finished requests")
+        if self.live_items + n > self.max_items:
+            raise CapacityError(f"{n} items do not fit the item table (max_items {self.max_items}, "
+                                f"{self.live_items} in use): remove finished requests")
+        if self.run_top + k > self.max_runs or self.item_top + n > self.max_items:
+            self.compact()
+        handles = self._free_handles[-m:] if m else []
+        del self._free_handles[len(self._free_handles) - m:]
+        handles.reverse()
+        h = np.array(handles, np.int64)
+        r0, i0 = self.run_top, self.item_top
+        counts = np.array(new.counts, np.int64)
+        run_counts = built.run_counts
+        if k:
+            runs = built.runs
+            runs[:, ITEM] += i0
+            self.runs[r0:r0 + k] = runs
+            self.dirty_runs.append(np.arange(r0, r0 + k))
+        rows = np.zeros((m, L.STEP_FIELDS), np.int64)
+        end = r0 + np.cumsum(run_counts)
+        rows[:, L.STEP_RUN_FIRST], rows[:, L.STEP_RUN_END] = end - run_counts, end
+        prompt = np.array([NO_LIMIT if p is None else p for p in new.prompts], np.int64)
+        # no runs: a window needs no sources; else the first window with tokens resolves
+        rows[:, HI] = np.where(run_counts == 0, prompt, 0)
+        rows[:, START_MAX] = NO_LIMIT
+        self.req[h] = rows
+        first = i0 + np.cumsum(counts) - counts
+        self.slots[h] = np.stack((first, counts, prompt), axis=1)
+        if n:
+            s = slice(i0, i0 + n)
+            self.item_obj[s] = _objects(new.objs)
+            self.item_key[s] = _objects(new.keys)
+            self.item_modality[s] = _objects(new.modality)
+            self.item_emb[s] = _objects(new.embedding)
+            self.has_emb[s] = [x is not None for x in new.embedding]
+            self.item_rows[s], self.item_end[s] = built.rows, built.ends
+            self.item_owner[s] = np.repeat(h, counts)
+        self.live[h] = True
+        self.run_top, self.item_top = r0 + k, i0 + n
+        self.live_runs += k
+        self.live_items += n
         return handles
 
-    def remove(self, h: int) -> list:
-        """Free a request's slots; returns the sources it held (to release after use)."""
-        self.check_live(h)
-        i0, n = int(self.item_first[h]), int(self.item_count[h])
-        r0, r1 = int(self.run_first[h]), int(self.run_end[h])
-        held = [t for t in self.item_src[i0:i0 + n] if t is not None]
-        self.item_src[i0:i0 + n] = None
-        self.item_entry[i0:i0 + n] = L.NO_SOURCE
-        self.item_obj[i0:i0 + n] = None
-        self.held[i0:i0 + n] = False
-        self._run_alloc.release(r0, r1 - r0)
-        self._item_alloc.release(i0, n)
+    def check_handles(self, handles) -> np.ndarray:
+        """``handles`` as distinct live handles (int64); ``UnknownHandleError`` /
+        ``BatchShapeError`` naming the first bad one otherwise."""
+        from mmassembler.step_inputs import int_array
+
+        h = int_array(handles, "handles")
+        bad = (h < 1) | (h > self.max_requests)
+        if not bad.any():
+            bad = ~self.live[h]
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise UnknownHandleError(f"{h[i]!r} is not the handle of a registered request", request=i)
+        if len(h) > 1 and np.bincount(h).max() > 1:
+            i = int(np.flatnonzero(np.bincount(h)[h] > 1)[1])
+            raise BatchShapeError(f"handle {h[i]} appears twice", request=i)
+        return h
+
+    def remove_many(self, handles) -> list:
+        """Free requests' slots (checked first: nothing changes on a bad handle); returns the
+        sources they held (to let go of once the queued steps have run)."""
+        h = self.check_handles(handles)
+        if not len(h):
+            return []
+        idx, _ = _ranges(self.item_first[h], self.item_first[h] + self.item_count[h])
+        held = self.item_src[idx[self.held[idx]]].tolist()
+        for col in (self.item_src, self.item_obj, self.item_key, self.item_modality, self.item_emb):
+            col[idx] = None
+        self.item_entry[idx] = L.NO_SOURCE
+        self.held[idx] = False
+        self.live_runs -= int((self.run_end[h] - self.run_first[h]).sum())
+        self.live_items -= len(idx)
         self.live[h] = False
         self.req[h, LO], self.req[h, HI] = NO_LIMIT, -1
         self.prompt_len[h] = 0
-        self._free_handles.append(h)
+        self._free_handles.extend(h.tolist())
+        if not self.live_items and not self.live_runs:
+            self.run_top = self.item_top = 0  # empty: start again at the bottom
         return held
+
+    def compact(self) -> None:
+        """Move every live request's runs and items to the bottom of their tables, in order
+        (array operations); every live run's device row is rewritten with the next upload."""
+        h = np.flatnonzero(self.live)
+        h = h[np.argsort(self.run_first[h], kind="stable")]
+        ridx, rwin = _ranges(self.run_first[h], self.run_end[h])
+        iidx, iwin = _ranges(self.item_first[h], self.item_first[h] + self.item_count[h])
+        k, n = len(ridx), len(iidx)
+        remap = np.zeros(self.max_items, np.int64)
+        remap[iidx] = np.arange(n)
+        runs = self.runs[ridx]
+        runs[:, ITEM] = remap[runs[:, ITEM]]
+        self.runs[:k] = runs
+        for col in (self.item_obj, self.item_key, self.item_modality, self.item_emb, self.item_src,
+                    self.item_meta, self.has_emb, self.held, self.item_entry):
+            col[:n] = col[iidx]
+            col[n:] = L.NO_SOURCE if col is self.item_entry else (None if col.dtype == object else 0)
+        rc = self.run_end[h] - self.run_first[h]
+        ic = self.item_count[h]
+        self.run_end[h] = np.cumsum(rc)
+        self.run_first[h] = self.run_end[h] - rc
+        self.item_first[h] = np.cumsum(ic) - ic
+        self.run_top, self.item_top = k, n
+        self.dirty_runs = [np.arange(k)] if k else []
 
     def check_live(self, h) -> None:
         if isinstance(h, (bool, np.bool_)) or not isinstance(h, (int, np.integer)) or not (
                 0 < h <= self.max_requests and self.live[h]):
             raise UnknownHandleError(f"{h!r} is not the handle of a registered request")
 
+    # -- steps ------------------------------------------------------------------------------
     def needs_work(self, h: np.ndarray, p: np.ndarray, q: np.ndarray) -> np.ndarray:
         """Indices of (valid) windows that reach an item without a source or pass a held one."""
         g = self.req[h]
@@ -206,17 +236,18 @@ class Registry:
         flag[hit] = False
         return found[~self.held[found]]
 
-    def set_sources(self, slots: np.ndarray, sources: list, entries: list, passed: np.ndarray,
-                    ridx: np.ndarray) -> None:
+    def set_sources(self, slots: np.ndarray, sources: list, entries: np.ndarray, passed: np.ndarray,
+                    ridx: np.ndarray) -> list:
         """Hold ``sources`` (with their source entries) for ``slots`` and let go of those of
-        ``passed``; mark the runs among ``ridx`` that read any of them stale."""
+        ``passed`` (returned, to release once queued steps have run); mark the runs among
+        ``ridx`` that read any of them stale."""
+        released = self.item_src[passed].tolist()
         self.item_src[passed] = None
         self.held[passed] = False
         self.item_entry[passed] = L.NO_SOURCE
-        for s, t in zip(slots.tolist(), sources):
-            self.item_src[s] = t
-        self.held[slots] = True
         if len(slots):
+            self.item_src[slots] = _objects(sources)
+            self.held[slots] = True
             self.item_entry[slots] = entries
         changed = self._flag
         changed[slots], changed[passed] = True, True
@@ -224,10 +255,11 @@ class Registry:
         changed[slots], changed[passed] = False, False
         if len(stale):
             self.dirty_runs.append(stale)
+        return released
 
     def take_dirty_runs(self) -> tuple[np.ndarray, np.ndarray]:
-        """Stale run indices (each once) and their device rows, built from the current
-        host runs and source entries; none are stale afterwards."""
+        """Stale run indices (each once, ascending) and their device rows, built from the
+        current host runs and source entries; none are stale afterwards."""
         if not self.dirty_runs:
             return np.zeros(0, np.int64), np.zeros((0, L.RUN_FIELDS), np.int64)
         parts, self.dirty_runs = self.dirty_runs, []

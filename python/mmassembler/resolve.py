@@ -1,144 +1,184 @@
 """Giving items a source the first step a window reaches them: precomputed, cached, encoded.
 
-Items of one step are resolved together: precomputed embeddings are checked; the rest
-are deduped by key, looked up in the cache (with the same checks as a precomputed
-embedding), and the misses sent to their modality's encoder once (``Encoder`` budgets
-apply), split by the rows the encoder returned. Every count and format is checked before
-the cache changes; what is encoded is copied into tensors the library owns (an encoder
-may hand out views of a buffer it reuses; a ``stable`` encoder's outputs are read in
-place) and detached (assembly is inference). Each source comes with its source entry
-(``mmkernels.tables.source_entry``); a precomputed embedding's checks and entry are made
-once per item and kept on it.
+The items a step reaches first are resolved together, in array operations over the
+registry's item columns: precomputed embeddings are checked as one batch; the rest are
+deduped by (modality, key), looked up in the cache under their encoder's identity (with
+the same checks), and the misses sent to their modality's encoder once (``Encoder``
+budgets apply), split by the rows the encoder returned and copied into one block per
+call. Every count and format is checked before the cache changes. Each source comes
+with its source entry (``mmkernels.layout.SOURCE_*``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from collections.abc import Mapping
 
+import numpy as np
 import torch
 
-from mmassembler.cache import EmbeddingCache
-from mmassembler.embeddings import check_row_count, fits, kept, precomputed_rows
-from mmassembler.encode import Encoder, EncoderFn, _Need, _split
+from mmassembler.cache import EmbeddingCache, encoder_token, entry_key
+from mmassembler.embeddings import FLOATS, checked_sources, entries_of
+from mmkernels import KIND_OF_DTYPE
+from mmassembler.encode import as_encoder, encode_call
 from mmassembler.errors import MissingEncoderError, RowCountError
-from mmkernels.tables import anchor_addresses, source_entry
+from mmkernels import layout as L
 
 logger = logging.getLogger(__name__)
 
 
-class Wanted(NamedTuple):
-    """An item slot that needs a source: its item, rows, and the request naming errors
-    (a tuple: one is built per item a step reaches first)."""
+class Resolved:
+    """What a step's resolve found: sources and entries per wanted slot, and the tensors a
+    cache lookup or an encoder call produced (kept by the caller until its step has run)."""
 
-    slot: int
-    item: object
-    rows: int
-    request: int  # index of the request in the step
+    __slots__ = ("sources", "entries", "encoder_calls", "encoded_rows", "hits", "misses")
 
-
-def checked_embedding(item, rows: int, widths: tuple, device: torch.device) -> tuple | None:
-    """``(rows tensor, source entry)`` kept on ``item`` by an earlier ``precomputed`` for
-    these widths and device, when it has ``rows`` rows; ``None`` otherwise."""
-    memo = item._checked_embedding
-    if memo is None or memo[0] != widths or memo[1] != device or memo[2].shape[0] != rows:
-        return None
-    return memo[2:]
+    def __init__(self, n: int):
+        self.sources: list = [None] * n
+        self.entries = np.empty((n, L.SOURCE_FIELDS), np.int64)
+        self.encoder_calls = self.encoded_rows = self.hits = self.misses = 0
 
 
-def precomputed(w: Wanted, widths: tuple, device: torch.device) -> tuple:
-    """A precomputed embedding as checked rows and its source entry (both made once per
-    item, widths and device); its row count is checked every time."""
-    found = checked_embedding(w.item, w.rows, widths, device)
-    if found is not None:
-        return found
-    item = w.item
-    memo = item._checked_embedding
-    if memo is not None and memo[0] == widths and memo[1] == device:
-        t, entry = memo[2], memo[3]
-    else:
-        t = precomputed_rows(item.embedding, widths, device, request=w.request, key=item.key)
-        entry = source_entry(t, widths[0], anchor_addresses(device))
-        object.__setattr__(item, "_checked_embedding", (widths, device, t, entry))
-    check_row_count(t, w.rows, request=w.request, key=item.key)
-    return t, entry
+def resolve(reg, slots: np.ndarray, request: np.ndarray, *, encoders: Mapping | None,
+            cache: EmbeddingCache | None, device: torch.device, widths: tuple) -> Resolved:
+    """A source and its entry for each item slot of ``reg`` in ``slots`` (``request``:
+    each slot's request index in the step, for errors); raises before the cache changes."""
+    n = len(slots)
+    out = Resolved(n)
+    if not n:
+        return out
+    keys = reg.item_key[slots]
+    rows = reg.item_rows[slots]
+    has = reg.has_emb[slots]
+
+    def naming(idx):
+        return lambda i: (int(request[idx[i]]), keys[idx[i]])
+
+    if has.all():
+        out.sources, out.entries = checked_sources(reg.item_emb[slots].tolist(), rows, widths, device,
+                                                   naming(np.arange(n)), "the precomputed embedding")
+        return out
+    pre = np.flatnonzero(has)
+    if len(pre):
+        srcs, ents = checked_sources(reg.item_emb[slots[pre]].tolist(), rows[pre], widths, device,
+                                     naming(pre), "the precomputed embedding")
+        _place(out, pre, srcs, ents)
+    _resolve_encoded(reg, slots, np.flatnonzero(~has), request, keys, rows, naming, out,
+                     encoders=encoders, cache=cache, device=device, widths=widths)
+    return out
 
 
-def resolve(wanted: Sequence[Wanted], *, encoders: Mapping[str, EncoderFn | Encoder] | None,
-            cache: EmbeddingCache | None, device: torch.device,
-            widths: Sequence[int], stream=None) -> tuple[list[torch.Tensor], list[tuple]]:
-    """A source and its source entry for each wanted item, in order; raises before the
-    cache changes. ``stream``: the CUDA stream that will read the sources while nothing
-    else holds them (the stateless path), on which cache entries read or put are noted
-    as used."""
-    widths = tuple(widths)
-    anchors = anchor_addresses(device)
-    sources: list = [None] * len(wanted)
-    entries: list = [None] * len(wanted)
-    needs: dict[tuple, _Need] = {}  # (modality, key) -> one encode
-    hits: dict = {}  # key -> cache entry (used)
-    stale: list = []  # keys whose cache entry does not fit their item
-    for i, w in enumerate(wanted):
-        item = w.item
-        if item.embedding is not None:
-            sources[i], entries[i] = precomputed(w, widths, device)
-            continue
-        ident = (item.modality, item.key)
-        need = needs.get(ident)
-        if need is not None and need.rows != w.rows:
-            first = need.requests[0]
-            raise RowCountError(f"two items share key {item.key!r} but take {need.rows} rows "
-                                f"(request {first}) and {w.rows} rows (request {w.request})",
-                                request=w.request, item_key=item.key, expected=need.rows,
-                                returned=w.rows)
-        if need is None:
-            need = needs[ident] = _Need(item.key, item, w.rows)
-        need.waiting.append(i)
-        need.requests.append(w.request)
-    misses: dict[str, list[_Need]] = {}
-    for (modality, key), need in needs.items():
-        entry = cache.peek(key) if cache is not None else None
-        if entry is not None and fits(entry, need.rows, widths, device):
-            hits[key] = entry
-            for i in need.waiting:
-                sources[i] = entry
-            continue
-        if entry is not None:
-            stale.append(key)
-        misses.setdefault(modality, []).append(need)
-    for modality, group in misses.items():
-        if encoders is None or modality not in encoders:
-            raise MissingEncoderError(f"no embedding, no cache entry and no encoder for modality "
-                                      f"{modality!r}", request=group[0].requests[0],
-                                      item_key=group[0].key)
-    encoded: list[tuple[_Need, torch.Tensor, bool]] = []
-    for modality, group in misses.items():
-        enc = encoders[modality]
-        enc = enc if isinstance(enc, Encoder) else Encoder(enc)
-        for call in enc.batches(group):
-            parts = _split(enc.fn([n.item for n in call]), call, modality, widths)
-            encoded.extend((need, t, enc.stable) for need, t in zip(call, parts))
-        logger.debug("encoded %d %s items", len(group), modality)
-    kept_parts = [(need, kept(t, device, need, stable), stable)  # may fail: before the cache
-                  for need, t, stable in encoded]
+def _place(out: Resolved, idx: np.ndarray, sources: list, entries: np.ndarray) -> None:
+    for i, t in zip(idx.tolist(), sources):
+        out.sources[i] = t
+    out.entries[idx] = entries
+
+
+def _resolve_encoded(reg, slots, enc, request, keys, rows, naming, out, *, encoders, cache, device, widths):
+    """Sources of the items ``enc`` (indices into ``slots``) that carry no embedding."""
+    mods = reg.item_modality[slots[enc]].tolist()
+    ident = list(zip(mods, keys[enc].tolist()))
+    last = dict(zip(ident, range(len(ident))))  # (modality, key) -> its last item: one encode each
+    rep = np.array([last[x] for x in ident], np.int64)
+    er = rows[enc]
+    if (er != er[rep]).any():
+        i = int(np.flatnonzero(er != er[rep])[0])
+        j = int(rep[i])
+        raise RowCountError(f"two items share key {keys[enc[i]]!r} but take {er[i]} rows "
+                            f"(request {request[enc[i]]}) and {er[j]} rows (request {request[enc[j]]})",
+                            request=int(request[enc[i]]), item_key=keys[enc[i]], expected=int(er[j]),
+                            returned=int(er[i]))
+    uniq = np.flatnonzero(rep == np.arange(len(rep)))  # one per (modality, key), in enc order
+    umods = [mods[i] for i in uniq.tolist()]
+    missing = [m for m in dict.fromkeys(umods) if encoders is None or m not in encoders]
+    if missing:
+        i = umods.index(missing[0])
+        k = int(enc[uniq[i]])
+        raise MissingEncoderError(f"no embedding and no encoder for modality {missing[0]!r}",
+                                  request=int(request[k]), item_key=keys[k])
+    encs = {m: as_encoder(encoders[m]) for m in dict.fromkeys(umods)}
+    usrc: list = [None] * len(uniq)
+    uent = np.empty((len(uniq), L.SOURCE_FIELDS), np.int64)
+    todo = np.ones(len(uniq), bool)
+    ckeys = hits = stale = None
     if cache is not None:
-        for key in stale:
-            cache.discard(key, "its rows, width, dtype or device do not fit the item")
-        # uses are noted before puts: an entry read here that a put evicts is not reused
-        # by the allocator before the stream's queued work
-        for key in hits:
-            cache.get(key)
-            if stream is not None:
-                cache.record_use(key, stream)
-        for need, t, stable in kept_parts:
-            if not stable and cache.put(need.key, t) and stream is not None:
-                cache.record_use(need.key, stream)
-    for need, t, _ in kept_parts:
-        for i in need.waiting:
-            sources[i] = t
-    hidden = widths[0]
-    for i, t in enumerate(sources):
-        if entries[i] is None:
-            entries[i] = source_entry(t, hidden, anchors)
-    return sources, entries
+        tokens = {m: encoder_token(e.fn if e.identity is None else e.identity)
+                  for m, e in encs.items() if not e.stable}
+        cached = np.array([m in tokens for m in umods], bool)
+        ckeys = [entry_key(tokens[m], m, k) if m in tokens else None
+                 for m, k in zip(umods, keys[enc[uniq]].tolist())]
+        found = cache.lookup(ckeys)
+        hit = np.array([f is not None for f in found], bool) & cached
+        hits, stale = [], []
+        if hit.any():
+            hidx = np.flatnonzero(hit)
+            fits, ents = _fitting([found[i] for i in hidx.tolist()], er[uniq[hidx]], widths, device)
+            for j, i in enumerate(hidx.tolist()):
+                if fits[j]:
+                    usrc[i], todo[i] = found[i], False
+                    hits.append(ckeys[i])
+                else:
+                    stale.append(ckeys[i])
+            uent[hidx[fits]] = ents[fits]
+    put_keys, put_vals, blocks = [], [], []
+    for m in encs:  # one call per modality (more where the encoder's budgets say)
+        idx = np.flatnonzero(todo & np.array([x == m for x in umods], bool))
+        if not len(idx):
+            continue
+        enc_m = encs[m]
+        items = enc[uniq[idx]]
+        objs = reg.item_obj[slots[items]].tolist()
+        need = er[uniq[idx]]
+        for call in enc_m.calls(need.tolist()):
+            sub = idx[call]
+            srcs, ents, blks = encode_call(enc_m, objs[call], need[call], m, widths, device,
+                                           naming(items[call]))
+            for i, t in zip(sub.tolist(), srcs):
+                usrc[i] = t
+            uent[sub] = ents
+            out.encoder_calls += 1
+            out.encoded_rows += int(need[call].sum())
+            if cache is not None and not enc_m.stable:
+                put_keys.extend(ckeys[i] for i in sub.tolist())
+                put_vals.extend(srcs)
+                blocks.append((len(put_keys), blks))
+        logger.debug("encoded %d %s items", len(idx), m)
+    out.misses = int(todo.sum())
+    if cache is not None:
+        _commit(cache, hits, out.misses, stale, put_keys, put_vals, blocks)
+        out.hits = len(hits)
+    # each item takes its representative's source
+    at = np.searchsorted(uniq, rep)
+    _place(out, enc, [usrc[i] for i in at.tolist()], uent[at])
+
+
+def _fitting(found: list, rows: np.ndarray, widths: tuple, device: torch.device):
+    """Which cache entries fit their items exactly as they are (2-D float rows of a known
+    width and the right count on ``device``, unit column stride, element-aligned), and
+    their source entries."""
+    fits = np.array([isinstance(t, torch.Tensor) and t.ndim == 2 and t.dtype in FLOATS
+                     and t.device == device and t.shape[1] in widths and t.shape[0] == r
+                     and (t.shape[1] == 1 or t.stride(1) == 1) and not t.requires_grad
+                     for t, r in zip(found, rows.tolist())], bool)
+    ents = np.zeros((len(found), L.SOURCE_FIELDS), np.int64)
+    idx = np.flatnonzero(fits)
+    if len(idx):
+        ts = [found[i] for i in idx.tolist()]
+        kinds = [KIND_OF_DTYPE[t.dtype] for t in ts]
+        ptrs = np.array([t.data_ptr() for t in ts], np.int64)
+        aligned = ptrs % np.where(np.array(kinds) == L.KIND_F32, 4, 2) == 0
+        fits[idx[~aligned]] = False
+        ents[idx] = entries_of(ptrs, [t.stride(0) for t in ts], kinds, [t.shape[1] for t in ts],
+                               widths[0], device)
+    return fits, ents
+
+
+def _commit(cache, hits, misses, stale, keys, values, blocks) -> None:
+    """Settle the step with the cache: hits, misses, stale entries, and each call's block."""
+    start = 0
+    first = True
+    for end, blks in blocks or [(0, [])]:
+        block = blks[0] if len(blks) == 1 else None
+        cache.commit(hits if first else [], misses if first else 0, stale if first else [],
+                     keys[start:end], values[start:end], block)
+        first, start = False, end

@@ -1,121 +1,279 @@
-"""A request's items as position-ordered runs, checked and built once at registration.
+"""New requests' items as position-ordered runs, checked and built in array operations.
 
 A run ``(first position, end position, first row, item)`` says that positions
-``first + i`` take rows ``row + i`` of the item's embedding. Items with an ``embed_mask``
-go through ``Item.layout`` (their runs skip the unembedded positions). Runs of
-interleaved items are merged into one position order, and adjacent runs of one item that
-continue each other are coalesced.
+``first + i`` take rows ``row + i`` of the item's embedding. A batch of new requests is
+read as columns (``NewRequests``: one list per field, one entry per item, filled by
+comprehensions from ``Item``s or straight from an engine's objects), and ``build_runs``
+checks every span and builds every run of the batch in a fixed number of numpy
+operations: spans sorted and disjoint within an item, inside the prompt, items of a
+request never sharing a position; interleaved items merged into one position order,
+adjacent runs of one item coalesced. Items with an ``embed_mask`` are laid out one by
+one (``items.layout_of``; an ``Item`` keeps its layout). Spans given as anything but
+Python ints are normalised one item at a time first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
+from typing import NamedTuple
 
 import numpy as np
 
-from mmassembler.batch import Item
-from mmassembler.errors import SpanError
+from mmassembler.errors import BatchShapeError, SpanError
+from mmassembler.items import Item, layout_of
 
 # A position no prompt reaches (prompts are shorter), small enough that a step's windows,
 # each at most this long, add up without overflow for up to MAX_REQUESTS requests.
 NO_LIMIT = 1 << 40
 MAX_REQUESTS = 1 << 20
+_REQUEST_SHIFT = 41  # a run's sort key: request << 41 | position (positions < 2**40)
 
 
-def _span_error(items: Sequence, j: int, message: str) -> SpanError:
-    key = getattr(items[j], "key", None)
+class NewRequests(NamedTuple):
+    """Columns of a batch of new requests: per request its item count and prompt length
+    (``None``: unknown); per item (requests' items in order) its key, spans (inclusive
+    ``(start, end)`` pairs), embed mask (or ``None``), modality, precomputed embedding (or
+    ``None``) and the object its encoder is handed."""
+
+    counts: list
+    prompts: list
+    keys: list
+    spans: list
+    masks: list
+    modality: list
+    embedding: list
+    objs: list
+
+
+def _bad_pair(requests) -> int | None:
+    """Index of the first entry that is not an ``(items, prompt_len)`` pair, or ``None``."""
+    for i, r in enumerate(requests):
+        if not isinstance(r, (tuple, list)) or len(r) != 2:
+            return i
+    return None
+
+
+def _check_prompt(p, request: int | None) -> None:
+    """``None`` or an int in ``[0, NO_LIMIT]``."""
+    if p is not None and (isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, np.integer))
+                          or not 0 <= p <= NO_LIMIT):
+        raise BatchShapeError(f"prompt_len must be None or an int in [0, 2**40], got {p!r}",
+                              request=request)
+
+
+def request_columns(requests) -> NewRequests:
+    """``[(items, prompt_len), ...]`` (lists or tuples of ``Item``s) as ``NewRequests``;
+    raises ``BatchShapeError`` or ``SpanError`` naming the request."""
+    if not isinstance(requests, (list, tuple)):
+        raise BatchShapeError(f"requests must be a list of (items, prompt_len) pairs, got "
+                              f"{type(requests).__name__}")
+    try:
+        pairs = set(map(len, requests)) <= {2}
+    except TypeError:
+        pairs = False
+    if not pairs:
+        bad = _bad_pair(requests)
+        raise BatchShapeError(f"requests[{bad}] is {requests[bad]!r:.80}; expected an (items, "
+                              "prompt_len) pair", request=bad)
+    lists, prompts = zip(*requests) if requests else ((), ())
+    if not set(map(type, lists)) <= {list, tuple}:
+        i = next(i for i, x in enumerate(lists) if not isinstance(x, (list, tuple)))
+        raise BatchShapeError(f"requests[{i}]: items must be a list or tuple of Items, got "
+                              f"{type(lists[i]).__name__}", request=i)
+    if not set(map(type, prompts)) <= {int, type(None)}:
+        for i, p in enumerate(prompts):
+            _check_prompt(p, i)
+        prompts = [None if p is None else int(p) for p in prompts]
+    elif any(p is not None and not 0 <= p <= NO_LIMIT for p in prompts):
+        for i, p in enumerate(prompts):
+            _check_prompt(p, i)
+    items = list(chain.from_iterable(lists))
+    if not set(map(type, items)) <= {Item}:
+        counts = list(map(len, lists))
+        j = next(j for j, it in enumerate(items) if not isinstance(it, Item))
+        r = int(np.searchsorted(np.cumsum(counts), j, side="right"))
+        raise SpanError(f"items[{j - sum(counts[:r])}] is a {type(items[j]).__name__}, not an "
+                        "mmassembler.Item", request=r)
+    return NewRequests(list(map(len, lists)), list(prompts), [it.key for it in items],
+                       [it.spans for it in items], [it.embed_mask for it in items],
+                       [it.modality for it in items], [it.embedding for it in items], items)
+
+
+class BuiltRuns(NamedTuple):
+    """A batch's runs (``HOST_RUN_*`` rows, item = the item's index in the batch, grouped
+    by request in order, position-ordered within), runs per request, and per item its
+    embedding rows and the end of its last embedded position (0 when it embeds none)."""
+
+    runs: np.ndarray
+    run_counts: np.ndarray
+    rows: np.ndarray
+    ends: np.ndarray
+
+
+def _span_error(new: NewRequests, item: int, message: str, owner: np.ndarray,
+                cls: type = SpanError) -> SpanError:
+    """A ``SpanError`` (or ``cls``) for batch item ``item``, named by its index in its request."""
+    r = int(owner[item])
+    first = sum(new.counts[:r])
+    key = new.keys[item]
     try:
         hash(key)
     except TypeError:
         key = None
-    return SpanError(f"items[{j}]: {message}", item_key=key)
+    several = len(new.counts) > 1
+    prefix = f"requests[{r}]: " if several else ""
+    return cls(f"{prefix}items[{item - first}]: {message}", request=r, item_key=key)
 
 
-def _position(v, items: Sequence, j: int) -> int:
-    """A span position: an int (numpy ints too), never a bool or a float."""
+def _position(v, new, j, owner) -> int:
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-        raise _span_error(items, j, f"span positions must be ints, got {v!r}")
+        raise _span_error(new, j, f"span positions must be ints, got {v!r}", owner)
+    if not -NO_LIMIT <= v <= NO_LIMIT:
+        raise _span_error(new, j, f"span position {v} is past any prompt (2**40)", owner)
     return int(v)
 
 
-def _item_spans(items: Sequence, j: int, limit: int, spans: list) -> tuple[int, int]:
-    """Check item ``j`` and append its ``(start, end, item, first row)`` spans; returns its
-    rows and the end of its last position (rows as if it had no mask)."""
-    it = items[j]
-    if not isinstance(it, Item):
-        raise SpanError(f"items[{j}] is a {type(it).__name__}, not an mmassembler.Item")
+def _normalised(new: NewRequests, j: int, owner) -> list:
+    """Item ``j``'s spans as ``(start, end)`` pairs of Python ints (its types checked)."""
     try:
-        hash(it.key)
+        pairs = [tuple(p) for p in new.spans[j]]
+        if any(len(p) != 2 for p in pairs):
+            raise TypeError
     except TypeError:
-        raise _span_error(items, j, f"its key {it.key!r} is not hashable") from None
-    prev, row = -1, 0
+        raise _span_error(new, j, f"spans must be (start, end) pairs, got {new.spans[j]!r:.80}",
+                          owner) from None
+    return [(_position(s, new, j, owner), _position(e, new, j, owner)) for s, e in pairs]
+
+
+def _flat_spans(new: NewRequests, owner: np.ndarray) -> tuple[np.ndarray, list]:
+    """Every span of the batch as ``[S, 2]`` int64 (start, inclusive end) and spans per item."""
+    spans = new.spans
     try:
-        pairs = list(it.spans)
-        for s, e in pairs:
-            if type(s) is not int or type(e) is not int:
-                s, e = _position(s, items, j), _position(e, items, j)
-            if s < 0 or e < s or e >= limit:
-                where = f"past the prompt of {limit} positions" if 0 <= s <= e else "invalid"
-                raise _span_error(items, j, f"span ({s}, {e}) is {where}")
-            if s <= prev:
-                raise _span_error(items, j, f"span ({s}, {e}) is out of order or overlaps the "
-                                  f"span ending at {prev}")
-            spans.append((s, e, j, row))
-            row += e - s + 1
-            prev = e
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, SpanError):
-            raise
-        raise _span_error(items, j, f"spans must be (start, end) pairs, got {it.spans!r}") from None
-    if prev < 0:
-        raise _span_error(items, j, "an item needs at least one span")
-    return row, prev + 1
+        nspan = list(map(len, spans))
+        pairs = list(chain.from_iterable(spans))
+        values = list(chain.from_iterable(pairs))
+        plain = set(map(len, pairs)) <= {2} and set(map(type, values)) <= {int}
+    except TypeError:
+        plain = False
+    if plain:
+        try:
+            return np.array(values, np.int64).reshape(-1, 2), nspan
+        except OverflowError:
+            pass
+    spans = [_normalised(new, j, owner) for j in range(len(spans))]
+    return np.array(list(chain.from_iterable(spans)), np.int64).reshape(-1, 2), list(map(len, spans))
 
 
-def run_lists(items: Sequence, prompt_len: int | None) -> tuple[list, list]:
-    """Check a request's items and build them as lists of tuples: its runs (item = index
-    into ``items``, sorted by position) and per item ``(embedding rows, end of its last
-    embedded position (0 when it embeds none), 0)`` (the last column is the registry's
-    owner); raises ``SpanError`` naming the item.
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
 
-    One plain-Python pass (a request's items are Python objects; numpy's fixed cost per
-    call is larger than this work for the few spans most requests have).
-    """
-    limit = NO_LIMIT if prompt_len is None else prompt_len
-    spans: list = []
-    n = len(items)
-    rows, ends = [0] * n, [0] * n
-    masked = set()
-    for j in range(n):
-        rows[j], ends[j] = _item_spans(items, j, limit, spans)
-        if items[j].embed_mask is not None:
-            masked.add(j)
-            lay = items[j].layout()
-            rows[j] = lay.num_rows
-            ends[j] = lay.runs_list[-1][1] if lay.num_rows else 0
-    spans.sort()
-    runs: list = []
-    prev = None
-    for span in spans:
-        s, e, j, row = span
-        if j in masked:  # masked spans may overlap others: their embedded positions are checked below
-            continue
-        if prev is not None and s <= prev[1]:
-            raise _span_error(items, j, f"span ({s}, {e}) overlaps span ({prev[0]}, {prev[1]}) of "
-                              f"items[{prev[2]}]")
-        prev = span
-        last = runs[-1] if runs else None
-        if last is not None and last[3] == j and last[1] == s and last[2] + s - last[0] == row:
-            runs[-1] = (last[0], e + 1, last[2], j)  # continues the previous run: coalesce
-        else:
-            runs.append((s, e + 1, row, j))
+
+def build_runs(new: NewRequests) -> BuiltRuns:
+    """Check the batch's spans and masks and build its runs (see the module doc); raises
+    ``SpanError`` / ``EmbedMaskError`` naming the request (when there are several) and item."""
+    m, n = len(new.counts), len(new.keys)
+    counts = np.array(new.counts, np.int64)
+    owner = np.repeat(np.arange(m), counts)  # each item's request
+    try:
+        list(map(hash, new.keys))
+    except TypeError:
+        j = next(j for j, k in enumerate(new.keys) if not _hashable(k))
+        raise _span_error(new, j, f"its key {new.keys[j]!r:.80} is not hashable", owner) from None
+    limit = np.array([NO_LIMIT if p is None else p for p in new.prompts], np.int64)
+    se, nspan = _flat_spans(new, owner)
+    nspan = np.array(nspan, np.int64)
+    s, e = se[:, 0], se[:, 1]
+    item = np.repeat(np.arange(n), nspan)
+    first_span = np.cumsum(nspan) - nspan
+    # every span inside its prompt and ordered after the item's previous one
+    bad = (s < 0) | (e < s) | (e >= limit[owner[item]])
+    after = np.ones(len(s), bool)
+    after[1:] = (item[1:] != item[:-1]) | (s[1:] > e[:-1])
+    if bad.any() or not after.all() or not nspan.all():
+        _raise_span(new, owner, s, e, item, bad, after, nspan, limit)
+    masked = [j for j, mk in enumerate(new.masks) if mk is not None] if any(
+        mk is not None for mk in new.masks) else []
+    length = e - s + 1
+    csum = np.cumsum(length) - length
+    row = csum - csum[first_span][item]
+    rows = np.add.reduceat(length, first_span) if n else np.zeros(0, np.int64)
+    ends = e[first_span + nspan - 1] + 1 if n else np.zeros(0, np.int64)
+    pos, end, run_item = s, e + 1, item
     if masked:
-        # Spans of masked items may overlap (Qwen-Omni's audio in video: one range, two
-        # items, complementary masks); the positions that take rows may not.
-        runs.extend((s, e, r, j) for j in masked for s, e, r in items[j].layout().runs_list)
-        runs.sort()
-        for a, b in zip(runs, runs[1:]):
-            if b[0] < a[1]:
-                raise _span_error(items, b[3], f"its embedded positions from {b[0]} overlap those of "
-                                  f"items[{a[3]}] (positions {a[0]}..{a[1] - 1})")
-    return runs, [(a, b, 0) for a, b in zip(rows, ends)]
+        keep = np.ones(n, bool)
+        keep[masked] = False
+        plain = keep[item]
+        lays = [_layout(new, j, owner) for j in masked]
+        extra = np.concatenate([lay.runs for lay in lays]).reshape(-1, 3)
+        which = np.repeat(np.array(masked, np.int64), [len(lay.runs) for lay in lays])
+        pos = np.concatenate((s[plain], extra[:, 0]))
+        end = np.concatenate((e[plain] + 1, extra[:, 1]))
+        row = np.concatenate((row[plain], extra[:, 2]))
+        run_item = np.concatenate((item[plain], which))
+        rows[masked] = [lay.num_rows for lay in lays]
+        ends[masked] = [int(lay.runs[-1, 1]) if lay.num_rows else 0 for lay in lays]
+    req = owner[run_item]
+    order = np.argsort((req << _REQUEST_SHIFT) | pos, kind="stable")
+    pos, end, row, run_item, req = pos[order], end[order], row[order], run_item[order], req[order]
+    same = req[1:] == req[:-1]
+    clash = same & (pos[1:] < end[:-1])
+    if clash.any():
+        k = _first(clash)
+        a, b = int(run_item[k]), int(run_item[k + 1])
+        raise _span_error(new, b, f"positions {pos[k + 1]}..{end[k + 1] - 1} overlap positions "
+                          f"{pos[k]}..{end[k] - 1} of items[{a - sum(new.counts[:int(owner[a])])}]",
+                          owner)
+    # a run that continues the previous one (same item, next position, next row) joins it
+    joins = (run_item[1:] == run_item[:-1]) & (pos[1:] == end[:-1]) & (row[1:] == row[:-1] + end[:-1] - pos[:-1])
+    if joins.any():
+        starts = np.flatnonzero(np.concatenate(([True], ~joins)))
+        last = np.concatenate((starts[1:], [len(pos)])) - 1
+        pos, end, row, run_item, req = pos[starts], end[last], row[starts], run_item[starts], req[starts]
+    runs = np.stack((pos, end, row, run_item), axis=1)
+    return BuiltRuns(runs, np.bincount(req, minlength=m), rows, ends)
+
+
+def _hashable(key) -> bool:
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
+
+
+def _layout(new: NewRequests, j: int, owner: np.ndarray):
+    """The layout of masked item ``j`` (kept on an ``Item``), errors naming its request."""
+    obj = new.objs[j]
+    try:
+        if type(obj) is Item:
+            return obj.layout()
+        return layout_of(new.keys[j], new.spans[j], new.masks[j])
+    except SpanError as exc:
+        raise _span_error(new, j, exc.message, owner, type(exc)) from None
+
+
+def _raise_span(new, owner, s, e, item, bad, after, nspan, limit) -> None:
+    """Raise the error of the first bad span (or spanless item) of the batch."""
+    none = np.flatnonzero(nspan == 0)
+    candidates = []
+    if len(none):
+        candidates.append((int(none[0]), "an item needs at least one span"))
+    if bad.any():
+        k = _first(bad)
+        j = int(item[k])
+        lim = int(limit[owner[j]])
+        where = f"past the prompt of {lim} positions" if 0 <= s[k] <= e[k] else "invalid"
+        candidates.append((j, f"span ({s[k]}, {e[k]}) is {where}"))
+    if not after.all():
+        k = _first(~after)
+        candidates.append((int(item[k]), f"span ({s[k]}, {e[k]}) is out of order or overlaps the "
+                                         f"span ending at {e[k - 1]}"))
+    j, message = min(candidates)
+    raise _span_error(new, j, message, owner)
+
+
+def check_items_type(items: Sequence) -> None:
+    """Raise unless ``items`` is a list or tuple (a generator would be consumed)."""
+    if not isinstance(items, (list, tuple)):
+        raise BatchShapeError(f"items must be a list or tuple of Items, got {type(items).__name__}")

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from mmassembler.errors import BatchShapeError, CapacityError, ChunkWindowError, UnknownHandleError
+from mmkernels import SUPPORTED_DTYPES
 
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+FLOATS = SUPPORTED_DTYPES  # the dtypes of embeddings, weights and outputs (defined once, device layer)
 
 
 def int_array(values, name: str) -> np.ndarray:
@@ -68,27 +69,68 @@ def check_windows(h: np.ndarray, p: np.ndarray, e: np.ndarray, registry, max_req
 
 def check_rows_buffer(name: str, t, rows: int, cols: int, dtype: torch.dtype,
                       device: torch.device) -> None:
-    """A ``[rows, cols]`` buffer of ``dtype`` on ``device`` whose rows do not overlap."""
-    if not isinstance(t, torch.Tensor) or t.dim() != 2:
-        raise BatchShapeError(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
-    if t.shape != (rows, cols):
-        raise BatchShapeError(f"{name} has shape {list(t.shape)}, expected [{rows}, {cols}]")
+    """A ``[rows, cols]`` buffer of ``dtype`` on ``device`` (``check_buffer``'s rules)."""
+    check_buffer(name, t, rows, cols)
     if t.dtype != dtype or t.device != device:
         raise BatchShapeError(f"{name} is {t.dtype} on {t.device}, expected {dtype} on {device}")
-    row_stride, col_stride = t.stride()
-    if (cols > 1 and col_stride != 1) or (rows > 1 and row_stride < cols):
-        raise BatchShapeError(f"{name} has strides {t.stride()}: rows must not overlap and "
-                              "columns must be contiguous")
 
 
 def check_input_ids(input_ids, rows: int, device: torch.device) -> None:
     """1-D int32/int64 token ids on ``device``, one per row (any stride)."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1 or input_ids.dtype not in (
-            torch.int32, torch.int64):
-        raise BatchShapeError("input_ids must be a 1-D int32/int64 tensor, got "
-                              f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise BatchShapeError(f"input_ids must be a 1-D int32/int64 tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 1:
+        raise BatchShapeError(f"input_ids must be 1-D (the batch's tokens, concatenated), got shape "
+                              f"{list(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise BatchShapeError(f"input_ids must be int32 or int64, got {input_ids.dtype}")
     if input_ids.device != device:
         raise BatchShapeError(f"input_ids are on {input_ids.device}, the embeddings on {device}")
     if input_ids.shape[0] != rows:
         raise BatchShapeError(f"input_ids has {input_ids.shape[0]} tokens but the windows' extend "
                               f"lengths add up to {rows}")
+
+
+def check_encoders(encoders) -> None:
+    """``None`` or a mapping of modality -> callable or ``Encoder``."""
+    from collections.abc import Mapping
+
+    if encoders is None:
+        return
+    if not isinstance(encoders, Mapping):
+        raise BatchShapeError(f"encoders must be a mapping of modality -> encoder, got "
+                              f"{type(encoders).__name__}")
+    for modality, enc in encoders.items():
+        if not callable(enc) and not callable(getattr(enc, "fn", None)):
+            raise BatchShapeError(f"encoders[{modality!r}] is a {type(enc).__name__}, not a callable "
+                                  "or an Encoder")
+
+
+def check_cache(cache) -> None:
+    """``None`` or an ``EmbeddingCache`` (a dict would fail only at the step)."""
+    from mmassembler.cache import EmbeddingCache
+
+    if cache is not None and not isinstance(cache, EmbeddingCache):
+        raise BatchShapeError(f"cache must be an mmassembler.EmbeddingCache or None, got "
+                              f"{type(cache).__name__}")
+
+
+def check_buffer(name: str, t, rows: int | None, cols: int | None = None) -> None:
+    """A 2-D float buffer with unit column stride whose rows do not overlap; ``rows=None``
+    leaves the row count free. Autograd is refused: assembly writes in place."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        raise BatchShapeError(f"{name} must be a 2-D tensor, got "
+                              f"{getattr(t, 'shape', type(t).__name__)}")
+    if (rows is not None and t.shape[0] != rows) or (cols is not None and t.shape[1] != cols):
+        want = f"[{rows}, {cols}]" if cols is not None else f"[{rows}, *]"
+        raise BatchShapeError(f"{name} has shape {list(t.shape)}, expected {want} "
+                              "(rows = sum of extend_len)")
+    if t.dtype not in FLOATS:
+        raise BatchShapeError(f"{name} has dtype {t.dtype}; expected float32, float16 or bfloat16")
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        raise BatchShapeError(f"{name} must have unit column stride, got strides {t.stride()}")
+    if t.shape[0] > 1 and t.stride(0) < t.shape[1]:
+        raise BatchShapeError(f"{name} has strides {t.stride()}: its rows overlap")
+    if t.requires_grad and name != "weight":
+        raise BatchShapeError(f"{name} requires grad: assembly writes it in place (inference); "
+                              "pass a tensor made under torch.no_grad() or detach() it")

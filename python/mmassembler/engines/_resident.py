@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from mmassembler.assembler import Assembler
-from mmassembler.engines._state import ObjectState
-from mmassembler.errors import CapacityError
+from mmassembler.identity import ObjectState
+from mmassembler.errors import BatchShapeError, CapacityError
 from mmassembler.step_inputs import int_array
 
 logger = logging.getLogger(__name__)
@@ -39,19 +39,24 @@ class Resident:
 
     def __init__(self, *, weight: torch.Tensor | None, hidden: int, dtype: torch.dtype, device,
                  deepstack_cols: int, backend: str = "auto"):
-        self._spec = dict(weight=weight, hidden=hidden, dtype=dtype, device=device,
-                          deepstack_cols=deepstack_cols, backend=backend)
+        # the weight is held only during a step (the engine hands it in each time), so state
+        # kept beside a bare weight tensor never keeps the tensor alive
+        self._spec = dict(hidden=hidden, dtype=dtype, device=device, deepstack_cols=deepstack_cols,
+                          backend=backend)
+        self._weight = (lambda: None) if weight is None else weakref.ref(weight)
         self._lock = threading.RLock()
         self._dead: list[int] = []  # handles whose engine request was dropped
         self.asm: Assembler | None = None
-        self._build(MIN_TOKENS, MIN_REQUESTS)
+        self._build(MIN_TOKENS, MIN_REQUESTS, weight)
 
-    def _build(self, max_tokens: int, max_requests: int) -> None:
+    def _build(self, max_tokens: int, max_requests: int, weight: torch.Tensor | None = None) -> None:
         spec = self._spec
-        kw = (dict(weight=spec["weight"]) if spec["weight"] is not None else
+        weight = self._weight() if weight is None else weight
+        kw = (dict(weight=weight) if weight is not None else
               dict(hidden=spec["hidden"], dtype=spec["dtype"], device=spec["device"]))
         self.asm = Assembler(max_tokens=max_tokens, max_requests=max_requests,
                              deepstack_cols=spec["deepstack_cols"], backend=spec["backend"], **kw)
+        self.asm.weight = None  # handed in by each step
         self._entries: dict[int, tuple] = {}  # id(request) -> (weakref, handle, snapshot)
         self._dead = []  # handles of the old Assembler mean nothing to the new one
         self._text: list[int] = []  # empty requests: the k-th text-only request of a step uses [k]
@@ -75,44 +80,57 @@ class Resident:
         while self._dead:
             self.asm.remove_request(self._dead.pop())
 
-    def handles(self, owners: Sequence, snapshot: Callable, register: Callable) -> np.ndarray:
+    def handles(self, owners: Sequence, fingerprints: Callable, columns: Callable) -> np.ndarray:
         """A handle per request: ``owners[i]`` (``None`` for a text-only request) registered
-        with ``register(owner) -> (items, prompt_len)`` when new or when ``snapshot(owner)``
-        -- ``(values, keep)``: a list compared with ``==``, and the objects whose ``id``s it
-        holds, kept alive so an id cannot be reused -- differs from the registered one."""
+        when new, or when its fingerprint (``fingerprints(owners)``: one value per request
+        compared with ``==``, holding the item objects whose ``id``s it records, so an id
+        cannot be reused while it is kept) differs from the registered one. New requests
+        are registered together from ``columns(new owners)``. The same engine request twice
+        in one step is a ``BatchShapeError`` before anything is registered."""
         asm = self.asm
         self._remove_dead()
         out = np.empty(len(owners), np.int64)
-        texts, new = 0, []
-        for i, owner in enumerate(owners):
-            if owner is None:
-                if texts == len(self._text):
-                    self._text.append(asm.add_request([], None))
-                out[i] = self._text[texts]
-                texts += 1
-                continue
-            snap = snapshot(owner)
-            entry = self._entries.get(id(owner))
-            if entry is not None and entry[0]() is owner and entry[2][0] == snap[0]:
+        real = [i for i, o in enumerate(owners) if o is not None]
+        objs = [owners[i] for i in real]
+        if len(set(map(id, objs))) != len(objs):
+            seen: dict = {}
+            for i in real:
+                if seen.setdefault(id(owners[i]), i) != i:
+                    raise BatchShapeError(f"the same engine request object is scheduled twice in one "
+                                          f"step (at {seen[id(owners[i])]} and {i})", request=i)
+        texts = len(owners) - len(real)
+        while len(self._text) < texts:
+            self._text.append(asm.add_request([], None))
+        if texts:
+            out[[i for i, o in enumerate(owners) if o is None]] = self._text[:texts]
+        fps = fingerprints(objs)
+        found = list(map(self._entries.get, map(id, objs)))
+        new, stale = [], []
+        for i, owner, fp, entry in zip(real, objs, fps, found):
+            if entry is not None and entry[0]() is owner and entry[2] == fp:
                 out[i] = entry[1]
                 continue
             if entry is not None:
-                asm.remove_request(entry[1])
+                stale.append(entry[1])
                 del self._entries[id(owner)]
-            new.append((i, owner, snap))
+            new.append((i, owner, fp))
+        if stale:
+            asm.remove_requests(stale)
         if new:  # the step's new (or changed) requests, registered together
-            for (i, owner, snap), h in zip(new, asm.add_requests([register(o) for _, o, _ in new])):
+            hs = asm._add_columns(columns([o for _, o, _ in new]))
+            me = weakref.ref(self)
+            for (i, owner, fp), h in zip(new, hs):
                 out[i] = h
                 try:
-                    ref = weakref.ref(owner, lambda _, key=id(owner), me=weakref.ref(self): (
+                    ref = weakref.ref(owner, lambda _, key=id(owner): (
                         me() is not None and me()._drop(key)))
                 except TypeError:  # no weak reference, no way to see it go: for this step only
                     self._dead.append(h)
                     continue
-                self._entries[id(owner)] = (ref, h, snap)
+                self._entries[id(owner)] = (ref, h, fp)
         return out
 
-    def step(self, owners: Sequence, snapshot: Callable, register: Callable, prefix, extend,
+    def step(self, owners: Sequence, fingerprints: Callable, columns: Callable, prefix, extend,
              input_ids: torch.Tensor, *, encoders, cache, out=None, deepstack_out=None) -> torch.Tensor:
         """``Assembler.assemble`` for the engine's requests, growing capacity as needed."""
         with self._lock:
@@ -122,43 +140,39 @@ class Resident:
                 self._grow(n, r)
             for attempt in range(GROWTHS + 1):
                 try:
-                    h = self.handles(owners, snapshot, register)
+                    h = self.handles(owners, fingerprints, columns)
                     break
                 except CapacityError:  # the request or item table is full: double both
                     if attempt == GROWTHS:
                         raise
                     self._grow(self.asm.max_tokens, 2 * self.asm.max_requests)
-            self.asm.encoders, self.asm.cache = encoders, cache
+            asm = self.asm
+            asm.encoders, asm.cache, asm.weight = encoders, cache, self._weight()
             try:
-                return self.asm.assemble(h, prefix, extend, input_ids, out=out, deepstack_out=deepstack_out)
+                return asm.assemble(h, prefix, extend, input_ids, out=out, deepstack_out=deepstack_out)
             finally:
-                self.asm.encoders = self.asm.cache = None  # hold no engine callables between steps
+                asm.encoders = asm.cache = asm.weight = None  # hold no engine objects between steps
                 self._remove_dead()  # requests registered for this step only
 
 
-_by_module = ObjectState()  # embedding module -> {config: Resident}
-_by_table: list = []  # (weight, {config: Resident}) for bare weight tables, most recent last
-MAX_TABLES = 2  # bare tables are held strongly: keep few
+_by_module = ObjectState()  # embedding module (or a bound method's instance) -> {config: Resident}
 
 
 def resident_for(embed, weight: torch.Tensor | None, ref: torch.Tensor, deepstack_cols: int,
                  backend: str) -> Resident:
     """The ``Resident`` for a text embedding: fused on ``weight`` when it is a plain table,
-    else scatter mode with ``ref``'s width, dtype and device. Kept beside the module (weakly:
-    it goes with the module) or, for a bare weight tensor, among the last ``MAX_TABLES``."""
-    if isinstance(embed, torch.Tensor):
-        table = next((t for w, t in _by_table if w is embed), None)
-        if table is None:
-            table = {}
-            _by_table.append((embed, table))
-            del _by_table[:-MAX_TABLES]
-    else:
-        table = _by_module.get(embed)
-        if table is None:
-            table = _by_module.set(embed, {})
-    key = (ref.device, ref.dtype, int(ref.shape[1]), deepstack_cols, backend, weight is not None)
+    else scatter mode with ``ref``'s width, dtype and device. Kept beside the module, the
+    bare weight tensor, or a bound method's instance (weakly: it goes with them; a bound
+    method is a new object on every access, so its instance and function are the key)."""
+    owner, func = getattr(embed, "__self__", None), getattr(embed, "__func__", None)
+    if owner is None or func is None:
+        owner, func = embed, None
+    table = _by_module.get(owner)
+    if table is None:
+        table = _by_module.set(owner, {})
+    key = (func, ref.device, ref.dtype, int(ref.shape[1]), deepstack_cols, backend, weight is not None)
     res = table.get(key)
-    if res is None or res.asm.weight is not weight:  # a new module weight: a new Assembler
+    if res is None or res._weight() is not weight:  # a new module weight: a new Assembler
         res = table[key] = Resident(weight=weight, hidden=int(ref.shape[1]), dtype=ref.dtype,
                                     device=ref.device, deepstack_cols=deepstack_cols, backend=backend)
     return res

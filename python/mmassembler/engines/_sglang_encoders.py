@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from mmassembler.engines._state import ObjectState
+from mmassembler.identity import ObjectState
+from mmassembler.encode import Encoder
 from mmassembler.errors import EncoderOutputError
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def _rows_of(rows_fn: RowsFn, sg_item) -> int:
     return int(n)
 
 
-def _make_encoder(func: Callable, rows_fn: RowsFn | None, name: str) -> Callable:
+def _make_encoder(func: Callable, rows_fn: RowsFn | None, name: str) -> Encoder:
     """Wrap an SGLang data-embedding function as an ``assemble`` encoder.
 
     A list output is used as it is. A single tensor for several items is split by
@@ -63,8 +64,7 @@ def _make_encoder(func: Callable, rows_fn: RowsFn | None, name: str) -> Callable
                            name)
         return [func([it]) for it in sg_items]
 
-    def encode(items):
-        sg_items = [it.data for it in items]
+    def encode(sg_items):
         if rows_fn is None and len(sg_items) > 1 and _seen(_concatenating, func):
             return per_item(sg_items)
         out = func(sg_items)
@@ -79,7 +79,7 @@ def _make_encoder(func: Callable, rows_fn: RowsFn | None, name: str) -> Callable
             return out, [_rows_of(rows_fn, it) for it in sg_items]
         return per_item(sg_items)
 
-    return encode
+    return Encoder(encode, identity=func)  # cache entries belong to the engine's function
 
 
 def modality_name(modality) -> str:
@@ -114,9 +114,14 @@ class StepEncoders(Mapping):
             func = self._func(modality)
             if func is None:
                 raise KeyError(modality)
-            fn = self._rows_fn.get(modality) if isinstance(self._rows_fn, Mapping) else self._rows_fn
+            fn = (self._rows_by_name().get(modality) if isinstance(self._rows_fn, Mapping)
+                  else self._rows_fn)
             self._made[modality] = _make_encoder(func, fn, modality)
         return self._made[modality]
+
+    def _rows_by_name(self) -> dict:
+        """``rows_fn`` keyed as the encoders are: ``Modality`` members or names, any case."""
+        return {modality_name(k): v for k, v in self._rows_fn.items()}
 
     def __iter__(self):
         return iter(self._funcs)

@@ -15,20 +15,20 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from itertools import chain
 
 import torch
 
-from mmassembler.batch import Item
+from mmassembler.runs import NewRequests
 from mmassembler.cache import EmbeddingCache
 from mmassembler.engines._embedding import plain_table, text_rows
 from mmassembler.engines._resident import resident_for
 from mmassembler.engines._sglang_encoders import RowsFn, StepEncoders, modality_name
-from mmassembler.engines._state import ObjectState
+from mmassembler.identity import ObjectState
 from mmassembler.errors import BatchShapeError
 
 logger = logging.getLogger(__name__)
 
-_items = ObjectState()  # SGLang item -> our Item
 _moved = ObjectState()  # SGLang item -> (its offloaded embedding, the copy on the ids' device)
 DEFAULT_CACHE_BYTES = 1 << 30
 _default_cache: EmbeddingCache | None = None
@@ -43,22 +43,75 @@ def default_cache() -> EmbeddingCache:
     return _default_cache
 
 
-def _item_for(sg_item, device: torch.device) -> Item:
-    """Our ``Item`` for an SGLang item, made once and kept beside it (never on it)."""
-    cached = _items.get(sg_item)
-    emb = getattr(sg_item, "precomputed_embeddings", None)
-    if isinstance(emb, torch.Tensor) and emb.device != device:  # offloaded between chunks
-        moved = _moved.get(sg_item)
-        if moved is None or moved[0] is not emb:
-            moved = _moved.set(sg_item, (emb, emb.to(device)))
-        emb = moved[1]
-    spans = [tuple(map(int, o)) for o in sg_item.offsets]
-    if (cached is not None and cached.key == sg_item.hash and cached.embedding is emb
-            and list(cached.spans) == spans):
-        return cached
-    item = Item(sg_item.hash, spans, modality=modality_name(sg_item.modality), embedding=emb,
-                data=sg_item)
-    return _items.set(sg_item, item)
+def _on_device(sg_item, emb, device: torch.device):
+    """An offloaded precomputed embedding moved to the ids' device once (kept beside the
+    item, holding only the engine's tensor and the copy: never the item itself)."""
+    moved = _moved.get(sg_item)
+    if moved is None or moved[0] is not emb:
+        moved = _moved.set(sg_item, (emb, emb.to(device)))
+    return moved[1]
+
+
+class _Names(dict):
+    """Modality -> our name (``Modality.IMAGE`` -> ``"image"``), keyed by the enum member's
+    ``_name_`` (a str: hashing it costs no Python call)."""
+
+    def __missing__(self, name):
+        value = self[name] = name.lower()
+        return value
+
+
+_names = _Names()
+
+
+def _modalities(items: list) -> list:
+    try:
+        return [_names[it.modality._name_] for it in items]
+    except AttributeError:  # modalities given as strings (duck-typed items)
+        return [modality_name(it.modality) for it in items]
+
+
+def _items_of(owners: list) -> tuple[list, list]:
+    """Every request's items (``None`` entries dropped) and their count per request."""
+    lists = [m.mm_items for m in owners]
+    flat = list(chain.from_iterable(lists))
+    if None in flat:
+        lists = [[it for it in x if it is not None] for x in lists]
+        flat = list(chain.from_iterable(lists))
+    return flat, list(map(len, lists))
+
+
+def _fingerprints(owners: list) -> list:
+    """Per request, what must not change while it is registered: its item objects (by
+    identity), their hashes, their precomputed tensors (by identity) and the values of
+    their offsets (copied, so an edit in place is seen). The list holds the items, so their
+    ids cannot be reused while it is kept. A fixed number of calls for the whole batch."""
+    flat, counts = _items_of(owners)
+    ids = list(map(id, flat))
+    hashes = [it.hash for it in flat]
+    embs = list(map(id, [getattr(it, "precomputed_embeddings", None) for it in flat]))
+    offs = [it.offsets for it in flat]
+    sizes = list(map(len, offs))
+    values = list(chain.from_iterable(chain.from_iterable(offs)))
+    fps, a, o = [], 0, 0
+    for c in counts:
+        b = a + c
+        k = o + 2 * sum(sizes[a:b])
+        fps.append((flat[a:b], ids[a:b], hashes[a:b], embs[a:b], sizes[a:b], values[o:k]))
+        a, o = b, k
+    return fps
+
+
+def _columns(owners: list, device: torch.device) -> NewRequests:
+    """The new requests' items as registry columns, read straight from SGLang's objects: the
+    hash is the key, offsets the spans; the encoder is handed the SGLang items."""
+    flat, counts = _items_of(owners)
+    embs = [getattr(it, "precomputed_embeddings", None) for it in flat]
+    if any(e is not None and isinstance(e, torch.Tensor) and e.device != device for e in embs):
+        embs = [_on_device(it, e, device) if isinstance(e, torch.Tensor) and e.device != device else e
+                for it, e in zip(flat, embs)]
+    return NewRequests(counts, [None] * len(counts), [it.hash for it in flat],
+                       [it.offsets for it in flat], [None] * len(flat), _modalities(flat), embs, flat)
 
 
 def embed_mm_inputs(
@@ -115,28 +168,11 @@ def embed_mm_inputs(
     ds_cols = 0 if deepstack_out is None else deepstack_out.shape[1]
     resident = resident_for(input_embedding, weight, ref, ds_cols, backend)
     owners = [m if m is not None and getattr(m, "mm_items", None) else None for m in mm_inputs_list]
-    embeds = resident.step(owners, _snapshot, lambda m: _register(m, device), extend_prefix_lens,
+    embeds = resident.step(owners, _fingerprints, lambda m: _columns(m, device), extend_prefix_lens,
                            extend_seq_lens, input_ids, encoders=encoders, cache=cache,
                            out=embeds, deepstack_out=deepstack_out)
     other = {"input_deepstack_embeds": deepstack_out} if deepstack_out is not None else {}
     return embeds, other
-
-
-def _snapshot(mm_inputs) -> tuple:
-    """What must not change for a registered request: its item objects, their precomputed
-    tensors (by identity) and their offsets (by value). The registered ``Item``s hold the
-    engine's items and tensors, so their ids cannot be reused while this is compared."""
-    items = mm_inputs.mm_items
-    try:
-        return [(id(it), id(it.precomputed_embeddings), it.offsets) if it is not None else None
-                for it in items], None
-    except AttributeError:  # a duck-typed item without every field
-        return [(id(it), id(getattr(it, "precomputed_embeddings", None)), getattr(it, "offsets", None))
-                for it in items], None
-
-
-def _register(mm_inputs, device: torch.device) -> tuple[list, None]:
-    return [_item_for(it, device) for it in mm_inputs.mm_items if it is not None], None
 
 
 def prepare_mm_inputs(

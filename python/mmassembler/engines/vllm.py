@@ -18,16 +18,18 @@ placeholders") but is a typed ``RowCountError`` raised before any write.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import chain
 
 import numpy as np
 import torch
 
 import mmkernels
 from mmassembler.api import assemble
-from mmassembler.batch import Item, Request
+from mmassembler.items import Item, Request
 from mmassembler.encode import Encoder
 from mmassembler.engines._embedding import plain_table, text_rows
 from mmassembler.engines._resident import resident_for
+from mmassembler.runs import NewRequests
 from mmassembler.errors import BatchShapeError, EmbeddingFormatError, MissingEncoderError, RowCountError
 
 
@@ -199,7 +201,7 @@ def gather_mm_embeddings(requests: Sequence, encoder_cache: Mapping, input_ids: 
     key = embed_tokens if embed_tokens is not None else _SCATTER
     resident = resident_for(key, weight if fused else None, weight if fused else rows, ds_cols, backend)
     prefix = [int(r.num_computed_tokens) for r in requests]
-    return resident.step(requests, _snapshot, _register, prefix, counts, input_ids,
+    return resident.step(requests, _fingerprints, _columns, prefix, counts, input_ids,
                          encoders=_EncoderCache(encoder_cache), cache=None,
                          out=None if fused else rows, deepstack_out=deepstack_out)
 
@@ -211,16 +213,50 @@ class _Key:
 _SCATTER = _Key()
 
 
-def _snapshot(r) -> tuple:
-    """What must not change for a registered request: its features and their placement
-    (by identity and value). The positions are kept, so their ids cannot be reused."""
-    pos = [f.mm_position for f in r.mm_features]
-    return [(id(f), id(p), p.offset, p.length, id(p.is_embed)) for f, p in zip(r.mm_features, pos)], pos
+def _features_of(states: list) -> tuple[list, list]:
+    lists = [r.mm_features for r in states]
+    return list(chain.from_iterable(lists)), list(map(len, lists))
 
 
-def _register(r) -> tuple[list, None]:
-    req_id = getattr(r, "req_id", None)
-    return [_item_for(f, None, req_id) for f in r.mm_features], None
+def _fingerprints(states: list) -> list:
+    """Per request, what must not change while it is registered: its features and their
+    placeholder ranges (by identity), offsets, lengths and ``is_embed`` masks (by identity).
+    The ranges are held, so their ids cannot be reused. A fixed number of calls a batch."""
+    flat, counts = _features_of(states)
+    pos = [f.mm_position for f in flat]
+    ids, pids = list(map(id, flat)), list(map(id, pos))
+    offs, lens = [p.offset for p in pos], [p.length for p in pos]
+    masks = list(map(id, [getattr(p, "is_embed", None) for p in pos]))
+    fps, a = [], 0
+    for c in counts:
+        b = a + c
+        fps.append((ids[a:b], pids[a:b], offs[a:b], lens[a:b], masks[a:b], flat[a:b], pos[a:b]))
+        a = b
+    return fps
+
+
+def _keys(flat: list) -> list:
+    try:
+        keys = [f.identifier for f in flat]
+    except AttributeError:
+        keys = [None] * len(flat)
+    if None in keys or "" in keys:
+        keys = [_identifier(f) for f in flat]
+    return keys
+
+
+def _columns(states: list) -> NewRequests:
+    """The new requests' features as registry columns, read straight from the runner's
+    objects: the identifier is the key, the placeholder range the span (``is_embed`` its
+    mask); the encoder is handed ``(feature, req_id)``."""
+    flat, counts = _features_of(states)
+    pos = [f.mm_position for f in flat]
+    spans = [((p.offset, p.offset + p.length - 1),) for p in pos]
+    rids = list(chain.from_iterable([getattr(r, "req_id", None)] * c for r, c in zip(states, counts)))
+    return NewRequests(counts, [None] * len(counts), _keys(flat), spans,
+                       [getattr(p, "is_embed", None) for p in pos],
+                       [getattr(f, "modality", "image") for f in flat], [None] * len(flat),
+                       list(zip(flat, rids)))
 
 
 class _EncoderCache(Mapping):
@@ -231,15 +267,13 @@ class _EncoderCache(Mapping):
         self._cache = cache
         self._enc = Encoder(self._lookup, stable=True)
 
-    def _lookup(self, items) -> list:
-        found = []
-        for it in items:
-            t = self._cache.get(it.key)
-            if t is None:
-                feature, req_id = it.data
-                raise MissingEncoderError(f"request {req_id!r}: feature {it.key!r} is not in the encoder "
-                                          f"cache (vLLM: 'Encoder cache miss')", item_key=it.key)
-            found.append(t)
+    def _lookup(self, features) -> list:
+        keys = _keys([f for f, _ in features])
+        found = list(map(self._cache.get, keys))
+        if None in found:
+            i = found.index(None)
+            raise MissingEncoderError(f"request {features[i][1]!r}: feature {keys[i]!r} is not in the "
+                                      "encoder cache (vLLM: 'Encoder cache miss')", item_key=keys[i])
         return found
 
     def __contains__(self, modality) -> bool:

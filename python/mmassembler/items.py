@@ -1,7 +1,8 @@
 """The data model: items (one image, video or audio clip) and requests (one prompt chunk).
 
-Both are frozen: an item's layout (its runs of embedded positions) is computed once,
-on first use, and cached on the item, so per-batch host work grows with items only.
+Both are frozen. An item with an ``embed_mask`` keeps its layout (its runs of embedded
+positions), computed on first use; unmasked items are laid out with their request, in
+array operations (``mmassembler.runs``).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ class Item:
         Picks the encoder (``encoders[modality]``).
     embedding : torch.Tensor, optional
         Precomputed rows (``[rows, hidden]``, or higher rank read as ``[-1, width]``),
-        read in place. Its checks (and a contiguous copy, where its columns are strided)
-        are kept on the item from its first use: do not resize or re-point it afterwards.
+        read in place (a contiguous copy where its columns are strided) while a window
+        can reach the item: do not write to it, resize or re-point it meanwhile.
     data : Any
         Whatever the modality's encoder needs (pixels, features, ...).
     embed_mask : sequence of bool, optional
@@ -62,13 +63,11 @@ class Item:
     data: Any = None
     embed_mask: Any = None
     _layout: ItemLayout | None = field(default=None, init=False, repr=False, compare=False)
-    # (widths, device, 2-D view, source entry) of ``embedding`` once checked: later steps skip the checks
-    _checked_embedding: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def layout(self, request: int | None = None) -> ItemLayout:
         """The item's runs, computed and checked once (errors name ``request``)."""
         if self._layout is None:
-            object.__setattr__(self, "_layout", _build_layout(self, request))
+            object.__setattr__(self, "_layout", layout_of(self.key, self.spans, self.embed_mask, request))
         return self._layout
 
     @property
@@ -88,19 +87,10 @@ class Request:
     prefix_len: int
     extend_len: int
     prompt_len: int | None = None
-    # The request's checked runs (``request_step.RequestRuns``), built on first use;
-    # ``with_window`` hands them to the request's next chunk.
-    _runs: Any = field(default=None, init=False, repr=False, compare=False)
 
     def with_window(self, prefix_len: int, extend_len: int) -> "Request":
-        """The same request and items at another chunk window, keeping its checked runs.
-
-        Engines that keep a request across prefill chunks call this instead of building a
-        new ``Request``, so its items are checked and turned into runs once, not every chunk.
-        """
-        nxt = Request(self.items, prefix_len, extend_len, self.prompt_len)
-        object.__setattr__(nxt, "_runs", self._runs)
-        return nxt
+        """The same request and items at another chunk window."""
+        return Request(self.items, prefix_len, extend_len, self.prompt_len)
 
 
 def _as_int(value, what: str, request: int | None, key: int | None) -> int:
@@ -109,13 +99,12 @@ def _as_int(value, what: str, request: int | None, key: int | None) -> int:
     return int(value)
 
 
-def _build_layout(item: Item, request: int | None) -> ItemLayout:
-    """Check an item's spans and mask and turn them into runs (once per item)."""
-    key = item.key
+def layout_of(key, spans, embed_mask, request: int | None = None) -> ItemLayout:
+    """Check an item's spans and mask and turn them into runs."""
     try:
-        pairs = [tuple(s) for s in item.spans]
+        pairs = [tuple(s) for s in spans]
     except TypeError:
-        raise SpanError(f"spans must be a sequence of (start, end) pairs, got {item.spans!r}",
+        raise SpanError(f"spans must be a sequence of (start, end) pairs, got {spans!r}",
                         request=request, item_key=key) from None
     if not pairs:
         raise SpanError("an item needs at least one span", request=request, item_key=key)
@@ -144,12 +133,12 @@ def _build_layout(item: Item, request: int | None) -> ItemLayout:
     lengths = ends_a - starts_a
     num_positions = int(lengths.sum())
 
-    if item.embed_mask is None:
+    if embed_mask is None:
         rows0 = np.cumsum(lengths) - lengths
         runs = np.stack((starts_a, ends_a, rows0), axis=1)
         num_rows = num_positions
     else:
-        mask = item.embed_mask
+        mask = embed_mask
         if isinstance(mask, torch.Tensor):
             if mask.device.type == "meta":
                 raise EmbedMaskError("embed_mask is on the meta device: it has no values",

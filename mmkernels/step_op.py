@@ -1,10 +1,12 @@
 """The step op: assemble one prefill step from resident tables, on the chosen backend.
 
-``StepOp`` binds what stays fixed for a model (tables, anchors, weight, widths, block
+``StepOp`` binds what stays fixed for an output width (tables, anchors, widths, block
 shape) and builds the kernel's argument list once; a call patches only what changes
-(output, deepstack and id buffers) and launches on ``cdiv(rows, BLOCK_R)`` programs,
-directly (``DirectLauncher``) or captured in a CUDA graph at capacity. The torch backend
-runs the twin ``mmkernels.reference.assemble_step_ref`` on the host mirrors.
+(output, deepstack, id and weight buffers) and launches on ``cdiv(rows, BLOCK_R)``
+programs, directly (``DirectLauncher``); ``StepGraph`` captures the step's copy and
+launch at capacity and replays them. Every path that runs the kernel launches here: the
+``Assembler``, the stateless ``assemble`` and the segment ops. The torch backend runs the
+twin ``mmkernels.reference.assemble_step_ref`` on the host mirrors.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from mmkernels.launch import DirectLauncher
-from mmkernels.tables import ResidentTables
+from mmkernels.tables import STAGING_RING, ResidentTables
 from mmkernels import layout as L
 
 MAX_BLOCK_COLS = 1024
@@ -79,13 +81,10 @@ def block_rows_for(block_rows: int, rows: int, fill_programs: int) -> int:
     return block_rows
 
 
-def fixed_args(weight: torch.Tensor | None, runs: torch.Tensor, step: torch.Tensor, anchors,
-               hidden: int, ds_cols: int) -> tuple:
-    """The kernel's arguments after the six that change per call (output, deepstack and
-    id buffers with their strides), in its order: one builder for every launcher."""
-    if weight is None:  # scatter mode: no text rows, any valid pointer stands in
-        return (runs, 0, 0, *anchors, runs, step, hidden, ds_cols)
-    return (weight, weight.stride(0), weight.shape[0], *anchors, runs, step, hidden, ds_cols)
+def table_args(runs: torch.Tensor, step: torch.Tensor, anchors, hidden: int, ds_cols: int) -> tuple:
+    """The kernel's arguments after the nine that change per call (output, deepstack, id
+    and weight buffers with their strides), in its order."""
+    return (*anchors, runs, step, hidden, ds_cols)
 
 
 def base_constexprs(cfg: StepConfig, *, fused: bool, hidden: int, ds_cols: int,
@@ -124,26 +123,28 @@ def launch_shape(block_rows: int, rows: int, max_programs: int, fill_programs: i
 
 
 class StepOp:
-    """One model's step kernel over ``tables`` (fused mode when ``weight`` is given).
+    """The step kernel over ``tables`` for one output width (fused mode when ``fused``).
 
-    ``config`` (benchmark sweeps) overrides the heuristic's block shape.
+    ``config`` (benchmark sweeps) overrides the heuristic's block shape. The per-call
+    buffers (output, deepstack, ids, weight) are passed to ``launch``; the tables, anchors
+    and widths are bound here, so a launch packs a fixed argument tuple.
     """
 
     def __init__(self, tables: ResidentTables, *, hidden: int, ds_cols: int, dtype: torch.dtype,
-                 weight: torch.Tensor | None, interpreted: bool, block_rows: int | None = None,
+                 fused: bool, interpreted: bool, block_rows: int | None = None,
                  config: StepConfig | None = None):
         from mmkernels.backend import _kernel_module
 
         self.kernel_module = _kernel_module("step")
-        self.tables = tables
+        self.tables, self.fused = tables, fused
         self.cfg = config or step_config(max(hidden, ds_cols), interpreted, block_rows)
         self.vec = 16 // torch.empty((), dtype=dtype).element_size()
         self.launcher = DirectLauncher(self.kernel_module._assemble_step_kernel,
                                        interpreted=interpreted)
         anchors = [tables.anchors[k] for k in (L.KIND_F32, L.KIND_F16, L.KIND_BF16)]
-        self._fixed = fixed_args(weight, tables.runs, tables.step, anchors, hidden, ds_cols)
+        self._fixed = table_args(tables.runs, tables.step, anchors, hidden, ds_cols)
         self._fixed_ints = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in self._fixed)
-        self._base = base_constexprs(self.cfg, fused=weight is not None, hidden=hidden, ds_cols=ds_cols,
+        self._base = base_constexprs(self.cfg, fused=fused, hidden=hidden, ds_cols=ds_cols,
                                      interpreted=interpreted)
         self._variants: dict = {}  # (OUT_UNIT, BLOCK_R) -> (constexprs, int arguments after the head)
         self.device_index = (tables.device.index or 0) if tables.device.type == "cuda" else 0
@@ -159,26 +160,63 @@ class StepOp:
         return v
 
     def launch(self, out: torch.Tensor, deepstack_out: torch.Tensor | None,
-               input_ids: torch.Tensor | None, rows: int) -> None:
+               input_ids: torch.Tensor | None, weight: torch.Tensor | None, rows: int) -> None:
         """Enqueue the kernel over ``rows`` output rows (the step's tokens, or capacity).
 
         The step table must already be on the device; nothing here reads it back.
+        ``weight`` (fused mode) is the token-embedding table ``[vocab, hidden]``.
         """
         br, grid = launch_shape(self.cfg.block_rows, rows, self.max_programs, self.fill_programs)
         if grid == 0:
             return
         ds = out if deepstack_out is None else deepstack_out
         ids = out if input_ids is None else input_ids
+        w = out if weight is None else weight  # scatter mode: any valid pointer stands in
         out_stride, ds_stride = out.stride(0), ds.stride(0)
         ids_stride = 0 if input_ids is None else input_ids.stride(0)
+        w_stride, vocab = (0, 0) if weight is None else (weight.stride(0), weight.shape[0])
         vec = self.vec
         unit = vec if out_stride % vec == 0 and ds_stride % vec == 0 else 1
-        o, d, i = out.data_ptr(), ds.data_ptr(), ids.data_ptr()
+        o, d, i, wp = out.data_ptr(), ds.data_ptr(), ids.data_ptr(), w.data_ptr()
         # what Triton specialises on among the per-call arguments
-        key = (unit, br, o % 16 == 0, d % 16 == 0, i % 16 == 0, ids.dtype,
-               (out_stride | ds_stride | ids_stride) >> 31)
-        head = (o, out_stride // unit, d, ds_stride // unit, i, ids_stride)
+        key = (unit, br, o % 16 == 0, d % 16 == 0, i % 16 == 0, wp % 16 == 0, ids.dtype, w.dtype,
+               w_stride % 16 == 0, w_stride == 1, (out_stride | ds_stride | ids_stride | w_stride) >> 31)
+        head = (o, out_stride // unit, d, ds_stride // unit, i, ids_stride, wp, w_stride, vocab)
         constexprs, tail = self._variants.get((unit, br)) or self._variant(unit, br)
         if not self.launcher.launch_direct(key, grid, head + tail, self.device_index):
-            args = (out, out_stride // unit, ds, ds_stride // unit, ids, ids_stride) + self._fixed
+            args = (out, out_stride // unit, ds, ds_stride // unit, ids, ids_stride, w, w_stride,
+                    vocab) + self._fixed
             self.launcher.launch(key, grid, args, constexprs, self.cfg.num_warps)
+
+
+class StepGraph:
+    """A step's device work (step-table copy + kernel at capacity) captured once per
+    staging buffer of ``op``'s tables and replayed: outputs live in the persistent buffers
+    given here. Counts are read on the device, so a replay serves any step that fits."""
+
+    def __init__(self, op: StepOp, out: torch.Tensor, deepstack_out: torch.Tensor | None,
+                 input_ids: torch.Tensor, weight: torch.Tensor | None, capacity: int):
+        self.op, self.out, self.deepstack_out = op, out, deepstack_out
+        self.input_ids, self.weight, self.capacity = input_ids, weight, capacity
+        self.graphs: list | None = None
+
+    def _capture(self) -> None:
+        op, tables = self.op, self.op.tables
+        # warm-up outside the capture compiles the kernel; a step of 0 tokens writes nothing
+        tables.step[0, :2] = 0
+        op.launch(self.out, self.deepstack_out, self.input_ids, self.weight, self.capacity)
+        torch.cuda.synchronize(tables.device)
+        graphs = []
+        for s in range(STAGING_RING):  # one graph per staging buffer: the copy's source is fixed
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                tables.enqueue_step_copy(s)
+                op.launch(self.out, self.deepstack_out, self.input_ids, self.weight, self.capacity)
+            graphs.append(graph)
+        self.graphs = graphs
+
+    def replay(self) -> None:
+        """Replay the graph of the staging buffer the step just filled."""
+        if self.graphs is None:
+            self._capture()
+        self.graphs[self.op.tables.slot].replay()
