@@ -68,7 +68,8 @@ def run_schedule(sched, backend: str, device: str, block_rows=None, cache_bytes=
             assert torch.equal(buf[:2], ref[:2]) and torch.equal(buf[2 + n:], ref[2 + n:])
         if not sched.fused:
             assert got.data_ptr() == out.data_ptr()
-        check_device_runs(asm)
+        if asm.backend != "torch":  # the torch twin reads the host rows; nothing goes up
+            check_device_runs(asm)
     return encoded
 
 

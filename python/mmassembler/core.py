@@ -177,6 +177,9 @@ class StepCore:
         st.cache_misses += found.misses
 
     def _flush(self) -> None:
-        """Send the run rows registration or a source change made stale (one upload)."""
-        if self.registry.dirty_runs:
-            self.tables.write_runs(*self.registry.take_dirty_runs())
+        """Send the run rows registration or a source change made stale (one upload; the
+        torch backend reads the host rows, so nothing goes up)."""
+        if self.registry.has_dirty_runs:
+            idx, rows = self.registry.take_dirty_runs()
+            if self.backend != "torch":
+                self.tables.write_runs(idx, rows)

@@ -11,7 +11,9 @@ read that block through their row offsets.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from itertools import chain
 
 import numpy as np
 import torch
@@ -69,56 +71,85 @@ def entries_of(ptrs: list, strides: list, kinds: list, cols: list, hidden: int,
     entries = np.empty((n, L.SOURCE_FIELDS), np.int64)
     if not n:
         return entries
-    kind = np.array(kinds, np.int64)
+    kind = np.asarray(kinds, np.int64)
     anchors = anchor_addresses(device)
     anchor = np.array([anchors[L.KIND_F32], anchors[L.KIND_F16], anchors[L.KIND_BF16]], np.int64)
-    esize = np.where(kind == L.KIND_F32, 4, 2)
+    esize = 4 - 2 * (kind != L.KIND_F32)
     delta = np.asarray(ptrs, np.int64) - anchor[kind]
-    stride = np.array(strides, np.int64)
+    stride = np.asarray(strides, np.int64)
     entries[:, L.SOURCE_OFF] = delta // esize
     entries[:, L.SOURCE_STRIDE] = stride
     entries[:, L.SOURCE_KIND] = kind
     entries[:, L.SOURCE_COLS] = cols
-    entries[:, L.SOURCE_ALIGNED] = L.loads_aligned(delta, stride * esize, hidden * esize * np.ones_like(delta))
+    entries[:, L.SOURCE_ALIGNED] = L.loads_aligned(delta, stride * esize, hidden * esize)
     return entries
+
+
+_TENSORS = {torch.Tensor, torch.nn.Parameter}
+_FLOAT_SET = frozenset(SUPPORTED_DTYPES)
+
+
+def _plain(ts: list, rows: np.ndarray, widths: tuple, device: torch.device | None):
+    """``(dtypes, shapes [n, 2], strides [n, 2], addresses)`` when every tensor is a plain
+    source as it is: a ``torch.Tensor`` of a supported float dtype, 2-D with ``rows`` rows
+    and a known width, unit column stride, on ``device`` (any device when ``None``);
+    ``None`` otherwise. One pass over attributes, two calls a tensor. (A tensor that
+    requires grad is read as it is: assembly makes no autograd graph.)"""
+    n = len(ts)
+    if not set(map(type, ts)) <= _TENSORS:
+        return None
+    if device is None or device.type == "cuda":
+        info = [(t.dtype, t.shape, t.stride(), t.data_ptr(), t.is_cuda) for t in ts]
+    else:
+        info = [(t.dtype, t.shape, t.stride(), t.data_ptr(), t.is_cpu) for t in ts]
+    dtypes, shapes, strides, ptrs, here = zip(*info)
+    if (set(map(len, shapes)) != {2} or not set(dtypes) <= _FLOAT_SET or 0 in ptrs
+            or (device is not None and (False in here or (device.type == "cuda" and _several_gpus()
+                                                           and {t.get_device() for t in ts} != {device.index})))):
+        return None
+    sh = np.fromiter(chain.from_iterable(shapes), np.int64, 2 * n).reshape(n, 2)
+    st = np.fromiter(chain.from_iterable(strides), np.int64, 2 * n).reshape(n, 2)
+    cols = sh[:, 1]
+    ok = (sh[:, 0] == rows) & ((st[:, 1] == 1) | (cols == 1)) & (cols == widths[0])
+    if len(widths) > 1 and widths[1] != widths[0]:
+        ok |= (sh[:, 0] == rows) & ((st[:, 1] == 1) | (cols == 1)) & (cols == widths[1])
+    if not ok.all():
+        return None
+    return dtypes, sh, st, ptrs
+
+
+@functools.lru_cache(maxsize=None)
+def _several_gpus() -> bool:
+    return torch.cuda.device_count() > 1
 
 
 def checked_sources(ts: list, rows: np.ndarray, widths: tuple, device: torch.device | None,
                     naming: Naming, what: str) -> tuple[list, np.ndarray | None]:
     """Tensors checked as the sources of items that take ``rows`` rows each: ``(2-D
     views, source entries)``; raises a typed error naming the first bad one's request and
-    item. Plain 2-D tensors of a float dtype on ``device`` cost a pass over attributes and
-    two calls each (address, strides); the rest go one by one through ``as_rows``. With
-    ``device=None`` any device is accepted and no entries are made (outputs to be copied)."""
+    item. Plain 2-D tensors (``_plain``) cost a pass over attributes and two calls each
+    (strides, address); the rest go one by one through ``as_rows``, which fixes or
+    raises. With ``device=None`` any device is accepted and no entries are made
+    (outputs to be copied)."""
     n = len(ts)
-    try:
-        info = [(t.dtype, t.ndim, t.device, t.requires_grad, t.shape[-1]) for t in ts]
-        dtypes, ndims, devices, grads, cols = zip(*info) if n else ((),) * 5
-        plain = (set(map(type, ts)) <= {torch.Tensor, torch.nn.Parameter} and set(ndims) <= {2}
-                 and set(dtypes) <= set(FLOATS) and not any(grads) and set(cols) <= set(widths)
-                 and (device is None or set(devices) <= {device}))
-    except (AttributeError, IndexError, TypeError):
-        plain = False
-    if plain:
-        strides = [t.stride() for t in ts]
-        plain = ([t.shape[0] for t in ts] == rows.tolist()
-                 and all(s[1] == 1 or c == 1 for s, c in zip(strides, cols)))
-    if not plain:
+    found = _plain(ts, rows, widths, device) if n else None
+    if found is None:
         ts = [_one(t, r, widths, device, naming(i), what) for i, (t, r) in enumerate(zip(ts, rows.tolist()))]
-        dtypes = [t.dtype for t in ts]
-        cols = [t.shape[1] for t in ts]
-        strides = [t.stride() for t in ts]
+        if device is None or not n:
+            return ts, None if device is None else np.empty((0, L.SOURCE_FIELDS), np.int64)
+        found = _plain(ts, rows, widths, device)
     if device is None:
         return ts, None
-    ptrs = np.array([t.data_ptr() for t in ts], np.int64)
-    kinds = [KIND_OF_DTYPE[d] for d in dtypes]
-    if n:
-        odd = ptrs % np.where(np.array(kinds) == L.KIND_F32, 4, 2)
-        if odd.any():
-            request, key = naming(int(np.flatnonzero(odd)[0]))
-            raise EmbeddingFormatError(f"{what} starts at an address that is not a multiple of its "
-                                       "element size", request=request, item_key=key)
-    return ts, entries_of(ptrs, [s[0] for s in strides], kinds, cols, widths[0], device)
+    dtypes, sh, st, ptrs = found
+    kinds = (np.full(n, KIND_OF_DTYPE[dtypes[0]], np.int64) if len(set(dtypes)) == 1
+             else np.array([KIND_OF_DTYPE[d] for d in dtypes], np.int64))
+    ptrs = np.array(ptrs, np.int64)
+    odd = ptrs % np.where(kinds == L.KIND_F32, 4, 2)
+    if odd.any():
+        request, key = naming(int(np.flatnonzero(odd)[0]))
+        raise EmbeddingFormatError(f"{what} starts at an address that is not a multiple of its "
+                                   "element size", request=request, item_key=key)
+    return ts, entries_of(ptrs, st[:, 0], kinds, sh[:, 1], widths[0], device)
 
 
 def _one(t, rows: int, widths, device, name: tuple, what: str) -> torch.Tensor:

@@ -22,6 +22,9 @@ the table turns any bad handle into a failed check. A removed handle's row fails
 
 from __future__ import annotations
 
+from itertools import repeat
+from operator import is_not
+
 import numpy as np
 
 from mmassembler.errors import BatchShapeError, CapacityError, UnknownHandleError
@@ -66,7 +69,9 @@ class Registry:
         self.item_entry = np.zeros((max_items, L.SOURCE_FIELDS), np.int64)
         self.item_entry[:] = L.NO_SOURCE
         self._flag = np.zeros(max_items, bool)  # scratch flags over slots, all False between calls
-        self.dirty_runs: list[np.ndarray] = []  # run indices whose device rows are stale
+        # runs whose device rows are stale: a flag per run, and the range holding every flag
+        self._dirty = np.zeros(max_runs, bool)
+        self._dirty_lo, self._dirty_hi = max_runs, 0
 
     @property
     def num_live(self) -> int:
@@ -102,24 +107,25 @@ class Registry:
             runs = built.runs
             runs[:, ITEM] += i0
             self.runs[r0:r0 + k] = runs
-            self.dirty_runs.append(np.arange(r0, r0 + k))
+            self._mark_dirty(slice(r0, r0 + k), r0, r0 + k)
         rows = np.zeros((m, L.STEP_FIELDS), np.int64)
         end = r0 + np.cumsum(run_counts)
         rows[:, L.STEP_RUN_FIRST], rows[:, L.STEP_RUN_END] = end - run_counts, end
-        prompt = np.array([NO_LIMIT if p is None else p for p in new.prompts], np.int64)
+        prompt = np.fromiter(new.prompts, np.int64, m)
         # no runs: a window needs no sources; else the first window with tokens resolves
         rows[:, HI] = np.where(run_counts == 0, prompt, 0)
         rows[:, START_MAX] = NO_LIMIT
         self.req[h] = rows
         first = i0 + np.cumsum(counts) - counts
-        self.slots[h] = np.stack((first, counts, prompt), axis=1)
+        slots = self.slots
+        slots[h, 0], slots[h, 1], slots[h, 2] = first, counts, prompt
         if n:
             s = slice(i0, i0 + n)
             self.item_obj[s] = _objects(new.objs)
             self.item_key[s] = _objects(new.keys)
             self.item_modality[s] = _objects(new.modality)
             self.item_emb[s] = _objects(new.embedding)
-            self.has_emb[s] = [x is not None for x in new.embedding]
+            self.has_emb[s] = np.fromiter(map(is_not, new.embedding, repeat(None)), bool, n)
             self.item_rows[s], self.item_end[s] = built.rows, built.ends
             self.item_owner[s] = np.repeat(h, counts)
         self.live[h] = True
@@ -190,7 +196,10 @@ class Registry:
         self.run_first[h] = self.run_end[h] - rc
         self.item_first[h] = np.cumsum(ic) - ic
         self.run_top, self.item_top = k, n
-        self.dirty_runs = [np.arange(k)] if k else []
+        self._dirty[:] = False
+        self._dirty_lo, self._dirty_hi = self.max_runs, 0
+        if k:
+            self._mark_dirty(slice(0, k), 0, k)
 
     def check_live(self, h) -> None:
         if isinstance(h, (bool, np.bool_)) or not isinstance(h, (int, np.integer)) or not (
@@ -254,16 +263,27 @@ class Registry:
         stale = ridx[changed[self.runs[ridx, ITEM]]]
         changed[slots], changed[passed] = False, False
         if len(stale):
-            self.dirty_runs.append(stale)
+            self._mark_dirty(stale, int(stale.min()), int(stale.max()) + 1)
         return released
+
+    def _mark_dirty(self, runs, lo: int, hi: int) -> None:
+        self._dirty[runs] = True
+        self._dirty_lo, self._dirty_hi = min(self._dirty_lo, lo), max(self._dirty_hi, hi)
+
+    @property
+    def has_dirty_runs(self) -> bool:
+        return self._dirty_hi > self._dirty_lo
 
     def take_dirty_runs(self) -> tuple[np.ndarray, np.ndarray]:
         """Stale run indices (each once, ascending) and their device rows, built from the
         current host runs and source entries; none are stale afterwards."""
-        if not self.dirty_runs:
+        lo, hi = self._dirty_lo, self._dirty_hi
+        if hi <= lo:
             return np.zeros(0, np.int64), np.zeros((0, L.RUN_FIELDS), np.int64)
-        parts, self.dirty_runs = self.dirty_runs, []
-        idx = parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
+        flags = self._dirty[lo:hi]
+        idx = np.arange(lo, hi) if flags.all() else lo + np.flatnonzero(flags)
+        flags[:] = False
+        self._dirty_lo, self._dirty_hi = self.max_runs, 0
         host = self.runs[idx]
         return idx, L.device_runs(host, self.item_entry[host[:, ITEM]])
 

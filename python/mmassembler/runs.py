@@ -32,7 +32,7 @@ _REQUEST_SHIFT = 41  # a run's sort key: request << 41 | position (positions < 2
 
 class NewRequests(NamedTuple):
     """Columns of a batch of new requests: per request its item count and prompt length
-    (``None``: unknown); per item (requests' items in order) its key, spans (inclusive
+    (``NO_LIMIT``: unknown); per item (requests' items in order) its key, spans (inclusive
     ``(start, end)`` pairs), embed mask (or ``None``), modality, precomputed embedding (or
     ``None``) and the object its encoder is handed."""
 
@@ -81,13 +81,12 @@ def request_columns(requests) -> NewRequests:
         i = next(i for i, x in enumerate(lists) if not isinstance(x, (list, tuple)))
         raise BatchShapeError(f"requests[{i}]: items must be a list or tuple of Items, got "
                               f"{type(lists[i]).__name__}", request=i)
-    if not set(map(type, prompts)) <= {int, type(None)}:
+    if None in prompts:
+        prompts = [NO_LIMIT if p is None else p for p in prompts]
+    if prompts and (not set(map(type, prompts)) <= {int} or min(prompts) < 0 or max(prompts) > NO_LIMIT):
         for i, p in enumerate(prompts):
             _check_prompt(p, i)
-        prompts = [None if p is None else int(p) for p in prompts]
-    elif any(p is not None and not 0 <= p <= NO_LIMIT for p in prompts):
-        for i, p in enumerate(prompts):
-            _check_prompt(p, i)
+        prompts = [int(p) for p in prompts]
     items = list(chain.from_iterable(lists))
     if not set(map(type, items)) <= {Item}:
         counts = list(map(len, lists))
@@ -158,7 +157,7 @@ def _flat_spans(new: NewRequests, owner: np.ndarray) -> tuple[np.ndarray, list]:
         plain = False
     if plain:
         try:
-            return np.array(values, np.int64).reshape(-1, 2), nspan
+            return np.fromiter(values, np.int64, len(values)).reshape(-1, 2), nspan
         except OverflowError:
             pass
     spans = [_normalised(new, j, owner) for j in range(len(spans))]
@@ -180,7 +179,7 @@ def build_runs(new: NewRequests) -> BuiltRuns:
     except TypeError:
         j = next(j for j, k in enumerate(new.keys) if not _hashable(k))
         raise _span_error(new, j, f"its key {new.keys[j]!r:.80} is not hashable", owner) from None
-    limit = np.array([NO_LIMIT if p is None else p for p in new.prompts], np.int64)
+    limit = np.fromiter(new.prompts, np.int64, m)
     se, nspan = _flat_spans(new, owner)
     nspan = np.array(nspan, np.int64)
     s, e = se[:, 0], se[:, 1]
@@ -192,8 +191,8 @@ def build_runs(new: NewRequests) -> BuiltRuns:
     after[1:] = (item[1:] != item[:-1]) | (s[1:] > e[:-1])
     if bad.any() or not after.all() or not nspan.all():
         _raise_span(new, owner, s, e, item, bad, after, nspan, limit)
-    masked = [j for j, mk in enumerate(new.masks) if mk is not None] if any(
-        mk is not None for mk in new.masks) else []
+    masked = ([j for j, mk in enumerate(new.masks) if mk is not None]
+              if new.masks.count(None) != n else [])
     length = e - s + 1
     csum = np.cumsum(length) - length
     row = csum - csum[first_span][item]
@@ -230,7 +229,8 @@ def build_runs(new: NewRequests) -> BuiltRuns:
         starts = np.flatnonzero(np.concatenate(([True], ~joins)))
         last = np.concatenate((starts[1:], [len(pos)])) - 1
         pos, end, row, run_item, req = pos[starts], end[last], row[starts], run_item[starts], req[starts]
-    runs = np.stack((pos, end, row, run_item), axis=1)
+    runs = np.empty((len(pos), 4), np.int64)
+    runs[:, 0], runs[:, 1], runs[:, 2], runs[:, 3] = pos, end, row, run_item
     return BuiltRuns(runs, np.bincount(req, minlength=m), rows, ends)
 
 

@@ -19,7 +19,7 @@ from itertools import chain
 
 import torch
 
-from mmassembler.runs import NewRequests
+from mmassembler.runs import NO_LIMIT, NewRequests
 from mmassembler.cache import EmbeddingCache
 from mmassembler.engines._embedding import plain_table, text_rows
 from mmassembler.engines._resident import resident_for
@@ -110,7 +110,7 @@ def _columns(owners: list, device: torch.device) -> NewRequests:
     if any(e is not None and isinstance(e, torch.Tensor) and e.device != device for e in embs):
         embs = [_on_device(it, e, device) if isinstance(e, torch.Tensor) and e.device != device else e
                 for it, e in zip(flat, embs)]
-    return NewRequests(counts, [None] * len(counts), [it.hash for it in flat],
+    return NewRequests(counts, [NO_LIMIT] * len(counts), [it.hash for it in flat],
                        [it.offsets for it in flat], [None] * len(flat), _modalities(flat), embs, flat)
 
 

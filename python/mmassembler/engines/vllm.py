@@ -29,7 +29,7 @@ from mmassembler.items import Item, Request
 from mmassembler.encode import Encoder
 from mmassembler.engines._embedding import plain_table, text_rows
 from mmassembler.engines._resident import resident_for
-from mmassembler.runs import NewRequests
+from mmassembler.runs import NO_LIMIT, NewRequests
 from mmassembler.errors import BatchShapeError, EmbeddingFormatError, MissingEncoderError, RowCountError
 
 
@@ -253,7 +253,7 @@ def _columns(states: list) -> NewRequests:
     pos = [f.mm_position for f in flat]
     spans = [((p.offset, p.offset + p.length - 1),) for p in pos]
     rids = list(chain.from_iterable([getattr(r, "req_id", None)] * c for r, c in zip(states, counts)))
-    return NewRequests(counts, [None] * len(counts), _keys(flat), spans,
+    return NewRequests(counts, [NO_LIMIT] * len(counts), _keys(flat), spans,
                        [getattr(p, "is_embed", None) for p in pos],
                        [getattr(f, "modality", "image") for f in flat], [None] * len(flat),
                        list(zip(flat, rids)))
