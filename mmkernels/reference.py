@@ -69,11 +69,13 @@ def assemble_step_ref(
     runs: np.ndarray,
     step: np.ndarray,
     sources: Sequence[torch.Tensor | None],
+    first_rows: np.ndarray | None = None,
 ) -> torch.Tensor:
     """The step kernel's semantics from the host tables (``mmkernels/layout.py``).
 
     ``runs`` is the host run table (``HOST_RUN_*`` rows), ``step`` the filled step table,
-    ``sources[slot]`` the 2-D source of each item slot a window reads. Fused mode (``weight``) first writes every
+    ``sources[slot]`` the 2-D source of each item slot a window reads, whose rows start at
+    ``first_rows[slot]`` of it (0 when not given). Fused mode (``weight``) first writes every
     row's ``weight[clamp(id)]`` (and zeros to ``deepstack_out``), then each run's rows
     inside its request's window are copied over: reads and writes N x hidden in fused
     mode, the multimodal rows in scatter mode.
@@ -93,6 +95,7 @@ def assemble_step_ref(
         for pos, run_end, row, slot in runs[first:end].tolist():
             a, z = max(pos, prefix), min(run_end, stop)
             if z > a:
-                segments.append((slot, row + a - pos, base + a - prefix, z - a))
+                row0 = 0 if first_rows is None else int(first_rows[slot])
+                segments.append((slot, row0 + row + a - pos, base + a - prefix, z - a))
     return gather_rows_ref(out, sources, np.array(segments, dtype=np.int64).reshape(-1, 4),
                            deepstack_out=deepstack_out)

@@ -81,8 +81,8 @@ def check_device_runs(asm: Assembler) -> None:
     for h in np.flatnonzero(reg.live).tolist():
         r0, r1 = int(reg.run_first[h]), int(reg.run_end[h])
         for k, (pos, end, row, slot) in enumerate(reg.runs[r0:r1].tolist(), start=r0):
-            src = reg.item_src[slot]
-            entry = L.NO_SOURCE if src is None else source_entry(src, asm.hidden, asm.tables.anchor_addr)
+            src, row0 = reg.item_src[slot], int(reg.item_row0[slot])  # an item's rows start at row0
+            entry = L.NO_SOURCE if src is None else source_entry(src[row0:], asm.hidden, asm.tables.anchor_addr)
             want = L.device_runs(np.array([[pos, end, row, slot]]), np.array([entry]))[0]
             assert (dev[k] == want).all(), f"run {k} of handle {h}: {dev[k]} != {want}"
 

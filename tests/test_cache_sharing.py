@@ -83,8 +83,8 @@ def test_budget_counts_storage_once_per_storage(device):
 
 def _held_bytes(cache):
     seen = {}
-    for t in cache._entries.values():
-        st = t.untyped_storage()
+    for key in list(cache._entries):
+        st = cache.peek(key).untyped_storage()
         seen[st.data_ptr()] = st.nbytes()
     return sum(seen.values())
 

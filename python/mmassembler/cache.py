@@ -15,10 +15,12 @@ takes a lock: threads may share one cache.
 from __future__ import annotations
 
 import itertools
+from itertools import repeat
 import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -39,6 +41,28 @@ class CacheStats:
     rejected: int = 0  # puts larger than the whole budget
     bytes: int = 0  # bytes of storage held now
     entries: int = 0  # entries held now
+
+
+class BlockRows(NamedTuple):
+    """An entry kept as rows ``[start, start + rows)`` of a block the library owns (a step's
+    encoded items share one block: no tensor is made per entry). ``ident`` names the
+    block's storage; ``tensor()`` is the entry as a view."""
+
+    block: torch.Tensor
+    start: int
+    rows: int
+    ident: int
+
+    def tensor(self) -> torch.Tensor:
+        return self.block[self.start:self.start + self.rows]
+
+    @property
+    def shape(self) -> tuple:
+        return (self.rows, self.block.shape[1])
+
+
+def _view(entry):
+    return entry.tensor() if type(entry) is BlockRows else entry
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int]:
@@ -108,19 +132,20 @@ class EmbeddingCache:
                 return None
             self._entries.move_to_end(key)
             self.stats.hits += 1
-            return entry
+            return _view(entry)
 
     def lookup(self, keys: list) -> list:
-        """The entries of ``keys`` (``None`` where absent), touching nothing: a step reads
-        its candidates here, checks them, then settles hits and misses in ``commit``."""
+        """The raw entries of ``keys`` (a tensor, a ``BlockRows``, or ``None``), touching
+        nothing: a step reads its candidates here, checks them, then settles hits and
+        misses in ``commit``."""
         with self._lock:
             return list(map(self._entries.get, keys))
 
-    def commit(self, hits: list, misses: int, stale: list, keys: list, values: list, block=None) -> int:
+    def commit(self, hits: list, misses: int, stale: list, puts: list) -> int:
         """A step's outcome in one call: ``hits`` (keys read, marked most recent), ``misses``
-        counted, ``stale`` entries dropped (they did not fit their item), then ``values``
-        put under ``keys`` (views of ``block`` when given: its storage is counted once).
-        Returns how many were put."""
+        counted, ``stale`` entries dropped (they did not fit their item), then ``puts``:
+        per block ``(keys, block, starts, rows)``, each key's rows a ``BlockRows`` of the
+        block (its storage counted once). Returns how many were put."""
         with self._lock:
             move = self._entries.move_to_end
             for k in hits:
@@ -131,12 +156,31 @@ class EmbeddingCache:
             for k in stale:
                 if k in self._entries:
                     self._collide(k, "its rows, width, dtype or device do not fit the item")
-            if not keys:
-                return 0
-            if block is None:
-                return sum(self._put(k, v, _storage(v)) for k, v in zip(keys, values))
-            store = _storage(block)
-            return sum(self._put(k, v, store) for k, v in zip(keys, values))
+            put = 0
+            for keys, block, starts, rows in puts:
+                put += self._put_block(keys, block, starts, rows)
+            return put
+
+    def _put_block(self, keys: list, block: torch.Tensor, starts, rows) -> int:
+        """Put every key as rows of one block: one budget check for the block's storage."""
+        ident, full = _storage(block)
+        for k in [k for k in keys if k in self._entries]:
+            self._drop(k)
+        if full > self.max_bytes:
+            self.stats.rejected += len(keys)
+            return 0
+        while self.stats.bytes + (0 if ident in self._storages else full) > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+            self.stats.evictions += 1
+        use = self._storages.setdefault(ident, [full, 0])
+        if use[1] == 0:
+            self.stats.bytes += full
+        use[1] += len(keys)
+        self._entries.update(zip(keys, map(BlockRows, repeat(block), starts.tolist(), rows.tolist(),
+                                           repeat(ident))))
+        self._ident.update(zip(keys, repeat(ident)))
+        self.stats.entries += len(keys)
+        return len(keys)
 
     def discard(self, key, reason: str) -> None:
         """Drop ``key``'s entry because it no longer fits its item (counted as a collision)."""
@@ -147,7 +191,7 @@ class EmbeddingCache:
     def peek(self, key) -> torch.Tensor | None:
         """The entry for ``key`` without touching recency or counters."""
         with self._lock:
-            return self._entries.get(key)
+            return _view(self._entries.get(key))
 
     def put(self, key, value: torch.Tensor) -> bool:
         """Insert or replace ``key``; evict least-recent entries to stay within budget.

@@ -124,7 +124,7 @@ class StepCore:
             return graph.out[:n]
         if op is None:
             assemble_step_ref(out, deepstack_out, input_ids, weight, self.registry.runs, table,
-                              self.registry.item_src)
+                              self.registry.item_src, self.registry.item_row0)
         else:
             self.tables.upload_step(r)
             op.launch(out, deepstack_out, input_ids, weight, n)
@@ -166,7 +166,8 @@ class StepCore:
         found = resolve(reg, slots, request[reg.item_owner[slots]], encoders=encoders, cache=cache,
                         device=self.device, widths=widths)
         # every check has passed: commit (the changed runs' device rows go with the next flush)
-        self.tables.retire(reg.set_sources(slots, found.sources, found.entries, passed, ridx))
+        self.tables.retire(reg.set_sources(slots, found.sources, found.first_rows, found.entries, passed,
+                                           ridx))
         reg.update_ready(hw, pw, qw, ridx, rwin, iidx, iwin)
         st = self.stats
         st.resolving_steps += 1

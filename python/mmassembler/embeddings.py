@@ -171,7 +171,7 @@ def own_block(parts: list, device: torch.device, name: tuple) -> tuple[torch.Ten
     all exactly (a float16 and a bfloat16 part give float32). A copy that fails (a meta
     tensor, an unreachable device) is an ``EmbeddingFormatError`` naming ``name``'s request
     and item, raised before the cache changes."""
-    rows = np.fromiter((p.shape[0] for p in parts), np.int64, len(parts))
+    rows = np.array([p.shape[0] for p in parts], np.int64)
     starts = np.cumsum(rows) - rows
     try:
         with torch.no_grad():

@@ -92,12 +92,13 @@ def _row_counts(rows_per_item, modality: str, name: tuple) -> list[int]:
 
 
 def encode_call(enc: Encoder, objs: list, rows: np.ndarray, modality: str, widths: tuple,
-                device: torch.device, naming) -> tuple[list, np.ndarray, list]:
+                device: torch.device, naming) -> tuple[list, np.ndarray, np.ndarray, list]:
     """Call ``enc`` once on ``objs`` (items needing ``rows`` rows each) and check what it
-    returned: ``(sources, source entries, blocks)`` -- one 2-D source per item, rows of
-    a block the library owns (``blocks``: what the cache may keep), or, for a stable
-    encoder, the returned tensors themselves. ``naming(i)`` names item ``i``'s request
-    and key in errors; everything raises before anything changes."""
+    returned: ``(sources, first rows, source entries, blocks)``. Each item's rows start at
+    its first row of its source: a block the library owns (``blocks``: one per call, what
+    the cache may keep), or, for a stable encoder, what the encoder returned, read in
+    place. ``naming(i)`` names item ``i``'s request and key in errors; everything raises
+    before anything changes."""
     result = enc.fn(objs)
     first = naming(0)
     n = len(objs)
@@ -116,13 +117,14 @@ def encode_call(enc: Encoder, objs: list, rows: np.ndarray, modality: str, width
                 f"the {modality} encoder returned {tensor.shape[0]} rows but rows_per_item "
                 f"{per} add up to {sum(per)}", request=first[0], item_key=first[1],
                 expected=sum(per), returned=tensor.shape[0])
-        _check_counts(np.array(per, np.int64), rows, modality, naming)
+        per = np.array(per, np.int64)
+        _check_counts(per, rows, modality, naming)
+        starts = np.cumsum(per) - per
         if enc.stable:
-            parts = list(torch.split(tensor, per))
-            return checked_sources(parts, rows, widths, device, naming, what) + ([],)
+            checked_sources([tensor], np.array([tensor.shape[0]]), widths, device, naming, what)
+            return [tensor] * n, starts, block_entries(tensor, starts, widths[0]), []
         block, _ = own_block([tensor], device, first)
-        starts = np.cumsum(per) - np.array(per, np.int64)
-        return list(torch.split(block, per)), block_entries(block, starts, widths[0]), [block]
+        return [block] * n, starts, block_entries(block, starts, widths[0]), [block]
     if not isinstance(result, (list, tuple)):
         raise EncoderOutputError(
             f"the {modality} encoder returned a {type(result).__name__}; expected a list with one "
@@ -133,25 +135,27 @@ def encode_call(enc: Encoder, objs: list, rows: np.ndarray, modality: str, width
                                  request=missing[0], item_key=missing[1], expected=n,
                                  returned=len(result))
     if enc.stable:
-        return checked_sources(list(result), rows, widths, device, naming, what) + ([],)
+        parts, entries = checked_sources(list(result), rows, widths, device, naming, what)
+        return parts, np.zeros(n, np.int64), entries, []
     parts, _ = checked_sources(list(result), rows, widths, None, naming, what)
+    if len({p.shape[1] for p in parts}) == 1 and len({p.device for p in parts}) == 1:
+        block, starts = own_block(parts, device, first)
+        return [block] * n, starts, block_entries(block, starts, widths[0]), [block]
     sources: list = [None] * n
+    first_rows = np.zeros(n, np.int64)
     entries = np.empty((n, 5), np.int64)
     blocks = []
     groups: dict = {}
-    for i, p in enumerate(parts):  # one block per width (and source device): almost always one
+    for i, p in enumerate(parts):  # one block per width and source device (rare: mixed outputs)
         groups.setdefault((p.shape[1], p.device), []).append(i)
     for idx in groups.values():
         block, starts = own_block([parts[i] for i in idx], device, naming(idx[0]))
         blocks.append(block)
-        views = torch.split(block, [parts[i].shape[0] for i in idx])
-        if len(idx) == n:
-            sources, entries = list(views), block_entries(block, starts, widths[0])
-        else:
-            for i, v in zip(idx, views):
-                sources[i] = v
-            entries[idx] = block_entries(block, starts, widths[0])
-    return sources, entries, blocks
+        for i in idx:
+            sources[i] = block
+        first_rows[idx] = starts
+        entries[idx] = block_entries(block, starts, widths[0])
+    return sources, first_rows, entries, blocks
 
 
 def _check_counts(returned: np.ndarray, rows: np.ndarray, modality: str, naming) -> None:

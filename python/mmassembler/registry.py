@@ -60,6 +60,7 @@ class Registry:
         self.item_modality = np.empty(max_items, object)
         self.item_emb = np.empty(max_items, object)  # its precomputed embedding, or None
         self.item_src = np.empty(max_items, object)  # its source while held, else None
+        self.item_row0 = np.zeros(max_items, np.int64)  # where its rows start in its source
         self.item_meta = np.zeros((max_items, 3), np.int64)  # rows, end of last position, owner
         self.item_rows, self.item_end, self.item_owner = (self.item_meta[:, c] for c in range(3))
         self.has_emb = np.zeros(max_items, bool)
@@ -187,7 +188,7 @@ class Registry:
         runs[:, ITEM] = remap[runs[:, ITEM]]
         self.runs[:k] = runs
         for col in (self.item_obj, self.item_key, self.item_modality, self.item_emb, self.item_src,
-                    self.item_meta, self.has_emb, self.held, self.item_entry):
+                    self.item_row0, self.item_meta, self.has_emb, self.held, self.item_entry):
             col[:n] = col[iidx]
             col[n:] = L.NO_SOURCE if col is self.item_entry else (None if col.dtype == object else 0)
         rc = self.run_end[h] - self.run_first[h]
@@ -245,17 +246,18 @@ class Registry:
         flag[hit] = False
         return found[~self.held[found]]
 
-    def set_sources(self, slots: np.ndarray, sources: list, entries: np.ndarray, passed: np.ndarray,
-                    ridx: np.ndarray) -> list:
-        """Hold ``sources`` (with their source entries) for ``slots`` and let go of those of
-        ``passed`` (returned, to release once queued steps have run); mark the runs among
-        ``ridx`` that read any of them stale."""
+    def set_sources(self, slots: np.ndarray, sources: list, first_rows: np.ndarray, entries: np.ndarray,
+                    passed: np.ndarray, ridx: np.ndarray) -> list:
+        """Hold ``sources`` (whose rows start at ``first_rows``; with their source entries)
+        for ``slots`` and let go of those of ``passed`` (returned, to release once queued
+        steps have run); mark the runs among ``ridx`` that read any of them stale."""
         released = self.item_src[passed].tolist()
         self.item_src[passed] = None
         self.held[passed] = False
         self.item_entry[passed] = L.NO_SOURCE
         if len(slots):
             self.item_src[slots] = _objects(sources)
+            self.item_row0[slots] = first_rows
             self.held[slots] = True
             self.item_entry[slots] = entries
         changed = self._flag

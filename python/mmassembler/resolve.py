@@ -17,8 +17,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from mmassembler.cache import EmbeddingCache, encoder_token, entry_key
-from mmassembler.embeddings import FLOATS, checked_sources, entries_of
+from mmassembler.cache import BlockRows, EmbeddingCache, encoder_token
+from mmassembler.embeddings import FLOATS, block_entries, checked_sources, entries_of
 from mmkernels import KIND_OF_DTYPE
 from mmassembler.encode import as_encoder, encode_call
 from mmassembler.errors import MissingEncoderError, RowCountError
@@ -31,10 +31,11 @@ class Resolved:
     """What a step's resolve found: sources and entries per wanted slot, and the tensors a
     cache lookup or an encoder call produced (kept by the caller until its step has run)."""
 
-    __slots__ = ("sources", "entries", "encoder_calls", "encoded_rows", "hits", "misses")
+    __slots__ = ("sources", "first_rows", "entries", "encoder_calls", "encoded_rows", "hits", "misses")
 
     def __init__(self, n: int):
-        self.sources: list = [None] * n
+        self.sources: list = [None] * n  # what holds each item's rows (its own tensor, or a block)
+        self.first_rows = np.zeros(n, np.int64)  # where they start in it
         self.entries = np.empty((n, L.SOURCE_FIELDS), np.int64)
         self.encoder_calls = self.encoded_rows = self.hits = self.misses = 0
 
@@ -62,15 +63,19 @@ def resolve(reg, slots: np.ndarray, request: np.ndarray, *, encoders: Mapping | 
     if len(pre):
         srcs, ents = checked_sources(reg.item_emb[slots[pre]].tolist(), rows[pre], widths, device,
                                      naming(pre), "the precomputed embedding")
-        _place(out, pre, srcs, ents)
+        _place(out, pre, srcs, 0, ents)
     _resolve_encoded(reg, slots, np.flatnonzero(~has), request, keys, rows, naming, out,
                      encoders=encoders, cache=cache, device=device, widths=widths)
     return out
 
 
-def _place(out: Resolved, idx: np.ndarray, sources: list, entries: np.ndarray) -> None:
-    for i, t in zip(idx.tolist(), sources):
-        out.sources[i] = t
+def _place(out: Resolved, idx: np.ndarray, sources: list, first_rows, entries: np.ndarray) -> None:
+    if len(idx) == len(out.sources):
+        out.sources = list(sources)
+    else:
+        for i, t in zip(idx.tolist(), sources):
+            out.sources[i] = t
+    out.first_rows[idx] = first_rows
     out.entries[idx] = entries
 
 
@@ -89,96 +94,103 @@ def _resolve_encoded(reg, slots, enc, request, keys, rows, naming, out, *, encod
                             request=int(request[enc[i]]), item_key=keys[enc[i]], expected=int(er[j]),
                             returned=int(er[i]))
     uniq = np.flatnonzero(rep == np.arange(len(rep)))  # one per (modality, key), in enc order
+    u = len(uniq)
     umods = [mods[i] for i in uniq.tolist()]
-    missing = [m for m in dict.fromkeys(umods) if encoders is None or m not in encoders]
+    kinds = list(dict.fromkeys(umods))
+    missing = [m for m in kinds if encoders is None or m not in encoders]
     if missing:
         i = umods.index(missing[0])
         k = int(enc[uniq[i]])
         raise MissingEncoderError(f"no embedding and no encoder for modality {missing[0]!r}",
                                   request=int(request[k]), item_key=keys[k])
-    encs = {m: as_encoder(encoders[m]) for m in dict.fromkeys(umods)}
-    usrc: list = [None] * len(uniq)
-    uent = np.empty((len(uniq), L.SOURCE_FIELDS), np.int64)
-    todo = np.ones(len(uniq), bool)
-    ckeys = hits = stale = None
+    encs = {m: as_encoder(encoders[m]) for m in kinds}
+    usrc: list = [None] * u
+    urow0 = np.zeros(u, np.int64)
+    uent = np.empty((u, L.SOURCE_FIELDS), np.int64)
+    uneed = er[uniq]
+    todo = np.ones(u, bool)
+    hits, stale, ckeys = [], [], None
     if cache is not None:
         tokens = {m: encoder_token(e.fn if e.identity is None else e.identity)
                   for m, e in encs.items() if not e.stable}
-        cached = np.array([m in tokens for m in umods], bool)
-        ckeys = [entry_key(tokens[m], m, k) if m in tokens else None
-                 for m, k in zip(umods, keys[enc[uniq]].tolist())]
+        ukeys = keys[enc[uniq]].tolist()
+        ckeys = ([(tokens[umods[0]], umods[0], k) for k in ukeys] if len(kinds) == 1 and kinds[0] in tokens
+                 else [(tokens[m], m, k) if m in tokens else None for m, k in zip(umods, ukeys)])
         found = cache.lookup(ckeys)
-        hit = np.array([f is not None for f in found], bool) & cached
-        hits, stale = [], []
-        if hit.any():
-            hidx = np.flatnonzero(hit)
-            fits, ents = _fitting([found[i] for i in hidx.tolist()], er[uniq[hidx]], widths, device)
+        if found.count(None) != u:
+            hidx = np.array([i for i, f in enumerate(found) if f is not None], np.int64)
+            fits, srcs, row0, ents = _fitting([found[i] for i in hidx.tolist()], uneed[hidx], widths, device)
             for j, i in enumerate(hidx.tolist()):
                 if fits[j]:
-                    usrc[i], todo[i] = found[i], False
+                    usrc[i], todo[i] = srcs[j], False
                     hits.append(ckeys[i])
                 else:
                     stale.append(ckeys[i])
+            urow0[hidx[fits]] = row0[fits]
             uent[hidx[fits]] = ents[fits]
-    put_keys, put_vals, blocks = [], [], []
-    for m in encs:  # one call per modality (more where the encoder's budgets say)
-        idx = np.flatnonzero(todo & np.array([x == m for x in umods], bool))
+    puts = []
+    umods_arr = np.array(umods, dtype=object) if len(kinds) > 1 else None
+    for m in kinds:  # one call per modality (more where the encoder's budgets say)
+        idx = np.flatnonzero(todo if umods_arr is None else todo & (umods_arr == m))
         if not len(idx):
             continue
         enc_m = encs[m]
         items = enc[uniq[idx]]
         objs = reg.item_obj[slots[items]].tolist()
-        need = er[uniq[idx]]
+        need = uneed[idx]
         for call in enc_m.calls(need.tolist()):
             sub = idx[call]
-            srcs, ents, blks = encode_call(enc_m, objs[call], need[call], m, widths, device,
-                                           naming(items[call]))
+            srcs, row0, ents, blocks = encode_call(enc_m, objs[call], need[call], m, widths, device,
+                                                   naming(items[call]))
             for i, t in zip(sub.tolist(), srcs):
                 usrc[i] = t
-            uent[sub] = ents
+            urow0[sub], uent[sub] = row0, ents
             out.encoder_calls += 1
             out.encoded_rows += int(need[call].sum())
             if cache is not None and not enc_m.stable:
-                put_keys.extend(ckeys[i] for i in sub.tolist())
-                put_vals.extend(srcs)
-                blocks.append((len(put_keys), blks))
+                for block in blocks:
+                    mine = np.array([s is block for s in srcs], bool) if len(blocks) > 1 else slice(None)
+                    puts.append(([ckeys[i] for i in sub[mine].tolist()], block, row0[mine], need[call][mine]))
         logger.debug("encoded %d %s items", len(idx), m)
     out.misses = int(todo.sum())
     if cache is not None:
-        _commit(cache, hits, out.misses, stale, put_keys, put_vals, blocks)
+        cache.commit(hits, out.misses, stale, puts)
         out.hits = len(hits)
     # each item takes its representative's source
-    at = np.searchsorted(uniq, rep)
-    _place(out, enc, [usrc[i] for i in at.tolist()], uent[at])
+    if u == len(enc):
+        _place(out, enc, usrc, urow0, uent)
+    else:
+        at = np.searchsorted(uniq, rep)
+        _place(out, enc, [usrc[i] for i in at.tolist()], urow0[at], uent[at])
 
 
 def _fitting(found: list, rows: np.ndarray, widths: tuple, device: torch.device):
     """Which cache entries fit their items exactly as they are (2-D float rows of a known
-    width and the right count on ``device``, unit column stride, element-aligned), and
-    their source entries."""
-    fits = np.array([isinstance(t, torch.Tensor) and t.ndim == 2 and t.dtype in FLOATS
-                     and t.device == device and t.shape[1] in widths and t.shape[0] == r
-                     and (t.shape[1] == 1 or t.stride(1) == 1) and not t.requires_grad
-                     for t, r in zip(found, rows.tolist())], bool)
-    ents = np.zeros((len(found), L.SOURCE_FIELDS), np.int64)
-    idx = np.flatnonzero(fits)
-    if len(idx):
-        ts = [found[i] for i in idx.tolist()]
-        kinds = [KIND_OF_DTYPE[t.dtype] for t in ts]
-        ptrs = np.array([t.data_ptr() for t in ts], np.int64)
-        aligned = ptrs % np.where(np.array(kinds) == L.KIND_F32, 4, 2) == 0
-        fits[idx[~aligned]] = False
-        ents[idx] = entries_of(ptrs, [t.stride(0) for t in ts], kinds, [t.shape[1] for t in ts],
-                               widths[0], device)
-    return fits, ents
+    width and the right count on ``device``, unit column stride, element-aligned), and for
+    those their sources, first rows and source entries. Entries that are rows of a block
+    (``BlockRows``) are checked once per block."""
+    n = len(found)
+    fits = np.zeros(n, bool)
+    srcs: list = [None] * n
+    row0 = np.zeros(n, np.int64)
+    ents = np.zeros((n, L.SOURCE_FIELDS), np.int64)
+    blocks = {}
+    for i, f in enumerate(found):
+        if type(f) is BlockRows:
+            ok = blocks.get(f.ident)
+            if ok is None:
+                ok = blocks[f.ident] = _fits_as_is(f.block, f.block.shape[0], widths, device)
+            if ok and f.rows == rows[i]:
+                fits[i], srcs[i], row0[i] = True, f.block, f.start
+                ents[i] = block_entries(f.block, np.array([f.start]), widths[0])[0]
+        elif _fits_as_is(f, rows[i], widths, device):
+            fits[i], srcs[i] = True, f
+            ents[i] = entries_of([f.data_ptr()], [f.stride(0)], [KIND_OF_DTYPE[f.dtype]], [f.shape[1]],
+                                 widths[0], device)[0]
+    return fits, srcs, row0, ents
 
 
-def _commit(cache, hits, misses, stale, keys, values, blocks) -> None:
-    """Settle the step with the cache: hits, misses, stale entries, and each call's block."""
-    start = 0
-    first = True
-    for end, blks in blocks or [(0, [])]:
-        block = blks[0] if len(blks) == 1 else None
-        cache.commit(hits if first else [], misses if first else 0, stale if first else [],
-                     keys[start:end], values[start:end], block)
-        first, start = False, end
+def _fits_as_is(t, rows: int, widths: tuple, device: torch.device) -> bool:
+    return (isinstance(t, torch.Tensor) and t.ndim == 2 and t.dtype in FLOATS and t.device == device
+            and t.shape[1] in widths and t.shape[0] == rows and (t.shape[1] == 1 or t.stride(1) == 1)
+            and t.data_ptr() % t.element_size() == 0)
