@@ -62,7 +62,7 @@ def paths(b, encoded: bool):
     return {"Assembler": resident, "stateless": stateless}
 
 
-def profile(b, encoded: bool, calls: int, top: int) -> None:
+def profile(b, encoded: bool, calls: int, top: int, sort: str = "cumulative") -> None:
     sync = torch.cuda.synchronize if b.input_ids.is_cuda else (lambda: None)
     n_items = sum(len(r.items) for r in b.requests)
     for name, fn in paths(b, encoded).items():
@@ -86,9 +86,12 @@ def profile(b, encoded: bool, calls: int, top: int) -> None:
             fn(items)
         pr.disable()
         sync()
-        s = io.StringIO()
-        pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(top)
-        print("\n".join(s.getvalue().splitlines()[4:top + 10]))
+        st = pstats.Stats(pr, stream=io.StringIO()).stats
+        col = {"tottime": 2, "cumulative": 3, "ncalls": 1}[sort]
+        print(f"  {'µs a life':>10} {'cum µs':>9} {'calls':>7}  function ({sort}, under cProfile)")
+        for (file, line, name), v in sorted(st.items(), key=lambda kv: -kv[1][col])[:top]:
+            where = f"{file.split('/')[-1]}:{line}" if line else "~"
+            print(f"  {1e6 * v[2] / calls:10.1f} {1e6 * v[3] / calls:9.1f} {v[1] / calls:7.1f}  {where} {name}")
 
 
 def main(argv=None) -> int:
@@ -98,6 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--encoded", action="store_true", help="items carry no embedding: the encoder runs")
     ap.add_argument("--calls", type=int, default=30, help="lives timed and profiled per path")
     ap.add_argument("--top", type=int, default=25, help="functions listed per profile")
+    ap.add_argument("--sort", default="cumulative", choices=["cumulative", "tottime", "ncalls"])
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -105,7 +109,7 @@ def main(argv=None) -> int:
     for sc in RESIDENT_SCENARIOS:
         if any(k in sc.name for k in args.scenario):
             profile(build(sc if cuda else scaled(sc, 1 / 16, 1 / 4), device="cuda" if cuda else "cpu"),
-                    args.encoded, args.calls, args.top)
+                    args.encoded, args.calls, args.top, args.sort)
     return 0
 
 

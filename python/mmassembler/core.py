@@ -150,7 +150,7 @@ class StepCore:
         np.greater(rows[:, L.STEP_READY_LO:L.STEP_READY_HI].T, rows[:, L.STEP_PREFIX:L.STEP_READY_HI + 1].T,
                    out=bad[:3])
         np.greater(rows[:, L.STEP_PREFIX], rows[:, L.STEP_START_MAX], out=bad[3])
-        return None if np.count_nonzero(bad) else table.item(r + 1, L.STEP_BASE)
+        return None if True in bad else table.item(r + 1, L.STEP_BASE)
 
     def _resolve(self, work: np.ndarray, h, p, q, encoders, cache, widths) -> None:
         """Sources for items the windows ``work`` reach first; release items they passed."""

@@ -113,7 +113,7 @@ def _plain(ts: list, rows: np.ndarray, widths: tuple, device: torch.device | Non
     ok = (sh[:, 0] == rows) & ((st[:, 1] == 1) | (cols == 1)) & (cols == widths[0])
     if len(widths) > 1 and widths[1] != widths[0]:
         ok |= (sh[:, 0] == rows) & ((st[:, 1] == 1) | (cols == 1)) & (cols == widths[1])
-    if not ok.all():
+    if False in ok:
         return None
     return dtypes, sh, st, ptrs
 
@@ -141,12 +141,15 @@ def checked_sources(ts: list, rows: np.ndarray, widths: tuple, device: torch.dev
     if device is None:
         return ts, None
     dtypes, sh, st, ptrs = found
-    kinds = (np.full(n, KIND_OF_DTYPE[dtypes[0]], np.int64) if len(set(dtypes)) == 1
-             else np.array([KIND_OF_DTYPE[d] for d in dtypes], np.int64))
+    if len(set(dtypes)) == 1:
+        kinds = np.empty(n, np.int64)
+        kinds.fill(KIND_OF_DTYPE[dtypes[0]])
+    else:
+        kinds = np.array([KIND_OF_DTYPE[d] for d in dtypes], np.int64)
     ptrs = np.array(ptrs, np.int64)
-    odd = ptrs % np.where(kinds == L.KIND_F32, 4, 2)
-    if odd.any():
-        request, key = naming(int(np.flatnonzero(odd)[0]))
+    odd = ptrs % (4 - 2 * (kinds != L.KIND_F32))
+    if True in (odd != 0):
+        request, key = naming(int(odd.nonzero()[0][0]))
         raise EmbeddingFormatError(f"{what} starts at an address that is not a multiple of its "
                                    "element size", request=request, item_key=key)
     return ts, entries_of(ptrs, st[:, 0], kinds, sh[:, 1], widths[0], device)
@@ -172,7 +175,7 @@ def own_block(parts: list, device: torch.device, name: tuple) -> tuple[torch.Ten
     tensor, an unreachable device) is an ``EmbeddingFormatError`` naming ``name``'s request
     and item, raised before the cache changes."""
     rows = np.array([p.shape[0] for p in parts], np.int64)
-    starts = np.cumsum(rows) - rows
+    starts = rows.cumsum() - rows
     try:
         with torch.no_grad():
             if len(parts) == 1:

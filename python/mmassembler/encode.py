@@ -119,7 +119,7 @@ def encode_call(enc: Encoder, objs: list, rows: np.ndarray, modality: str, width
                 expected=sum(per), returned=tensor.shape[0])
         per = np.array(per, np.int64)
         _check_counts(per, rows, modality, naming)
-        starts = np.cumsum(per) - per
+        starts = per.cumsum() - per
         if enc.stable:
             checked_sources([tensor], np.array([tensor.shape[0]]), widths, device, naming, what)
             return [tensor] * n, starts, block_entries(tensor, starts, widths[0]), []
@@ -160,8 +160,8 @@ def encode_call(enc: Encoder, objs: list, rows: np.ndarray, modality: str, width
 
 def _check_counts(returned: np.ndarray, rows: np.ndarray, modality: str, naming) -> None:
     bad = returned != rows
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
+    if True in bad:
+        i = int(bad.nonzero()[0][0])
         request, key = naming(i)
         raise RowCountError(
             f"the {modality} encoder returned {returned[i]} rows but the item's placeholders take "

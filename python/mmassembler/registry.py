@@ -52,6 +52,7 @@ class Registry:
         self.req = np.zeros((max_requests + 2, L.STEP_FIELDS), np.int64)
         self.req[:, LO], self.req[:, HI] = NO_LIMIT, -1  # no live request: every window fails
         self.live = np.zeros(max_requests + 2, bool)
+        self._seen = np.zeros(max_requests + 2, bool)  # scratch flags over handles
         self.run_first, self.run_end = self.req[:, L.STEP_RUN_FIRST], self.req[:, L.STEP_RUN_END]
         self.slots = np.zeros((max_requests + 2, 3), np.int64)  # first item, items, prompt length
         self.item_first, self.item_count, self.prompt_len = (self.slots[:, c] for c in range(3))
@@ -110,16 +111,16 @@ class Registry:
             self.runs[r0:r0 + k] = runs
             self._mark_dirty(slice(r0, r0 + k), r0, r0 + k)
         rows = np.zeros((m, L.STEP_FIELDS), np.int64)
-        end = r0 + np.cumsum(run_counts)
+        end = run_counts.cumsum() + r0
         rows[:, L.STEP_RUN_FIRST], rows[:, L.STEP_RUN_END] = end - run_counts, end
         prompt = np.fromiter(new.prompts, np.int64, m)
         # no runs: a window needs no sources; else the first window with tokens resolves
-        rows[:, HI] = np.where(run_counts == 0, prompt, 0)
+        rows[:, HI] = prompt * (run_counts == 0)
         rows[:, START_MAX] = NO_LIMIT
         self.req[h] = rows
-        first = i0 + np.cumsum(counts) - counts
-        slots = self.slots
-        slots[h, 0], slots[h, 1], slots[h, 2] = first, counts, prompt
+        slots = np.empty((m, 3), np.int64)
+        slots[:, 0], slots[:, 1], slots[:, 2] = counts.cumsum() - counts + i0, counts, prompt
+        self.slots[h] = slots
         if n:
             s = slice(i0, i0 + n)
             self.item_obj[s] = _objects(new.objs)
@@ -128,7 +129,7 @@ class Registry:
             self.item_emb[s] = _objects(new.embedding)
             self.has_emb[s] = np.fromiter(map(is_not, new.embedding, repeat(None)), bool, n)
             self.item_rows[s], self.item_end[s] = built.rows, built.ends
-            self.item_owner[s] = np.repeat(h, counts)
+            self.item_owner[s] = h.repeat(counts)
         self.live[h] = True
         self.run_top, self.item_top = r0 + k, i0 + n
         self.live_runs += k
@@ -141,15 +142,24 @@ class Registry:
         from mmassembler.step_inputs import int_array
 
         h = int_array(handles, "handles")
-        bad = (h < 1) | (h > self.max_requests)
-        if not bad.any():
-            bad = ~self.live[h]
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
+        if not len(h):
+            return h
+        live = self.live
+        if not 0 < np.minimum.reduce(h) <= np.maximum.reduce(h) <= self.max_requests or False in live[h]:
+            bad = (h < 1) | (h > self.max_requests)
+            if True not in bad:
+                bad = ~live[h]
+            i = int(bad.nonzero()[0][0])
             raise UnknownHandleError(f"{h[i]!r} is not the handle of a registered request", request=i)
-        if len(h) > 1 and np.bincount(h).max() > 1:
-            i = int(np.flatnonzero(np.bincount(h)[h] > 1)[1])
-            raise BatchShapeError(f"handle {h[i]} appears twice", request=i)
+        if len(h) > 1:  # distinct: flag each handle once
+            flag = self._seen
+            flag[h] = True
+            distinct = np.add.reduce(flag[h]) == len(h) and np.add.reduce(flag) == len(h)
+            flag[h] = False
+            if not distinct:
+                counts = np.bincount(h)
+                i = int((counts[h] > 1).nonzero()[0][1])
+                raise BatchShapeError(f"handle {h[i]} appears twice", request=i)
         return h
 
     def remove_many(self, handles) -> list:
@@ -164,7 +174,7 @@ class Registry:
             col[idx] = None
         self.item_entry[idx] = L.NO_SOURCE
         self.held[idx] = False
-        self.live_runs -= int((self.run_end[h] - self.run_first[h]).sum())
+        self.live_runs -= int(np.add.reduce(self.run_end[h] - self.run_first[h]))
         self.live_items -= len(idx)
         self.live[h] = False
         self.req[h, LO], self.req[h, HI] = NO_LIMIT, -1
@@ -211,7 +221,7 @@ class Registry:
     def needs_work(self, h: np.ndarray, p: np.ndarray, q: np.ndarray) -> np.ndarray:
         """Indices of (valid) windows that reach an item without a source or pass a held one."""
         g = self.req[h]
-        return np.flatnonzero((q > p) & ((p < g[:, LO]) | (q > g[:, HI]) | (p > g[:, START_MAX])))
+        return ((q > p) & ((p < g[:, LO]) | (q > g[:, HI]) | (p > g[:, START_MAX]))).nonzero()[0]
 
     def reached(self, h: np.ndarray):
         """For requests ``h``: their run indices and, for each, its index in ``h``; their
@@ -224,18 +234,22 @@ class Registry:
         """Recompute the ready interval and release point of windows' requests from ``held``."""
         runs = self.runs[ridx]
         unheld = ~self.held[runs[:, ITEM]]
-        lo = np.full(len(h), -NO_LIMIT)
-        hi = np.full(len(h), NO_LIMIT)
-        before = unheld & (runs[:, POS] < p[rwin])
-        np.maximum.at(lo, rwin[before], np.minimum(runs[before, END], p[rwin[before]]))
-        after = unheld & (runs[:, END] > q[rwin])
-        np.minimum.at(hi, rwin[after], np.maximum(runs[after, POS], q[rwin[after]]))
-        release = np.full(len(h), NO_LIMIT)
+        bounds = np.empty((3, len(h)), np.int64)  # ready from, ready to, release
+        lo, hi, release = bounds
+        lo.fill(0)
+        hi.fill(NO_LIMIT)
+        release.fill(NO_LIMIT)
+        if True in unheld:
+            before = unheld & (runs[:, POS] < p[rwin])
+            np.maximum.at(lo, rwin[before], np.minimum(runs[before, END], p[rwin[before]]))
+            after = unheld & (runs[:, END] > q[rwin])
+            np.minimum.at(hi, rwin[after], np.maximum(runs[after, POS], q[rwin[after]]))
         held = self.held[iidx]
         np.minimum.at(release, iwin[held], self.item_end[iidx[held]])
-        self.req[h, LO] = np.maximum(lo, 0)
-        self.req[h, HI] = np.minimum(hi, self.prompt_len[h])
-        self.req[h, START_MAX] = release - 1
+        req = self.req
+        req[h, LO] = lo
+        req[h, HI] = np.minimum(hi, self.prompt_len[h])
+        req[h, START_MAX] = release - 1
 
     def unheld_among(self, hit: np.ndarray, iidx: np.ndarray) -> np.ndarray:
         """The slots of ``iidx`` (distinct) that appear in ``hit`` and hold no source, in
@@ -283,7 +297,7 @@ class Registry:
         if hi <= lo:
             return np.zeros(0, np.int64), np.zeros((0, L.RUN_FIELDS), np.int64)
         flags = self._dirty[lo:hi]
-        idx = np.arange(lo, hi) if flags.all() else lo + np.flatnonzero(flags)
+        idx = np.arange(lo, hi) if False not in flags else flags.nonzero()[0] + lo
         flags[:] = False
         self._dirty_lo, self._dirty_hi = self.max_runs, 0
         host = self.runs[idx]
@@ -292,7 +306,11 @@ class Registry:
 
 def _ranges(first: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Concatenated ``arange(first[i], end[i])`` and, for each element, its ``i``."""
+    if len(first) == 1:
+        a, b = int(first[0]), int(end[0])
+        return np.arange(a, b), np.zeros(b - a, np.int64)
     counts = end - first
-    which = np.repeat(np.arange(len(first)), counts)
-    idx = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-    return idx + first[which], which
+    which = np.arange(len(first)).repeat(counts)
+    idx = np.arange(int(np.add.reduce(counts)), dtype=np.int64)
+    idx += (first - counts.cumsum() + counts).repeat(counts)
+    return idx, which

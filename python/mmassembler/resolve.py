@@ -55,16 +55,16 @@ def resolve(reg, slots: np.ndarray, request: np.ndarray, *, encoders: Mapping | 
     def naming(idx):
         return lambda i: (int(request[idx[i]]), keys[idx[i]])
 
-    if has.all():
+    if False not in has:
         out.sources, out.entries = checked_sources(reg.item_emb[slots].tolist(), rows, widths, device,
                                                    naming(np.arange(n)), "the precomputed embedding")
         return out
-    pre = np.flatnonzero(has)
+    pre = has.nonzero()[0]
     if len(pre):
         srcs, ents = checked_sources(reg.item_emb[slots[pre]].tolist(), rows[pre], widths, device,
                                      naming(pre), "the precomputed embedding")
         _place(out, pre, srcs, 0, ents)
-    _resolve_encoded(reg, slots, np.flatnonzero(~has), request, keys, rows, naming, out,
+    _resolve_encoded(reg, slots, (~has).nonzero()[0], request, keys, rows, naming, out,
                      encoders=encoders, cache=cache, device=device, widths=widths)
     return out
 
@@ -86,14 +86,14 @@ def _resolve_encoded(reg, slots, enc, request, keys, rows, naming, out, *, encod
     last = dict(zip(ident, range(len(ident))))  # (modality, key) -> its last item: one encode each
     rep = np.array([last[x] for x in ident], np.int64)
     er = rows[enc]
-    if (er != er[rep]).any():
-        i = int(np.flatnonzero(er != er[rep])[0])
+    if True in (er != er[rep]):
+        i = int((er != er[rep]).nonzero()[0][0])
         j = int(rep[i])
         raise RowCountError(f"two items share key {keys[enc[i]]!r} but take {er[i]} rows "
                             f"(request {request[enc[i]]}) and {er[j]} rows (request {request[enc[j]]})",
                             request=int(request[enc[i]]), item_key=keys[enc[i]], expected=int(er[j]),
                             returned=int(er[i]))
-    uniq = np.flatnonzero(rep == np.arange(len(rep)))  # one per (modality, key), in enc order
+    uniq = (rep == np.arange(len(rep))).nonzero()[0]  # one per (modality, key), in enc order
     u = len(uniq)
     umods = [mods[i] for i in uniq.tolist()]
     kinds = list(dict.fromkeys(umods))
@@ -131,7 +131,7 @@ def _resolve_encoded(reg, slots, enc, request, keys, rows, naming, out, *, encod
     puts = []
     umods_arr = np.array(umods, dtype=object) if len(kinds) > 1 else None
     for m in kinds:  # one call per modality (more where the encoder's budgets say)
-        idx = np.flatnonzero(todo if umods_arr is None else todo & (umods_arr == m))
+        idx = (todo if umods_arr is None else todo & (umods_arr == m)).nonzero()[0]
         if not len(idx):
             continue
         enc_m = encs[m]
@@ -152,7 +152,7 @@ def _resolve_encoded(reg, slots, enc, request, keys, rows, naming, out, *, encod
                     mine = np.array([s is block for s in srcs], bool) if len(blocks) > 1 else slice(None)
                     puts.append(([ckeys[i] for i in sub[mine].tolist()], block, row0[mine], need[call][mine]))
         logger.debug("encoded %d %s items", len(idx), m)
-    out.misses = int(todo.sum())
+    out.misses = int(np.add.reduce(todo))
     if cache is not None:
         cache.commit(hits, out.misses, stale, puts)
         out.hits = len(hits)

@@ -170,10 +170,14 @@ def _first(mask: np.ndarray) -> int:
 
 def build_runs(new: NewRequests) -> BuiltRuns:
     """Check the batch's spans and masks and build its runs (see the module doc); raises
-    ``SpanError`` / ``EmbedMaskError`` naming the request (when there are several) and item."""
+    ``SpanError`` / ``EmbedMaskError`` naming the request (when there are several) and item.
+
+    A fixed number of array operations for the batch: the common case (each item one
+    span, each request's items in position order) skips the per-item span grouping and
+    the sort, and only an interleaved or multi-span batch pays for them."""
     m, n = len(new.counts), len(new.keys)
-    counts = np.array(new.counts, np.int64)
-    owner = np.repeat(np.arange(m), counts)  # each item's request
+    counts = np.fromiter(new.counts, np.int64, m)
+    owner = _AR[:m].repeat(counts) if m <= _AR_N else np.arange(m).repeat(counts)  # each item's request
     try:
         list(map(hash, new.keys))
     except TypeError:
@@ -181,57 +185,76 @@ def build_runs(new: NewRequests) -> BuiltRuns:
         raise _span_error(new, j, f"its key {new.keys[j]!r:.80} is not hashable", owner) from None
     limit = np.fromiter(new.prompts, np.int64, m)
     se, nspan = _flat_spans(new, owner)
-    nspan = np.array(nspan, np.int64)
     s, e = se[:, 0], se[:, 1]
-    item = np.repeat(np.arange(n), nspan)
-    first_span = np.cumsum(nspan) - nspan
-    # every span inside its prompt and ordered after the item's previous one
-    bad = (s < 0) | (e < s) | (e >= limit[owner[item]])
-    after = np.ones(len(s), bool)
-    after[1:] = (item[1:] != item[:-1]) | (s[1:] > e[:-1])
-    if bad.any() or not after.all() or not nspan.all():
-        _raise_span(new, owner, s, e, item, bad, after, nspan, limit)
-    masked = ([j for j, mk in enumerate(new.masks) if mk is not None]
-              if new.masks.count(None) != n else [])
-    length = e - s + 1
-    csum = np.cumsum(length) - length
-    row = csum - csum[first_span][item]
-    rows = np.add.reduceat(length, first_span) if n else np.zeros(0, np.int64)
-    ends = e[first_span + nspan - 1] + 1 if n else np.zeros(0, np.int64)
+    one = len(se) == n  # every item has one span (no item has none: checked below)
+    if one and 0 not in nspan:
+        item = np.arange(n)
+        bad = (s < 0) | (e < s) | (e >= limit[owner])
+        if True in bad:
+            _raise_span(new, owner, s, e, item, bad, np.ones(n, bool), np.ones(n, np.int64), limit)
+        row, rows, ends = np.zeros(n, np.int64), e - s + 1, e + 1
+    else:
+        nspan = np.fromiter(nspan, np.int64, n)
+        item = np.arange(n).repeat(nspan)
+        first_span = nspan.cumsum() - nspan
+        # every span inside its prompt and ordered after the item's previous one
+        bad = (s < 0) | (e < s) | (e >= limit[owner[item]])
+        after = np.ones(len(s), bool)
+        after[1:] = (item[1:] != item[:-1]) | (s[1:] > e[:-1])
+        if True in bad or False in after or 0 in nspan:
+            _raise_span(new, owner, s, e, item, bad, after, nspan, limit)
+        length = e - s + 1
+        csum = length.cumsum() - length
+        row = csum - csum[first_span][item]
+        rows = np.add.reduceat(length, first_span) if n else np.zeros(0, np.int64)
+        ends = e[first_span + nspan - 1] + 1 if n else np.zeros(0, np.int64)
     pos, end, run_item = s, e + 1, item
-    if masked:
+    if new.masks.count(None) != n:
+        masked = [j for j, mk in enumerate(new.masks) if mk is not None]
         keep = np.ones(n, bool)
         keep[masked] = False
         plain = keep[item]
         lays = [_layout(new, j, owner) for j in masked]
         extra = np.concatenate([lay.runs for lay in lays]).reshape(-1, 3)
-        which = np.repeat(np.array(masked, np.int64), [len(lay.runs) for lay in lays])
+        which = np.array(masked, np.int64).repeat([len(lay.runs) for lay in lays])
         pos = np.concatenate((s[plain], extra[:, 0]))
         end = np.concatenate((e[plain] + 1, extra[:, 1]))
         row = np.concatenate((row[plain], extra[:, 2]))
         run_item = np.concatenate((item[plain], which))
         rows[masked] = [lay.num_rows for lay in lays]
         ends[masked] = [int(lay.runs[-1, 1]) if lay.num_rows else 0 for lay in lays]
+        one = False
     req = owner[run_item]
-    order = np.argsort((req << _REQUEST_SHIFT) | pos, kind="stable")
-    pos, end, row, run_item, req = pos[order], end[order], row[order], run_item[order], req[order]
-    same = req[1:] == req[:-1]
-    clash = same & (pos[1:] < end[:-1])
-    if clash.any():
-        k = _first(clash)
+    key = (req << _REQUEST_SHIFT) | pos
+    if len(key) > 1 and True in (key[1:] < key[:-1]):  # interleaved or unordered items
+        order = key.argsort(kind="stable")
+        pos, end, row, run_item, req = pos[order], end[order], row[order], run_item[order], req[order]
+        key = key[order]
+    # sorted: a run overlaps another of its request when it starts before the previous one
+    # ends (keyed like the starts: a run of the next request always starts after it)
+    if len(key) > 1 and True in (key[1:] < (key + (end - pos))[:-1]):
+        same = req[1:] == req[:-1]
+        k = int((same & (pos[1:] < end[:-1])).nonzero()[0][0])
         a, b = int(run_item[k]), int(run_item[k + 1])
         raise _span_error(new, b, f"positions {pos[k + 1]}..{end[k + 1] - 1} overlap positions "
                           f"{pos[k]}..{end[k] - 1} of items[{a - sum(new.counts[:int(owner[a])])}]",
                           owner)
-    # a run that continues the previous one (same item, next position, next row) joins it
-    joins = (run_item[1:] == run_item[:-1]) & (pos[1:] == end[:-1]) & (row[1:] == row[:-1] + end[:-1] - pos[:-1])
-    if joins.any():
-        starts = np.flatnonzero(np.concatenate(([True], ~joins)))
-        last = np.concatenate((starts[1:], [len(pos)])) - 1
-        pos, end, row, run_item, req = pos[starts], end[last], row[starts], run_item[starts], req[starts]
     runs = np.empty((len(pos), 4), np.int64)
+    if not one:
+        # a run that continues the previous one (same item, next position, next row) joins it
+        joins = (run_item[1:] == run_item[:-1]) & (pos[1:] == end[:-1]) & (row[1:] == row[:-1] + end[:-1] - pos[:-1])
+        if True in joins:
+            starts = np.concatenate(([True], ~joins)).nonzero()[0]
+            last = np.concatenate((starts[1:], [len(pos)])) - 1
+            pos, end, row, run_item, req = pos[starts], end[last], row[starts], run_item[starts], req[starts]
+            runs = np.empty((len(pos), 4), np.int64)
     runs[:, 0], runs[:, 1], runs[:, 2], runs[:, 3] = pos, end, row, run_item
-    return BuiltRuns(runs, np.bincount(req, minlength=m), rows, ends)
+    run_counts = counts if one else np.bincount(req, minlength=m)
+    return BuiltRuns(runs, run_counts, rows, ends)
+
+
+_AR_N = 1 << 12
+_AR = np.arange(_AR_N)
 
 
 def _hashable(key) -> bool:

@@ -42,26 +42,25 @@ def check_windows(h: np.ndarray, p: np.ndarray, e: np.ndarray, registry, max_req
         return 0
     if r > max_requests:
         raise CapacityError(f"{r} requests in one step exceed max_requests {max_requests}")
-    bad = (h < 1) | (h > max_requests)  # handles run from 1
-    if not bad.any():
-        bad = ~registry.live[h]
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise UnknownHandleError(f"handle {h[i]} is not a registered request", request=i)
-    if np.bincount(h).max() > 1:
-        i = int(np.flatnonzero(np.bincount(h)[h] > 1)[1])
-        raise BatchShapeError(f"handle {h[i]} appears twice in one step", request=i)
+    try:
+        h = registry.check_handles(h)
+    except BatchShapeError as exc:  # UnknownHandleError too: both name the window's index
+        if isinstance(exc, UnknownHandleError):
+            raise UnknownHandleError(f"handle {h[exc.request]} is not a registered request",
+                                     request=exc.request) from None
+        raise BatchShapeError(f"handle {h[exc.request]} appears twice in one step",
+                              request=exc.request) from None
     bad = (p < 0) | (e < 0) | (p + e > registry.prompt_len[h])
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
+    if True in bad:
+        i = int(bad.nonzero()[0][0])
         raise ChunkWindowError(f"window [{p[i]}, {p[i] + e[i]}) of handle {h[i]} is negative or "
                                f"runs past its prompt of {registry.prompt_len[h[i]]} positions",
                                request=i)
-    if (e > max_tokens).any():  # before the sum: it cannot overflow
-        i = int(np.flatnonzero(e > max_tokens)[0])
+    if np.maximum.reduce(e) > max_tokens:  # before the sum: it cannot overflow
+        i = int((e > max_tokens).nonzero()[0][0])
         raise CapacityError(f"window of {e[i]} tokens of handle {h[i]} exceeds max_tokens {max_tokens}",
                             request=i)
-    n = int(e.sum())
+    n = int(np.add.reduce(e))
     if n > max_tokens:
         raise CapacityError(f"{n} tokens in one step exceed max_tokens {max_tokens}")
     return n
