@@ -27,9 +27,13 @@ from bench.scenarios import build, scaled
 from mmassembler import Assembler, EmbeddingCache, Item, Request, assemble
 
 
+_fresh = iter(range(1, 1 << 40))
+
+
 def lives(b, encoded: bool, copies: int):
-    """``copies`` sets of the scenario's requests as new ``Item``s (encoded: no embedding)."""
-    return [[[Item(it.key + 10**9 * (c + 1), it.spans, it.modality, None if encoded else it.embedding,
+    """``copies`` sets of the scenario's requests as new ``Item``s with keys never seen
+    (encoded: no embedding, so every item is a cache miss and the encoder runs)."""
+    return [[[Item((next(_fresh), it.key), it.spans, it.modality, None if encoded else it.embedding,
                    it.embedding, it.embed_mask) for it in r.items] for r in b.requests]
             for c in range(copies)]
 

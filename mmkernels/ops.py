@@ -231,8 +231,8 @@ def run_segments(out: torch.Tensor, deepstack_out: torch.Tensor | None, sources:
         tables = pool.ensure(1, len(segs))
         op = pool.op(hidden=hidden, ds_cols=ds_cols, dtype=out.dtype, fused=weight is not None,
                      interpreted=which == "interpreter", block_rows=block_rows, config=config)
+        table = tables.staging_table()  # first: the step's pinned buffers are free once it returns
         tables.write_runs(np.arange(len(segs)), segment_runs(segs, sources, hidden))
-        table = tables.staging_table()
         table[0, L.STEP_TOKENS], table[0, L.STEP_REQUESTS] = n, 1
         table[1] = 0  # base 0, prefix 0, runs [0, s)
         table[1, L.STEP_RUN_END] = len(segs)

@@ -64,6 +64,7 @@ def source_entry(t: torch.Tensor, hidden: int, anchor_addr: dict[int, int]) -> t
 
 
 STAGING_RING = 8  # step tables in flight: a buffer is rewritten only once its copy has left
+RUN_STAGE_ROWS = 4096  # run rows a step uploads from its persistent pinned buffer (more: pinned per call)
 _HALF = STAGING_RING // 2  # one event per half ring: a record and a wait every 4 steps
 
 
@@ -101,17 +102,34 @@ class ResidentTables:
         self._step_ptr, self._row_bytes = self.step.data_ptr(), self.step.stride(0) * 8
         self._staging_ptrs = [t.data_ptr() for t in self.staging]
         self._device_index = (self.device.index or 0) if cuda else 0
+        self._runs_ptr = self.runs.data_ptr()
+        self._run_stage: list | None = None  # pinned run-row buffers, one per staging slot (lazily)
 
     def write_runs(self, run_idx: np.ndarray, run_rows: np.ndarray) -> None:
-        """Overwrite run rows (distinct indices): one upload, applied in stream order.
+        """Overwrite run rows (distinct ascending indices): one upload, applied in stream
+        order. Call after ``staging_table()`` of the step that needs them.
 
-        Rows of one contiguous range (what registration writes) go up in one copy; others
-        as ``(index, row)`` pairs, scattered on the device."""
+        Rows of one contiguous range (what registration writes) go up in one copy: on CUDA
+        from the step's persistent pinned buffer with one driver call (no pinned
+        allocation, no dispatch) when they fit it; others as ``(index, row)`` pairs,
+        scattered on the device."""
         k = len(run_idx)
         if k == 0:
             return
         first = int(run_idx[0])
-        if int(run_idx[-1]) - first == k - 1 and (k < 3 or bool((np.diff(run_idx) == 1).all())):
+        if int(run_idx[-1]) - first == k - 1:
+            if self._memcpy is not None and k <= RUN_STAGE_ROWS:
+                if self._run_stage is None:
+                    self._run_stage = [torch.empty((RUN_STAGE_ROWS, L.RUN_FIELDS), dtype=torch.int64,
+                                                   pin_memory=True) for _ in range(STAGING_RING)]
+                    self._run_stage_np = [t.numpy() for t in self._run_stage]
+                    self._run_stage_ptrs = [t.data_ptr() for t in self._run_stage]
+                s = self.slot
+                self._run_stage_np[s][:k] = run_rows
+                if self._memcpy(self._runs_ptr + first * L.RUN_FIELDS * 8, self._run_stage_ptrs[s],
+                                k * L.RUN_FIELDS * 8,
+                                torch._C._cuda_getCurrentRawStream(self._device_index)) == 0:
+                    return
             upload = torch.from_numpy(np.ascontiguousarray(run_rows))
             if self.device.type == "cuda":  # pinned by torch's caching host allocator
                 upload = upload.pin_memory()

@@ -168,25 +168,36 @@ def _fitting(found: list, rows: np.ndarray, widths: tuple, device: torch.device)
     """Which cache entries fit their items exactly as they are (2-D float rows of a known
     width and the right count on ``device``, unit column stride, element-aligned), and for
     those their sources, first rows and source entries. Entries that are rows of a block
-    (``BlockRows``) are checked once per block."""
+    (``BlockRows``, what the assembler puts) are checked once per block, in array
+    operations; other tensors one by one."""
     n = len(found)
     fits = np.zeros(n, bool)
     srcs: list = [None] * n
     row0 = np.zeros(n, np.int64)
     ents = np.zeros((n, L.SOURCE_FIELDS), np.int64)
-    blocks = {}
-    for i, f in enumerate(found):
-        if type(f) is BlockRows:
-            ok = blocks.get(f.ident)
-            if ok is None:
-                ok = blocks[f.ident] = _fits_as_is(f.block, f.block.shape[0], widths, device)
-            if ok and f.rows == rows[i]:
-                fits[i], srcs[i], row0[i] = True, f.block, f.start
-                ents[i] = block_entries(f.block, np.array([f.start]), widths[0])[0]
-        elif _fits_as_is(f, rows[i], widths, device):
-            fits[i], srcs[i] = True, f
-            ents[i] = entries_of([f.data_ptr()], [f.stride(0)], [KIND_OF_DTYPE[f.dtype]], [f.shape[1]],
-                                 widths[0], device)[0]
+    kinds = [type(f) is BlockRows for f in found]
+    idx = np.array([i for i, b in enumerate(kinds) if b], np.int64)
+    if len(idx):
+        recs = [found[i] for i in idx.tolist()]
+        blocks = {r.ident: r.block for r in recs}
+        good = {k: _fits_as_is(b, b.shape[0], widths, device) for k, b in blocks.items()}
+        ok = np.array([good[r.ident] for r in recs], bool) & (np.array([r.rows for r in recs]) == rows[idx])
+        starts = np.array([r.start for r in recs], np.int64)
+        which = [r.ident for r in recs]
+        for k, block in blocks.items():
+            if good[k]:
+                sel = np.array([w == k for w in which], bool) & ok
+                ents[idx[sel]] = block_entries(block, starts[sel], widths[0])
+        fits[idx] = ok
+        row0[idx] = starts
+        for i, r in zip(idx.tolist(), recs):
+            srcs[i] = r.block
+    if len(idx) < n:
+        for i, f in enumerate(found):
+            if not kinds[i] and _fits_as_is(f, rows[i], widths, device):
+                fits[i], srcs[i] = True, f
+                ents[i] = entries_of([f.data_ptr()], [f.stride(0)], [KIND_OF_DTYPE[f.dtype]], [f.shape[1]],
+                                     widths[0], device)[0]
     return fits, srcs, row0, ents
 
 
