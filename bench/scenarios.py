@@ -79,6 +79,7 @@ class Built:
     out: torch.Tensor  # scatter-mode buffer, text rows already looked up
     num_mm_rows: int
     num_tokens: int
+    prompts: list | None = None  # each request's whole prompt ids, on the device (walks)
 
 
 def build(sc: Scenario, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
@@ -89,7 +90,7 @@ def build(sc: Scenario, device: str = "cuda", dtype: torch.dtype = torch.bfloat1
     weight = torch.randn(vocab, sc.hidden, generator=gen).to(device=device, dtype=dtype)
     lo = sc.start if sc.chunk is not None else 0
     hi = min(sc.prompt_len, lo + sc.chunk) if sc.chunk is not None else sc.prompt_len
-    requests, ids, key = [], [], 0
+    requests, ids, prompts, key = [], [], [], 0
     for _ in range(sc.requests):
         items, pos = [], 0
         prompt = torch.randint(0, vocab, (sc.prompt_len,), generator=gen)
@@ -102,8 +103,9 @@ def build(sc: Scenario, device: str = "cuda", dtype: torch.dtype = torch.bfloat1
             pos += sc.tokens
         requests.append(Request(items, lo, hi - lo, prompt_len=sc.prompt_len))
         ids.append(prompt[lo:hi])
+        prompts.append(prompt.to(device))
     input_ids = torch.cat(ids).to(device)
     out = weight[input_ids.clamp(0, vocab - 1)]
     mm_rows = sum(max(0, min(e + 1, r.prefix_len + r.extend_len) - max(s, r.prefix_len))
                   for r in requests for it in r.items for s, e in it.spans)
-    return Built(sc, requests, input_ids, weight, out, mm_rows, int(input_ids.shape[0]))
+    return Built(sc, requests, input_ids, weight, out, mm_rows, int(input_ids.shape[0]), prompts)

@@ -117,8 +117,9 @@ def _resolve_encoded(reg, slots, enc, request, keys, rows, naming, out, *, encod
         ckeys = ([(tokens[umods[0]], umods[0], k) for k in ukeys] if len(kinds) == 1 and kinds[0] in tokens
                  else [(tokens[m], m, k) if m in tokens else None for m, k in zip(umods, ukeys)])
         found = cache.lookup(ckeys)
-        if found.count(None) != u:
-            hidx = np.array([i for i, f in enumerate(found) if f is not None], np.int64)
+        present = [f is not None for f in found]  # never ``None in``: that calls Tensor.__eq__
+        if True in present:
+            hidx = np.array([i for i, f in enumerate(present) if f], np.int64)
             fits, srcs, row0, ents = _fitting([found[i] for i in hidx.tolist()], uneed[hidx], widths, device)
             for j, i in enumerate(hidx.tolist()):
                 if fits[j]:

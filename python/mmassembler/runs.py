@@ -209,7 +209,7 @@ def build_runs(new: NewRequests) -> BuiltRuns:
         rows = np.add.reduceat(length, first_span) if n else np.zeros(0, np.int64)
         ends = e[first_span + nspan - 1] + 1 if n else np.zeros(0, np.int64)
     pos, end, run_item = s, e + 1, item
-    if new.masks.count(None) != n:
+    if False in [mk is None for mk in new.masks]:  # ``is``: masks may be tensors (no __eq__ per mask)
         masked = [j for j, mk in enumerate(new.masks) if mk is not None]
         keep = np.ones(n, bool)
         keep[masked] = False

@@ -77,8 +77,9 @@ class Resident:
             self._dead.append(entry[1])
 
     def _remove_dead(self) -> None:
-        while self._dead:
-            self.asm.remove_request(self._dead.pop())
+        if self._dead:
+            dead, self._dead = self._dead, []
+            self.asm.remove_requests(dead)
 
     def handles(self, owners: Sequence, fingerprints: Callable, columns: Callable) -> np.ndarray:
         """A handle per request: ``owners[i]`` (``None`` for a text-only request) registered

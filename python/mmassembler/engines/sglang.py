@@ -75,7 +75,7 @@ def _items_of(owners: list) -> tuple[list, list]:
     """Every request's items (``None`` entries dropped) and their count per request."""
     lists = [m.mm_items for m in owners]
     flat = list(chain.from_iterable(lists))
-    if None in flat:
+    if True in [it is None for it in flat]:  # ``is``: an item's __eq__ compares its fields
         lists = [[it for it in x if it is not None] for x in lists]
         flat = list(chain.from_iterable(lists))
     return flat, list(map(len, lists))

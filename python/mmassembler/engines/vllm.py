@@ -270,8 +270,9 @@ class _EncoderCache(Mapping):
     def _lookup(self, features) -> list:
         keys = _keys([f for f, _ in features])
         found = list(map(self._cache.get, keys))
-        if None in found:
-            i = found.index(None)
+        missing = [t is None for t in found]  # ``is``: ``None in`` would call Tensor.__eq__ per entry
+        if True in missing:
+            i = missing.index(True)
             raise MissingEncoderError(f"request {features[i][1]!r}: feature {keys[i]!r} is not in the "
                                       "encoder cache (vLLM: 'Encoder cache miss')", item_key=keys[i])
         return found
