@@ -1,6 +1,7 @@
 """The benchmark runner: ``python -m bench``.
 
     python -m bench --peers [--scenario SUBSTR ...] [--out DIR]   (bench/bench_peers.py)
+    python -m bench --trace [--requests N] [--budget T] [--out DIR]  (bench/bench_trace.py)
     python -m bench [--suite kernel rows items hidden] [--scenario SUBSTR ...]
                     [--mode fused scatter] [--dtype bfloat16] [--backend auto]
                     [--repeat 100] [--out DIR]
@@ -143,6 +144,10 @@ def main(argv=None) -> int:
         from bench.bench_peers import main as peers
 
         return peers([a for a in argv if a != "--peers"])
+    if "--trace" in argv:  # a simulated serving run: bench/bench_trace.py
+        from bench.bench_trace import main as trace
+
+        return trace([a for a in argv if a != "--trace"])
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", nargs="*", default=["kernel", "rows", "items", "hidden"],
