@@ -199,9 +199,15 @@ class StepGraph:
         self.op, self.out, self.deepstack_out = op, out, deepstack_out
         self.input_ids, self.weight, self.capacity = input_ids, weight, capacity
         self.graphs: list | None = None
+        self._weight_at = None  # the weight's address, strides and rows when captured
+
+    def _weight_fingerprint(self):
+        w = self.weight
+        return None if w is None else (w.data_ptr(), w.stride(), w.shape, w.dtype)
 
     def _capture(self) -> None:
         op, tables = self.op, self.op.tables
+        self._weight_at = self._weight_fingerprint()
         # warm-up outside the capture compiles the kernel; a step of 0 tokens writes nothing
         tables.step[0, :2] = 0
         op.launch(self.out, self.deepstack_out, self.input_ids, self.weight, self.capacity)
@@ -216,7 +222,8 @@ class StepGraph:
         self.graphs = graphs
 
     def replay(self) -> None:
-        """Replay the graph of the staging buffer the step just filled."""
-        if self.graphs is None:
+        """Replay the graph of the staging buffer the step just filled; captured again when
+        the weight moved (``Parameter.data`` swapped: a graph keeps the address it saw)."""
+        if self.graphs is None or (self.weight is not None and self._weight_fingerprint() != self._weight_at):
             self._capture()
         self.graphs[self.op.tables.slot].replay()

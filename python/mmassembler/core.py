@@ -98,7 +98,9 @@ class StepCore:
         e = int_array(extend_lens, "extend_lens")
         r = len(h)
         table = self.tables.staging_table()
-        fits = len(p) == r == len(e) and r <= self.max_requests
+        # a handle twice fails here as on the slow path (where windows are checked one by one)
+        fits = (len(p) == r == len(e) and r <= self.max_requests
+                and (r < 2 or np.maximum.reduce(np.bincount(h)) < 2))
         n = self._fill(table, h, p, e) if fits else None
         if n is None or n > self.max_tokens:  # a bad window, or one that needs sources
             reg = self.registry

@@ -20,10 +20,12 @@ def int_array(values, name: str) -> np.ndarray:
     if type(values) is np.ndarray and values.dtype == np.int64 and values.ndim == 1:
         return values
     if isinstance(values, torch.Tensor):
+        if values.layout != torch.strided:
+            raise BatchShapeError(f"{name} must be a dense 1-D tensor, got a {values.layout} one")
         if values.device.type != "cpu":
             raise BatchShapeError(f"{name} must be on the host (a list, numpy array or CPU tensor), "
                                   f"got a tensor on {values.device}: reading it would synchronise")
-        values = values.numpy()
+        values = values.detach().numpy()
     arr = np.asarray(values)
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise BatchShapeError(f"{name} must be a 1-D sequence of ints, got {arr.dtype} of shape "

@@ -31,6 +31,7 @@ from mmassembler.engines._embedding import plain_table, text_rows
 from mmassembler.engines._resident import resident_for
 from mmassembler.runs import NO_LIMIT, NewRequests
 from mmassembler.errors import BatchShapeError, EmbeddingFormatError, MissingEncoderError, RowCountError
+from mmassembler.step_inputs import check_buffer
 
 
 def _flatten(embeddings) -> list[torch.Tensor]:
@@ -182,28 +183,37 @@ def gather_mm_embeddings(requests: Sequence, encoder_cache: Mapping, input_ids: 
     is ``deepstack_out.view(tokens, levels, hidden).permute(1, 0, 2)``).
     """
     counts = _scheduled(requests, num_scheduled_tokens)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1:
+        raise BatchShapeError(f"input_ids must be a 1-D tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
+    if out is not None:  # checked before anything is computed into it
+        check_buffer("out", out, input_ids.shape[0])
     weight = plain_table(embed_tokens) if embed_tokens is not None else None
+    fused = weight is not None  # the lookup in the kernel's pass, written into out (or a new tensor)
     rows = out
-    if embed_tokens is not None and (weight is None or out is not None):
-        rows = (weight[input_ids.clamp(0, weight.shape[0] - 1)] if weight is not None
-                else text_rows(embed_tokens, input_ids))
-        if out is not None:
-            out.copy_(rows)
-            rows = out
-    fused = weight is not None and rows is None
+    if embed_tokens is not None and not fused:
+        # text rows into a tensor of their own: out is written only once every check has passed
+        rows = text_rows(embed_tokens, input_ids)
+        if out is not None and (rows.dtype != out.dtype or rows.shape != out.shape):
+            raise BatchShapeError(f"embed_tokens gives {rows.dtype} {list(rows.shape)} rows, out is "
+                                  f"{out.dtype} {list(out.shape)}")
     if not fused and rows is None:
         raise BatchShapeError("gather_mm_embeddings needs embed_tokens (text rows) or out (a buffer to "
                               "write multimodal rows into)")
     if shift_computed_tokens:
-        return _gather_stateless(requests, counts, encoder_cache, input_ids, int(shift_computed_tokens),
-                                 weight if fused else None, rows, deepstack_out, backend)
-    ds_cols = 0 if deepstack_out is None else int(deepstack_out.shape[1])
-    key = embed_tokens if embed_tokens is not None else _SCATTER
-    resident = resident_for(key, weight if fused else None, weight if fused else rows, ds_cols, backend)
-    prefix = [int(r.num_computed_tokens) for r in requests]
-    return resident.step(requests, _fingerprints, _columns, prefix, counts, input_ids,
-                         encoders=_EncoderCache(encoder_cache), cache=None,
-                         out=None if fused else rows, deepstack_out=deepstack_out)
+        got = _gather_stateless(requests, counts, encoder_cache, input_ids, int(shift_computed_tokens),
+                                weight if fused else None, rows if not fused else None, deepstack_out, backend)
+    else:
+        ds_cols = 0 if deepstack_out is None else int(deepstack_out.shape[1])
+        key = embed_tokens if embed_tokens is not None else _SCATTER
+        resident = resident_for(key, weight, weight if fused else rows, ds_cols, backend)
+        prefix = [int(r.num_computed_tokens) for r in requests]
+        got = resident.step(requests, _fingerprints, _columns, prefix, counts, input_ids,
+                            encoders=_EncoderCache(encoder_cache), cache=None,
+                            out=out if fused else rows, deepstack_out=deepstack_out)
+    if out is not None and got is not out:
+        out.copy_(got)
+        return out
+    return got
 
 
 class _Key:
