@@ -98,10 +98,10 @@ class StepCore:
         e = int_array(extend_lens, "extend_lens")
         r = len(h)
         table = self.tables.staging_table()
-        # a handle twice fails here as on the slow path (where windows are checked one by one)
-        fits = (len(p) == r == len(e) and r <= self.max_requests
-                and (r < 2 or np.maximum.reduce(np.bincount(h)) < 2))
+        fits = len(p) == r == len(e) and r <= self.max_requests
         n = self._fill(table, h, p, e) if fits else None
+        if n is not None and r and np.maximum.reduce(np.bincount(h)) > 1:
+            n = None  # a handle twice: the slow path names it, as it does on any step
         if n is None or n > self.max_tokens:  # a bad window, or one that needs sources
             reg = self.registry
             n = check_windows(h, p, e, reg, self.max_requests, self.max_tokens)

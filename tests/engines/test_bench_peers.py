@@ -1,21 +1,35 @@
-"""``python -m bench --peers`` builds the same batch for the engines' code and ours; on a
-CPU every path's output must equal our reference bit for bit (the GPU run times them)."""
+"""``python -m bench --peers`` and ``--trace`` run the same steps through the engines' code
+and every path of ours; on a CPU each path's output must equal the reference bit for bit
+in every mode (the GPU run times them)."""
 
 import pytest
 import torch
 
-from bench.bench_peers import calls
+from bench.bench_peers import _leaves, workload
 from bench.bench_resident import RESIDENT_SCENARIOS
+from bench.bench_trace import make_requests, schedule
 from bench.scenarios import build, scaled
-from mmassembler import assemble
+from bench.serving import drivers, run_steps
 
 
 @pytest.mark.parametrize("sc", [scaled(sc, 1 / 64, 1 / 64) for sc in RESIDENT_SCENARIOS[:3]] +
                          [scaled(RESIDENT_SCENARIOS[-2], 1 / 16, 1 / 64)], ids=lambda sc: sc.name)
-def test_every_path_builds_the_same_embeddings(sg, vl, sc):
+def test_every_path_gives_the_reference_in_every_mode(sg, vl, sc):
     b = build(sc, device="cpu", dtype=torch.float32, vocab=500)
-    ref = assemble(b.requests, b.input_ids, weight=b.weight, backend="torch")
+    reqs, windows, walk = workload(b)
     with torch.no_grad():
-        for name, fn in calls(sg, vl, b).items():
-            for _ in range(2):  # the second call: steady state (caches warm, requests registered)
-                assert torch.equal(fn(), ref), name
+        for name, drv in drivers(reqs, b.weight, sg, vl).items():
+            for _ in range(2):  # first contact twice: the second also removes the first's requests
+                run_steps(drv, reqs, [windows], b.weight, check=True, sync=lambda: None, leave=[list(reqs)])
+            run_steps(drv, reqs, walk, b.weight, check=True, sync=lambda: None, leave=_leaves(walk))
+            run_steps(drv, reqs, [windows] * 2, b.weight, check=True, sync=lambda: None)  # steady
+
+
+def test_trace_paths_give_the_reference_at_every_step(sg, vl):
+    reqs, weight = make_requests(24, 16, "cpu", seed=3, shrink=16)
+    steps, leave = schedule(reqs, rate=3.0, budget=256, seed=3)
+    assert len(steps) > 3 and any(len(w) > 1 for w in steps)
+    with torch.no_grad():
+        for name, drv in drivers(reqs, weight, sg, vl, ["sglang_routine", "ours_sglang_routine", "vllm",
+                                                        "ours_vllm", "assembler", "stateless"]).items():
+            run_steps(drv, reqs, steps, weight, check=True, sync=lambda: None, leave=leave)
