@@ -13,7 +13,8 @@ from mmassembler.encode import Encoder
 from mmassembler.items import Item, ItemLayout, Request
 from mmassembler.errors import (AssemblyError, BatchShapeError, CapacityError, ChunkWindowError,
                                 EmbedMaskError, EmbeddingFormatError, EncoderOutputError,
-                                MissingEncoderError, RowCountError, SpanError, UnknownHandleError)
+                                MissingEncoderError, RowCountError, SourceChangedError, SpanError,
+                                UnknownHandleError)
 from mmassembler.oracle import assemble_oracle
 
 __version__ = "0.2.0"
@@ -23,6 +24,6 @@ __all__ = [
     "CapacityError", "ChunkWindowError", "UnknownHandleError",
     "EmbedMaskError", "EmbeddingCache", "EmbeddingFormatError", "Encoder", "EncoderOutputError",
     "Item", "ItemLayout", "MissingEncoderError", "Request", "RowCountError",
-    "SpanError",
+    "SourceChangedError", "SpanError",
     "assemble", "assemble_oracle", "cache_key", "resolve_backend", "__version__",
 ]

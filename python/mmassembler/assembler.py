@@ -33,6 +33,8 @@ class Assembler:
     into the caller's ``out``. ``cuda_graph=True`` captures the step's device work once
     and replays it; outputs then live in persistent buffers (``out=`` at construction in
     scatter mode). ``max_items``/``max_runs`` size the resident tables.
+    ``check_stable`` (a debug option) checks at every step that no source read in place (a
+    ``stable`` encoder's output) was written since it was read: ``SourceChangedError``.
     """
 
     def __init__(self, *, weight: torch.Tensor | None = None, hidden: int | None = None,
@@ -41,7 +43,8 @@ class Assembler:
                  encoders: Mapping[str, EncoderFn | Encoder] | None = None,
                  cache: EmbeddingCache | None = None, deepstack_cols: int = 0,
                  backend: str = "auto", cuda_graph: bool = False, out: torch.Tensor | None = None,
-                 deepstack_out: torch.Tensor | None = None, block_rows: int | None = None):
+                 deepstack_out: torch.Tensor | None = None, block_rows: int | None = None,
+                 check_stable: bool = False):
         if isinstance(weight, torch.nn.Module):
             raise BatchShapeError(f"weight is a {type(weight).__name__} module; pass its table "
                                   "(for nn.Embedding: weight=embedding.weight)")
@@ -81,7 +84,8 @@ class Assembler:
         max_items = max_items or 64 * max_requests + 1024
         max_runs = max_runs or 4 * max_items
         self._core = StepCore(self.device, backend=self.backend, max_tokens=max_tokens,
-                              max_requests=max_requests, max_runs=max_runs, max_items=max_items)
+                              max_requests=max_requests, max_runs=max_runs, max_items=max_items,
+                              check_stable=check_stable)
         self.registry, self.tables = self._core.registry, self._core.tables
         self._op = self._core.op(hidden=hidden, ds_cols=deepstack_cols, dtype=dtype,
                                  fused=weight is not None, block_rows=block_rows)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from mmassembler.errors import SourceChangedError
 from mmassembler.registry import Registry
 from mmassembler.resolve import resolve
 from mmassembler.runs import NewRequests
@@ -50,7 +51,7 @@ class StepCore:
     """
 
     def __init__(self, device: torch.device, *, backend: str, max_tokens: int, max_requests: int,
-                 max_runs: int, max_items: int):
+                 max_runs: int, max_items: int, check_stable: bool = False):
         self.device, self.backend = device, backend
         self.max_tokens, self.max_requests = max_tokens, max_requests
         self.registry = Registry(max_requests=max_requests, max_runs=max_runs, max_items=max_items)
@@ -58,6 +59,7 @@ class StepCore:
         self._ops: dict = {}
         self._bad = np.zeros((4, max_requests), bool)  # scratch of the window check
         self.stats = StepStats()
+        self.check_stable = check_stable
 
     def op(self, *, hidden: int, ds_cols: int, dtype: torch.dtype, fused: bool,
            block_rows: int | None = None) -> StepOp | None:
@@ -93,6 +95,8 @@ class StepCore:
         makes) the step's ``(out, deepstack_out, input_ids)`` for ``n`` tokens before
         anything changes; ``graph`` (a ``StepGraph``) replays instead of launching. Returns
         ``out`` (or the graph's output rows). Raises an ``AssemblyError`` before any write."""
+        if self.check_stable:
+            self._check_stable()
         h = int_array(handles, "handles")
         p = int_array(prefix_lens, "prefix_lens")
         e = int_array(extend_lens, "extend_lens")
@@ -133,6 +137,21 @@ class StepCore:
         self.tables.end_step()
         return out
 
+    def _check_stable(self) -> None:
+        """Debug: every held source read in place (a ``stable`` encoder's output) still has
+        the version counter it had when read; a write in place raises before the step."""
+        reg = self.registry
+        slots = (reg.held & (reg.item_version >= 0)).nonzero()[0]
+        if len(slots):
+            now = np.array([t._version for t in reg.item_src[slots].tolist()], np.int64)
+            bad = now != reg.item_version[slots]
+            if True in bad:
+                s = int(slots[bad.nonzero()[0][0]])
+                raise SourceChangedError(
+                    f"the stable encoder's output for item {reg.item_key[s]!r} was written in place while "
+                    "the assembler holds it (a stable encoder must keep its outputs unchanged)",
+                    item_key=reg.item_key[s])
+
     def _fill(self, table: np.ndarray, h: np.ndarray, p: np.ndarray, e: np.ndarray) -> int | None:
         """Write the windows' rows of the staging table (a fixed number of array calls);
         their token count, or ``None`` when a window is bad or needs work.
@@ -169,7 +188,7 @@ class StepCore:
                         device=self.device, widths=widths)
         # every check has passed: commit (the changed runs' device rows go with the next flush)
         self.tables.retire(reg.set_sources(slots, found.sources, found.first_rows, found.entries, passed,
-                                           ridx))
+                                           ridx, found.versions))
         reg.update_ready(hw, pw, qw, ridx, rwin, iidx, iwin)
         st = self.stats
         st.resolving_steps += 1

@@ -75,6 +75,11 @@ class EncoderOutputError(RowCountError):
     """An encoder returned something other than a list of tensors or (tensor, rows_per_item)."""
 
 
+class SourceChangedError(AssemblyError):
+    """A source the assembler reads in place changed under it (a ``stable`` encoder's output
+    written in place while held): found by the ``check_stable`` debug option."""
+
+
 class CapacityError(BatchShapeError):
     """A request or step does not fit the capacity an ``Assembler`` was made with."""
 

@@ -62,6 +62,7 @@ class Registry:
         self.item_emb = np.empty(max_items, object)  # its precomputed embedding, or None
         self.item_src = np.empty(max_items, object)  # its source while held, else None
         self.item_row0 = np.zeros(max_items, np.int64)  # where its rows start in its source
+        self.item_version = np.full(max_items, -1, np.int64)  # a stable source's version when read
         self.item_meta = np.zeros((max_items, 3), np.int64)  # rows, end of last position, owner
         self.item_rows, self.item_end, self.item_owner = (self.item_meta[:, c] for c in range(3))
         self.has_emb = np.zeros(max_items, bool)
@@ -198,9 +199,10 @@ class Registry:
         runs[:, ITEM] = remap[runs[:, ITEM]]
         self.runs[:k] = runs
         for col in (self.item_obj, self.item_key, self.item_modality, self.item_emb, self.item_src,
-                    self.item_row0, self.item_meta, self.has_emb, self.held, self.item_entry):
+                    self.item_row0, self.item_version, self.item_meta, self.has_emb, self.held, self.item_entry):
             col[:n] = col[iidx]
-            col[n:] = L.NO_SOURCE if col is self.item_entry else (None if col.dtype == object else 0)
+            col[n:] = (L.NO_SOURCE if col is self.item_entry else -1 if col is self.item_version
+                       else None if col.dtype == object else 0)
         rc = self.run_end[h] - self.run_first[h]
         ic = self.item_count[h]
         self.run_end[h] = np.cumsum(rc)
@@ -261,7 +263,7 @@ class Registry:
         return found[~self.held[found]]
 
     def set_sources(self, slots: np.ndarray, sources: list, first_rows: np.ndarray, entries: np.ndarray,
-                    passed: np.ndarray, ridx: np.ndarray) -> list:
+                    passed: np.ndarray, ridx: np.ndarray, versions: np.ndarray | None = None) -> list:
         """Hold ``sources`` (whose rows start at ``first_rows``; with their source entries)
         for ``slots`` and let go of those of ``passed`` (returned, to release once queued
         steps have run); mark the runs among ``ridx`` that read any of them stale."""
@@ -272,6 +274,7 @@ class Registry:
         if len(slots):
             self.item_src[slots] = _objects(sources)
             self.item_row0[slots] = first_rows
+            self.item_version[slots] = -1 if versions is None else versions
             self.held[slots] = True
             self.item_entry[slots] = entries
         changed = self._flag

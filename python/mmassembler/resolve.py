@@ -31,12 +31,14 @@ class Resolved:
     """What a step's resolve found: sources and entries per wanted slot, and the tensors a
     cache lookup or an encoder call produced (kept by the caller until its step has run)."""
 
-    __slots__ = ("sources", "first_rows", "entries", "encoder_calls", "encoded_rows", "hits", "misses")
+    __slots__ = ("sources", "first_rows", "entries", "versions", "encoder_calls", "encoded_rows", "hits",
+                 "misses")
 
     def __init__(self, n: int):
         self.sources: list = [None] * n  # what holds each item's rows (its own tensor, or a block)
         self.first_rows = np.zeros(n, np.int64)  # where they start in it
         self.entries = np.empty((n, L.SOURCE_FIELDS), np.int64)
+        self.versions = np.full(n, -1, np.int64)  # a stable source's version counter when read (else -1)
         self.encoder_calls = self.encoded_rows = self.hits = self.misses = 0
 
 
@@ -106,6 +108,7 @@ def _resolve_encoded(reg, slots, enc, request, keys, rows, naming, out, *, encod
     encs = {m: as_encoder(encoders[m]) for m in kinds}
     usrc: list = [None] * u
     urow0 = np.zeros(u, np.int64)
+    uver = np.full(u, -1, np.int64)
     uent = np.empty((u, L.SOURCE_FIELDS), np.int64)
     uneed = er[uniq]
     todo = np.ones(u, bool)
@@ -146,6 +149,8 @@ def _resolve_encoded(reg, slots, enc, request, keys, rows, naming, out, *, encod
             for i, t in zip(sub.tolist(), srcs):
                 usrc[i] = t
             urow0[sub], uent[sub] = row0, ents
+            if enc_m.stable:  # read in place: its version now, for the check_stable debug option
+                uver[sub] = [t._version for t in srcs]
             out.encoder_calls += 1
             out.encoded_rows += int(need[call].sum())
             if cache is not None and not enc_m.stable:
@@ -160,9 +165,11 @@ def _resolve_encoded(reg, slots, enc, request, keys, rows, naming, out, *, encod
     # each item takes its representative's source
     if u == len(enc):
         _place(out, enc, usrc, urow0, uent)
+        out.versions[enc] = uver
     else:
         at = np.searchsorted(uniq, rep)
         _place(out, enc, [usrc[i] for i in at.tolist()], urow0[at], uent[at])
+        out.versions[enc] = uver[at]
 
 
 def _fitting(found: list, rows: np.ndarray, widths: tuple, device: torch.device):

@@ -15,10 +15,12 @@ Python ints are normalised one item at a time first.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import operator
 from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 from mmassembler.errors import BatchShapeError, SpanError
 from mmassembler.items import Item, layout_of
@@ -126,8 +128,13 @@ def _span_error(new: NewRequests, item: int, message: str, owner: np.ndarray,
 
 
 def _position(v, new, j, owner) -> int:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-        raise _span_error(new, j, f"span positions must be ints, got {v!r}", owner)
+    """An int position (numpy ints and integer 0-d tensors read as ints; never a bool or a float)."""
+    try:
+        if isinstance(v, (bool, np.bool_)) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool):
+            raise TypeError
+        v = operator.index(v)
+    except TypeError:
+        raise _span_error(new, j, f"span positions must be ints, got {v!r}", owner) from None
     if not -NO_LIMIT <= v <= NO_LIMIT:
         raise _span_error(new, j, f"span position {v} is past any prompt (2**40)", owner)
     return int(v)
