@@ -35,9 +35,9 @@ LO, HI, START_MAX = L.STEP_READY_LO, L.STEP_READY_HI, L.STEP_START_MAX  # bounds
 POS, END, ITEM = L.HOST_RUN_POS, L.HOST_RUN_END, L.HOST_RUN_ITEM  # columns of host run rows
 
 
-def _objects(values: list) -> np.ndarray:
-    """A 1-D object array of ``values`` (numpy never looks inside them: tensors stay whole)."""
-    return np.fromiter(values, object, len(values))
+def _objects(values: list, n: int) -> np.ndarray:
+    """A 1-D object array of the ``n`` ``values`` (numpy never looks inside them: tensors stay whole)."""
+    return np.fromiter(values, object, n)
 
 
 class Registry:
@@ -104,17 +104,16 @@ class Registry:
         handles.reverse()
         h = np.array(handles, np.int64)
         r0, i0 = self.run_top, self.item_top
-        counts = np.array(new.counts, np.int64)
-        run_counts = built.run_counts
+        counts, prompt, run_counts = built.counts, built.prompts, built.run_counts
         if k:
             runs = built.runs
             runs[:, ITEM] += i0
             self.runs[r0:r0 + k] = runs
-            self._mark_dirty(slice(r0, r0 + k), r0, r0 + k)
+            self._dirty[r0:r0 + k] = True
+            self._dirty_lo, self._dirty_hi = min(self._dirty_lo, r0), max(self._dirty_hi, r0 + k)
         rows = np.zeros((m, L.STEP_FIELDS), np.int64)
         end = run_counts.cumsum() + r0
         rows[:, L.STEP_RUN_FIRST], rows[:, L.STEP_RUN_END] = end - run_counts, end
-        prompt = np.fromiter(new.prompts, np.int64, m)
         # no runs: a window needs no sources; else the first window with tokens resolves
         rows[:, HI] = prompt * (run_counts == 0)
         rows[:, START_MAX] = NO_LIMIT
@@ -124,10 +123,10 @@ class Registry:
         self.slots[h] = slots
         if n:
             s = slice(i0, i0 + n)
-            self.item_obj[s] = _objects(new.objs)
-            self.item_key[s] = _objects(new.keys)
-            self.item_modality[s] = _objects(new.modality)
-            self.item_emb[s] = _objects(new.embedding)
+            self.item_obj[s] = _objects(new.objs, n)
+            self.item_key[s] = _objects(new.keys, n)
+            self.item_modality[s] = _objects(new.modality, n)
+            self.item_emb[s] = _objects(new.embedding, n)
             self.has_emb[s] = np.fromiter(map(is_not, new.embedding, repeat(None)), bool, n)
             self.item_rows[s], self.item_end[s] = built.rows, built.ends
             self.item_owner[s] = h.repeat(counts)
@@ -272,7 +271,7 @@ class Registry:
         self.held[passed] = False
         self.item_entry[passed] = L.NO_SOURCE
         if len(slots):
-            self.item_src[slots] = _objects(sources)
+            self.item_src[slots] = _objects(sources, len(slots))
             self.item_row0[slots] = first_rows
             self.item_version[slots] = -1 if versions is None else versions
             self.held[slots] = True

@@ -110,6 +110,8 @@ class BuiltRuns(NamedTuple):
     run_counts: np.ndarray
     rows: np.ndarray
     ends: np.ndarray
+    counts: np.ndarray  # items per request
+    prompts: np.ndarray  # prompt length per request (NO_LIMIT: unknown)
 
 
 def _span_error(new: NewRequests, item: int, message: str, owner: np.ndarray,
@@ -257,7 +259,7 @@ def build_runs(new: NewRequests) -> BuiltRuns:
             runs = np.empty((len(pos), 4), np.int64)
     runs[:, 0], runs[:, 1], runs[:, 2], runs[:, 3] = pos, end, row, run_item
     run_counts = counts if one else np.bincount(req, minlength=m)
-    return BuiltRuns(runs, run_counts, rows, ends)
+    return BuiltRuns(runs, run_counts, rows, ends, counts, limit)
 
 
 _AR_N = 1 << 12
