@@ -22,3 +22,24 @@ def test_encoder_rows_follow_image_size():
 
     enc = TinyVisionEncoder(hidden=16)
     assert enc(torch.randn(3, 64, 32)).shape == (TinyVisionEncoder.rows_for(64, 32), 16) == (8, 16)
+
+
+def test_version_and_info(capsys):
+    import pytest
+
+    from mmassembler import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"mmassembler {__version__}"
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch " in out and "backend auto: " in out and "device: " in out
+
+
+def test_demo_on_a_missing_device_says_so(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["demo", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().out

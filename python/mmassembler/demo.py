@@ -170,9 +170,12 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """A fixed-width table of the demo's steps."""
+    """A fixed-width table of the demo's steps: per step the best-of-three time of each of
+    our paths (all of them ours: the stateless call on each backend and the Assembler)."""
     backends = list(rows[0]["times_ms"]) if rows else []
-    head = ["step", "requests", "tokens", "mm rows", "enc calls"] + [f"{b} ms" for b in backends] + [
+    names = {"torch": "stateless (torch) ms", "triton": "stateless (triton) ms",
+             "interpreter": "stateless (interpreter) ms", "assembler": "Assembler ms"}
+    head = ["step", "requests", "tokens", "mm rows", "enc calls"] + [names.get(b, f"{b} ms") for b in backends] + [
         "match"]
     lines = [head]
     for r in rows:

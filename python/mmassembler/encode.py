@@ -29,8 +29,8 @@ EncoderFn = Callable[[list], EncoderOutput]
 class Encoder:
     """An encoder callable with optional per-call budgets.
 
-    ``fn(items)`` returns one tensor per item, or ``(tensor, rows_per_item)`` with the
-    items' rows concatenated. ``max_items`` / ``max_rows`` cap one call; more calls
+    ``fn(items)`` returns one tensor per item, a ``[items, rows, hidden]`` tensor, or
+    ``(tensor, rows_per_item)`` with the items' rows concatenated. ``max_items`` / ``max_rows`` cap one call; more calls
     are made when the batch needs more. Outputs are copied into one block the library
     owns per call (an encoder may reuse its buffers) unless ``stable``: the caller keeps
     them unchanged while they may be read (an engine's own encoder cache), so they are
@@ -102,6 +102,8 @@ def encode_call(enc: Encoder, objs: list, rows: np.ndarray, modality: str, width
     result = enc.fn(objs)
     first = naming(0)
     n = len(objs)
+    if isinstance(result, torch.Tensor) and result.dim() == 3 and result.shape[0] == n:
+        result = (result.reshape(-1, result.shape[-1]), [result.shape[1]] * n)  # [items, rows, hidden]
     what = f"the {modality} encoder's output"
     if (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.Tensor)
             and not (isinstance(result[1], torch.Tensor) and result[1].is_floating_point())):
