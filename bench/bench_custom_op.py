@@ -14,7 +14,10 @@ import mmkernels
 from bench.harness import host_time_us, wall_time_us
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(32000, 2048, generator=g).to(dev, torch.bfloat16)
@@ -29,7 +32,7 @@ def main() -> int:
         return torch.ops.mmkernels.embed_and_gather(ids, weight, [image], segments, None)
 
     assert torch.equal(eager(), custom_op())
-    print(f"{'path':12s} {'host us':>10s} {'wall us':>10s}   ({dev})")
+    print(f"{'path':12s} {'host µs':>10s} {'wall µs':>10s}   ({'CPU run' if dev == 'cpu' else dev})")
     for name, fn in (("eager", eager), ("custom op", custom_op)):
         with torch.inference_mode():
             host = host_time_us(fn, repeat=2000, warmup=200)

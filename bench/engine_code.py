@@ -96,8 +96,26 @@ def export(dest: Path) -> None:
                    wheels.source(MSGSPEC, native): set(), **msgspec}, dest)
 
 
-if __name__ == "__main__":  # python -m bench.engine_code DEST
-    export(Path(sys.argv[1]))
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bench.engine_code",
+                                 description="Export the engines' modules (and msgspec for every "
+                                 "interpreter given) for a machine without a registry; point "
+                                 "MMASSEMBLER_WHEEL_CACHE there.")
+    ap.add_argument("dest", type=Path, help="folder to export into")
+    ap.add_argument("--python", nargs="*", default=[],
+                    help="target interpreters, e.g. 3.12: their compiled msgspec is fetched too")
+    args = ap.parse_args(argv)
+    for version in args.python:
+        wheels.fetch_for_python(MSGSPEC, version)
+    export(args.dest)
+    print(f"exported to {args.dest}: set MMASSEMBLER_WHEEL_CACHE={args.dest} there")
+    return 0
+
+
+if __name__ == "__main__":  # python -m bench.engine_code DEST [--python 3.12]
+    raise SystemExit(main())
 
 
 class VllmModel:

@@ -55,6 +55,25 @@ def fetch(spec: str, native: bool = False) -> Path:
     return found[-1]
 
 
+def fetch_for_python(spec: str, version: str) -> Path:
+    """The binary wheel of ``spec`` for CPython ``version`` (``"3.12"``) on x86-64 Linux,
+    downloaded into the cache (for an export to a machine running that interpreter)."""
+    name, ver = spec.split("==")
+    tag = "cp" + version.replace(".", "")
+    found = sorted(CACHE.glob(f"{name.replace('-', '_')}-{ver}-{tag}-*.whl"))
+    if found:
+        return found[-1]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+           "--python-version", version, "--implementation", "cp", "--platform", "manylinux_2_17_x86_64",
+           "--platform", "manylinux2014_x86_64", "-d", str(CACHE), spec]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    found = sorted(CACHE.glob(f"{name.replace('-', '_')}-{ver}-{tag}-*.whl"))
+    if proc.returncode != 0 or not found:
+        raise WheelUnavailable(f"pip download {spec} for Python {version} failed: {proc.stderr.strip()[-400:]}")
+    return found[-1]
+
+
 def source(spec: str, suffixes: tuple[str, ...] = (".py",)) -> Path:
     """The unpacked files of ``spec``'s wheel: already in the cache (as ``export`` leaves
     them on a machine without a registry), else fetched and unpacked. Only Python files

@@ -23,9 +23,12 @@ def gather_rows_ref(
     """Scatter mode: ``out[o:o+n] = sources[s][r:r+n, :hidden]`` for each segment ``(s, r, o, n)``.
 
     Reads and writes sum(n) x (hidden + deepstack columns) elements; other rows untouched.
+    ``segments`` as ``gather_rows`` takes them (an array, a tensor or a list of 4-tuples).
     """
     hidden = out.shape[1]
-    for s, r, o, n in segments.tolist():
+    from mmkernels.segments import as_segment_array
+
+    for s, r, o, n in as_segment_array(segments).tolist():
         src = sources[s]
         out[o : o + n].copy_(src[r : r + n, :hidden])  # copy_ converts the dtype (round to nearest even)
         if deepstack_out is not None:

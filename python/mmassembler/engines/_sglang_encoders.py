@@ -49,7 +49,7 @@ def _rows_of(rows_fn: RowsFn, sg_item) -> int:
     return int(n)
 
 
-def _make_encoder(func: Callable, rows_fn: RowsFn | None, name: str) -> Encoder:
+def _make_encoder(func: Callable, rows_fn: RowsFn | None, name: str, why: str = "") -> Encoder:
     """Wrap an SGLang data-embedding function as an ``assemble`` encoder.
 
     A list output is used as it is. A single tensor for several items is split by
@@ -59,9 +59,9 @@ def _make_encoder(func: Callable, rows_fn: RowsFn | None, name: str) -> Encoder:
     def per_item(sg_items):
         if not _seen(_warned, func):
             _mark(_warned, func)
-            logger.warning("the %s encoder returns one tensor for several items and no row-count "
-                           "function was given: encoding one item per call (pass rows_fn to batch)",
-                           name)
+            logger.warning("the %s encoder returns one tensor for several items and %s: encoding one "
+                           "item per call (pass rows_fn to batch)", name,
+                           why or "no row-count function was given")
         return [func([it]) for it in sg_items]
 
     def encode(sg_items):
@@ -116,7 +116,9 @@ class StepEncoders(Mapping):
                 raise KeyError(modality)
             fn = (self._rows_by_name().get(modality) if isinstance(self._rows_fn, Mapping)
                   else self._rows_fn)
-            self._made[modality] = _make_encoder(func, fn, modality)
+            why = (f"rows_fn has no entry for {modality!r} (its keys: {list(self._rows_fn)})"
+                   if isinstance(self._rows_fn, Mapping) and fn is None else "")
+            self._made[modality] = _make_encoder(func, fn, modality, why)
         return self._made[modality]
 
     def _rows_by_name(self) -> dict:
