@@ -102,18 +102,20 @@ class StepCore:
         e = int_array(extend_lens, "extend_lens")
         r = len(h)
         table = self.tables.staging_table()
-        fits = len(p) == r == len(e) and r <= self.max_requests
+        reg = self.registry
+        # a step right after registration needs sources: straight to the slow path
+        fits = not reg.fresh and len(p) == r == len(e) and r <= self.max_requests
         n = self._fill(table, h, p, e) if fits else None
         if n is not None and r and np.maximum.reduce(np.bincount(h)) > 1:
             n = None  # a handle twice: the slow path names it, as it does on any step
         if n is None or n > self.max_tokens:  # a bad window, or one that needs sources
-            reg = self.registry
             n = check_windows(h, p, e, reg, self.max_requests, self.max_tokens)
             out, deepstack_out, input_ids = buffers(n)
             q = p + e
             work = reg.needs_work(h, p, q)
             if len(work):
                 self._resolve(work, h, p, q, encoders, cache, widths)
+            reg.fresh = 0
             self._fill(table, h, p, e)
         else:
             out, deepstack_out, input_ids = buffers(n)

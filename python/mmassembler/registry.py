@@ -47,12 +47,12 @@ class Registry:
         self.max_requests, self.max_runs, self.max_items = max_requests, max_runs, max_items
         self.runs = np.zeros((max_runs, L.HOST_RUN_FIELDS), np.int64)  # host layout
         self.run_top = self.item_top = 0  # registration appends here
+        self.fresh = 0  # batches registered since the last step that resolved
         self.live_runs = self.live_items = 0
         self._free_handles = list(range(max_requests, 0, -1))
         self.req = np.zeros((max_requests + 2, L.STEP_FIELDS), np.int64)
         self.req[:, LO], self.req[:, HI] = NO_LIMIT, -1  # no live request: every window fails
         self.live = np.zeros(max_requests + 2, bool)
-        self._seen = np.zeros(max_requests + 2, bool)  # scratch flags over handles
         self.run_first, self.run_end = self.req[:, L.STEP_RUN_FIRST], self.req[:, L.STEP_RUN_END]
         self.slots = np.zeros((max_requests + 2, 3), np.int64)  # first item, items, prompt length
         self.item_first, self.item_count, self.prompt_len = (self.slots[:, c] for c in range(3))
@@ -131,6 +131,7 @@ class Registry:
             self.item_rows[s], self.item_end[s] = built.rows, built.ends
             self.item_owner[s] = h.repeat(counts)
         self.live[h] = True
+        self.fresh += int(k > 0)  # requests whose first window will need sources
         self.run_top, self.item_top = r0 + k, i0 + n
         self.live_runs += k
         self.live_items += n
@@ -151,13 +152,9 @@ class Registry:
                 bad = ~live[h]
             i = int(bad.nonzero()[0][0])
             raise UnknownHandleError(f"{h[i]!r} is not the handle of a registered request", request=i)
-        if len(h) > 1:  # distinct: flag each handle once
-            flag = self._seen
-            flag[h] = True
-            distinct = np.add.reduce(flag[h]) == len(h) and np.add.reduce(flag) == len(h)
-            flag[h] = False
-            if not distinct:
-                counts = np.bincount(h)
+        if len(h) > 1:  # distinct (handles are in range here: bincount is small)
+            counts = np.bincount(h)
+            if np.maximum.reduce(counts) > 1:
                 i = int((counts[h] > 1).nonzero()[0][1])
                 raise BatchShapeError(f"handle {h[i]} appears twice", request=i)
         return h
