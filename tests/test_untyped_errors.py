@@ -101,3 +101,90 @@ def test_string_keys_log_collisions_cleanly(caplog, capsys):
     with caplog.at_level(logging.WARNING):
         assert cache.get("img-a", rows=4) is None
     assert "img-a" in caplog.text and "Logging error" not in capsys.readouterr().err
+
+
+def test_embed_mm_inputs_called_as_the_routine_calls_it_says_what_to_call():
+    """Issue 20 item 19: the routine's filtered lists with the whole batch's input_ids."""
+    from test_engines import Modality, SgInputs, SgItem
+    from torch import nn
+
+    m = SgInputs([SgItem(Modality.IMAGE, 1, [(1, 3)], precomputed_embeddings=torch.ones(3, H))])
+    with pytest.raises(BatchShapeError, match="general_mm_embed_routine or prepare_mm_inputs"):
+        embed_mm_inputs([m], [0], [8], torch.zeros(13, dtype=torch.long), nn.Embedding(10, H))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: __import__("mmassembler").Assembler(weight=torch.zeros(4, H), max_tokens=8, max_requests=1,
+                                                backend="bogus"),
+    lambda: __import__("mmassembler").Assembler(weight=torch.zeros(4, H), max_tokens=8, max_requests=1,
+                                                deepstack_cols=None),
+    lambda: __import__("mmassembler").Assembler(weight=torch.zeros(4, H), max_tokens=8, max_requests=1,
+                                                max_items=-1),
+    lambda: __import__("mmassembler").Assembler(weight=torch.zeros(4, H), max_tokens=8, max_requests=1,
+                                                max_runs=2.0),
+    lambda: __import__("mmassembler").Assembler(weight=torch.zeros(4, H), max_tokens=8, max_requests=1,
+                                                cache={}),
+    lambda: __import__("mmassembler").Encoder("x"),
+    lambda: __import__("mmassembler").Assembler(weight=torch.nn.Embedding(4, H), max_tokens=8, max_requests=1),
+], ids=["backend", "deepstack None", "max_items", "max_runs float", "cache dict", "Encoder str", "module"])
+def test_new_surfaces_are_typed(make):
+    """Issue 20 item 13 (and issue 21's weak messages): typed errors at construction."""
+    with pytest.raises(AssemblyError):
+        make()
+
+
+@pytest.mark.parametrize("arg", [None, (x for x in []), "abc"], ids=["None", "generator", "str"])
+def test_add_request_items_that_are_not_a_list_are_typed(arg):
+    from mmassembler import Assembler
+
+    asm = Assembler(weight=torch.zeros(4, H), max_tokens=8, max_requests=1)
+    with pytest.raises(AssemblyError):
+        asm.add_request(arg)
+    with pytest.raises(AssemblyError):
+        asm.add_requests(arg)
+
+
+def test_sparse_handles_and_an_out_that_requires_grad_are_typed():
+    from mmassembler import Assembler, Item, Request, assemble
+
+    asm = Assembler(weight=torch.zeros(4, H), max_tokens=8, max_requests=2)
+    h = asm.add_request([], 4)
+    with pytest.raises(AssemblyError):
+        asm.assemble(torch.tensor([h]).to_sparse(), [0], [4], torch.zeros(4, dtype=torch.long))
+    out = torch.zeros(4, H, requires_grad=True)
+    with pytest.raises(AssemblyError, match="requires grad"):
+        assemble([Request([Item(1, [(0, 1)], embedding=torch.ones(2, H))], 0, 4)], None, out=out)
+    assert not out.detach().any()
+
+
+def test_a_full_request_table_says_remove_finished_requests():
+    from mmassembler import Assembler, CapacityError
+
+    asm = Assembler(weight=torch.zeros(4, H), max_tokens=8, max_requests=1)
+    asm.add_request([], 4)
+    with pytest.raises(CapacityError, match="remove finished requests"):
+        asm.add_request([], 4)
+
+
+def test_fragmented_slots_still_fit_a_request_the_free_total_holds():
+    """Issue 20 item 18: freed slots anywhere are usable (registration compacts)."""
+    from mmassembler import Assembler, Item
+
+    asm = Assembler(weight=torch.zeros(4, H), max_tokens=64, max_requests=8, max_items=8, max_runs=8)
+    hs = [asm.add_request([Item(i, [(0, 0)], embedding=torch.ones(1, H))], 4) for i in range(8)]
+    asm.remove_requests(hs[::2])  # four free slots, none two in a row
+    h = asm.add_request([Item(100 + j, [(j, j)], embedding=torch.full((1, H), float(j))) for j in range(4)], 8)
+    out = asm.assemble([h] + hs[1::2], [0] * 5, [8, 4, 4, 4, 4], torch.zeros(24, dtype=torch.long))
+    assert torch.equal(out[:4, 0], torch.arange(4.0))
+
+
+def test_huge_stateless_windows_are_typed_before_any_launch():
+    """Issue 20 item 12: extend lengths that would add up past 2**64 wrapped to a small count."""
+    from mmassembler import ChunkWindowError, Request, assemble
+
+    reqs = [Request([], 0, 2**63), Request([], 0, 2**63 + 4)]
+    with pytest.raises(ChunkWindowError):
+        assemble(reqs, torch.zeros(4, dtype=torch.long), weight=torch.zeros(4, H))
+    with pytest.raises(ChunkWindowError):
+        assemble([Request([], 2**62, 4)], torch.zeros(4, dtype=torch.long), weight=torch.zeros(4, H),
+                 backend="triton" if __import__("mmkernels").kernels_interpreted() else "torch")

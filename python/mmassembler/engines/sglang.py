@@ -155,6 +155,14 @@ def embed_mm_inputs(
             f"{len(extend_prefix_lens)} and {len(extend_seq_lens)} entries; they must describe the same "
             f"requests (for a batch that mixes text-only requests use prepare_mm_inputs, or pass None "
             f"for each text-only request)")
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
+        total = sum(int(n) for n in extend_seq_lens)
+        if input_ids.shape[0] != total:
+            raise BatchShapeError(
+                f"input_ids has {input_ids.shape[0]} tokens but extend_seq_lens add up to {total}: "
+                "embed_mm_inputs takes the multimodal requests' lists and their own tokens; for a batch's "
+                "whole input_ids (text-only requests too) call general_mm_embed_routine or prepare_mm_inputs, "
+                "which read every request from forward_batch")
     encoders = StepEncoders(data_embedding_func_mapping, multimodal_model, rows_fn)
     device = input_ids.device
     weight = plain_table(input_embedding)  # else the engine's module computes text rows
