@@ -19,7 +19,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from mmassembler import Assembler, EmbeddingCache, Item, Request, assemble
+from mmassembler.testing import count_calls
 
 HIDDEN, ROWS = 4096, 64
 
@@ -65,22 +65,6 @@ def _setup(r: int, k: int, encoded: bool, device: str):
         return life
 
     return new_life, asm
-
-
-def count_calls(fn) -> int:
-    count = 0
-
-    def profile(frame, event, arg):
-        nonlocal count
-        if event in ("call", "c_call"):
-            count += 1
-
-    sys.setprofile(profile)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return count
 
 
 def measure(shape: str, encoded: bool, device: str, repeat: int) -> list[dict]:

@@ -1,6 +1,5 @@
 """A steady-state step's host work does not grow with items or requests (calls counted)."""
 
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,22 +8,7 @@ import torch
 from mmassembler import Assembler, Item
 
 
-def count_calls(fn, events=("call", "c_call")) -> int:
-    """Function calls made by ``fn()``: ``sys.setprofile`` events of the given kinds
-    (Python and C calls by default; ``("call",)`` for Python calls alone)."""
-    count = 0
-
-    def profile(frame, event, arg):
-        nonlocal count
-        if event in events:
-            count += 1
-
-    sys.setprofile(profile)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return count
+from mmassembler.testing import count_calls  # noqa: E402  (the tests import it from here too)
 
 
 def _steady_step_calls(num_requests: int, items_per_request: int, backend: str, device: str) -> int:

@@ -1,6 +1,5 @@
 """Encoder batching across requests, dedupe by key, cache reuse across chunks, mixed sources."""
 
-import numpy as np
 import pytest
 import torch
 

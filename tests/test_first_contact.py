@@ -3,34 +3,16 @@ reaches its items, remove) costs a few Python calls per item and no kernel launc
 a bad item among many new ones changes nothing; an encoder that reuses its buffer is
 copied once per call."""
 
-import sys
-
 import numpy as np
 import pytest
 import torch
 
 import mmassembler.core as core
 from mmassembler import Assembler, EmbeddingCache, EmbeddingFormatError, Item, Request, RowCountError, assemble
+from mmassembler.testing import count_calls
 from mmkernels.step_op import StepOp
 
 H, ROWS = 16, 4
-
-
-def count_calls(fn) -> int:
-    """Python and C calls made by ``fn()`` (``sys.setprofile``)."""
-    count = 0
-
-    def profile(frame, event, arg):
-        nonlocal count
-        if event in ("call", "c_call"):
-            count += 1
-
-    sys.setprofile(profile)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return count
 
 
 def _lives(r, k, encoded, stateless):

@@ -1,7 +1,6 @@
 """The stateless path: a batch of Requests as a first contact on the Assembler's machinery
 (register, step, remove) on the reference backend ≡ the naive per-position oracle."""
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mmassembler import (cache_key, AssemblyError, BatchShapeError, ChunkWindowError, EmbedMaskError,
+from mmassembler import (AssemblyError, BatchShapeError, ChunkWindowError, EmbedMaskError,
                          EmbeddingCache, EmbeddingFormatError, Encoder, EncoderOutputError, Item,
                          Request, SpanError, assemble)
 from mmassembler.engines import embed_input_ids, embed_mm_inputs, merge_multimodal_embeddings

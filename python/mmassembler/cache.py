@@ -163,12 +163,26 @@ class EmbeddingCache:
 
     def _put_block(self, keys: list, block: torch.Tensor, starts, rows) -> int:
         """Put every key as rows of one block: one budget check for the block's storage."""
-        ident, full = _storage(block)
+        store = _storage(block)
+        if not self._admit(keys, store):
+            return 0
+        ident = store[0]
+        self._entries.update(zip(keys, map(BlockRows, repeat(block), starts.tolist(), rows.tolist(),
+                                           repeat(ident))))
+        self._ident.update(zip(keys, repeat(ident)))
+        return len(keys)
+
+    def _admit(self, keys: list, store: tuple) -> bool:
+        """Make room for ``keys`` whose entries keep storage ``store`` alive (replaced keys
+        dropped, least-recent entries evicted) and count it; False when it exceeds the
+        whole budget (nothing is then put)."""
+        ident, full = store
         for k in [k for k in keys if k in self._entries]:
             self._drop(k)
         if full > self.max_bytes:
             self.stats.rejected += len(keys)
-            return 0
+            return False
+        # a storage already held for another entry costs nothing more
         while self.stats.bytes + (0 if ident in self._storages else full) > self.max_bytes:
             self._drop(next(iter(self._entries)))
             self.stats.evictions += 1
@@ -176,11 +190,8 @@ class EmbeddingCache:
         if use[1] == 0:
             self.stats.bytes += full
         use[1] += len(keys)
-        self._entries.update(zip(keys, map(BlockRows, repeat(block), starts.tolist(), rows.tolist(),
-                                           repeat(ident))))
-        self._ident.update(zip(keys, repeat(ident)))
         self.stats.entries += len(keys)
-        return len(keys)
+        return True
 
     def discard(self, key, reason: str) -> None:
         """Drop ``key``'s entry because it no longer fits its item (counted as a collision)."""
@@ -210,23 +221,10 @@ class EmbeddingCache:
                 self._drop(key)
 
     def _put(self, key, value, store) -> bool:
-        ident, full = store
-        if key in self._entries:
-            self._drop(key)
-        if full > self.max_bytes:
-            self.stats.rejected += 1
+        if not self._admit([key], store):
             return False
-        # a storage already held for another entry costs nothing more
-        while self.stats.bytes + (0 if ident in self._storages else full) > self.max_bytes:
-            self._drop(next(iter(self._entries)))
-            self.stats.evictions += 1
-        use = self._storages.setdefault(ident, [full, 0])
-        if use[1] == 0:
-            self.stats.bytes += full
-        use[1] += 1
         self._entries[key] = value
-        self._ident[key] = ident
-        self.stats.entries += 1
+        self._ident[key] = store[0]
         return True
 
     def _collide(self, key, reason: str) -> None:
