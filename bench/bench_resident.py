@@ -282,6 +282,8 @@ def main(argv=None) -> int:
     for sc in RESIDENT_SCENARIOS:
         if args.scenario and not any(k in sc.name for k in args.scenario):
             continue
+        print(f"measuring {sc.name} ({device}{'' if device == 'cuda' else ': CPU run, torch backend'}) ...",
+              flush=True)
         rows.append(measure(build(sc, device=device), bw, args.repeat))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",

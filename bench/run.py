@@ -102,8 +102,12 @@ def plot(rows: list[dict], path: Path, device_name: str) -> bool:
     except ImportError:
         logger.warning("matplotlib is not installed: no plot (pip install '.[bench]')")
         return False
-    panels = [("rows", "mm_rows", "multimodal rows"), ("items", "items", "items (64k rows)"),
-              ("hidden", "hidden", "hidden size (16k rows)")]
+    def rows_of(suite):  # what the sweep holds fixed, as this run built it (CPU runs shrink it)
+        sel = [r["mm_rows"] for r in rows if r["suite"] == suite]
+        return f"{sel[0] // 1024}k" if sel and sel[0] >= 1024 else (str(sel[0]) if sel else "?")
+
+    panels = [("rows", "mm_rows", "multimodal rows"), ("items", "items", f"items ({rows_of('items')} rows)"),
+              ("hidden", "hidden", f"hidden size ({rows_of('hidden')} rows)")]
     panels = [p for p in panels if any(r["suite"] == p[0] for r in rows)] or [
         ("kernel", "mm_rows", "multimodal rows (kernel scenarios)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
@@ -129,7 +133,8 @@ def plot(rows: list[dict], path: Path, device_name: str) -> bool:
         ax.set_ylabel(f"{'GPU' if k == 'gpu' else 'wall'} time (µs)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"mmkernels vs engines' usual path vs copy floor — {device_name}")
+    fig.suptitle(f"mmkernels vs engines' usual path vs copy floor — {device_name}"
+                 + (" (CPU run: torch backend, scaled-down sizes, wall times)" if "CPU" in device_name else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
