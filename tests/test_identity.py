@@ -189,3 +189,118 @@ def test_two_models_two_modalities_colliding_keys_share_one_cache(batch):
                                   lambda it: _rows(100 * model + 10 * (modality == "audio") + key, 2),
                                   weight=torch.zeros(2, H))
         assert torch.equal(got, want)
+
+
+def test_vllm_out_is_written_only_after_every_check():
+    """Issue 20 item 11: a feature missing from the encoder cache, with out= and embed_tokens=."""
+    from test_engines import Feature, PlaceholderRange, RunnerRequest
+
+    from mmassembler import MissingEncoderError
+    from mmassembler.engines import gather_mm_embeddings
+
+    req = RunnerRequest(0, 6, [Feature("gone", PlaceholderRange(1, 3))])
+    req.req_id = "r"
+    out = torch.full((6, H), 7.0)
+    with pytest.raises(MissingEncoderError):
+        gather_mm_embeddings([req], {}, torch.zeros(6, dtype=torch.long), embed_tokens=_Scaled(10, H), out=out)
+    assert torch.equal(out, torch.full((6, H), 7.0))
+    with pytest.raises(AssemblyError):  # an out of the wrong row count is typed too
+        gather_mm_embeddings([req], {"gone": _rows(1.0)}, torch.zeros(6, dtype=torch.long),
+                             embed_tokens=_Scaled(10, H), out=torch.zeros(5, H))
+
+
+class _Scaled(nn.Embedding):
+    def forward(self, ids):
+        return super().forward(ids) * 2
+
+
+def test_a_bound_method_as_embed_tokens_keeps_one_assembler():
+    """Issue 20 item 16: ``model.get_language_model().embed_input_ids`` is a new bound method
+    at every access; the adapter keys on its instance and function."""
+    from test_engines import Feature, PlaceholderRange, RunnerRequest
+
+    from mmassembler.engines import _resident, gather_mm_embeddings
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, H)
+
+        def embed_input_ids(self, ids):
+            return self.embed(ids) * 3
+
+    lm = LM()
+    built = []
+    real = _resident.Resident._build
+
+    def counting(self, *a, **kw):
+        built.append(1)
+        return real(self, *a, **kw)
+
+    _resident.Resident._build = counting
+    try:
+        req = RunnerRequest(0, 6, [Feature("x", PlaceholderRange(1, 3))])
+        req.req_id = "r"
+        with torch.no_grad():
+            for _ in range(5):
+                got = gather_mm_embeddings([req], {"x": _rows(4.0)}, torch.zeros(6, dtype=torch.long),
+                                           embed_tokens=lm.embed_input_ids)
+    finally:
+        _resident.Resident._build = real
+    assert len(built) == 1 and torch.equal(got[1:4], _rows(4.0))
+
+
+def test_a_handle_twice_fails_on_the_steady_path_as_on_the_slow_one():
+    """Issue 20 item 17."""
+    asm = Assembler(weight=torch.zeros(3, H), max_tokens=16, max_requests=2)
+    h = asm.add_request([Item(1, [(0, 1)], embedding=_rows(1.0, 2))], 8)
+    ids = torch.zeros(4, dtype=torch.long)
+    asm.assemble([h], [0], [4], ids)  # resolved: the next step with these windows is steady
+    with pytest.raises(AssemblyError, match="twice"):
+        asm.assemble([h, h], [0, 0], [2, 2], ids)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_cuda_graph_is_captured_again_when_the_weight_moves():
+    """Issue 20 item 5 with graph replay: a graph keeps the address it captured."""
+    p = nn.Parameter(torch.randn(6, H, device="cuda"), requires_grad=False)
+    asm = Assembler(weight=p, max_tokens=8, max_requests=1, cuda_graph=True)
+    h = asm.add_request([], 4)
+    ids = torch.arange(4, device="cuda")
+    assert torch.equal(asm.assemble([h], [0], [4], ids), p[ids])
+    p.data = torch.randn(6, H, device="cuda")
+    assert torch.equal(asm.assemble([h], [0], [4], ids), p[ids])
+
+
+@settings(max_examples=40)
+@given(data=st.data())
+def test_engine_objects_mutated_between_steps_give_right_rows(data):
+    """Property: an SGLang request whose items are mutated in place between steps (offsets
+    edited, hashes and features changed, precomputed tensors replaced, the embedding's
+    Parameter.data swapped) assembles, every step, what the engine's state says now."""
+    embed = nn.Embedding(6, H)
+    n_items = data.draw(st.integers(1, 3))
+    items = [SgItem(Modality.IMAGE, 100 + j, [(1 + 5 * j, 3 + 5 * j)], precomputed_embeddings=_rows(j, 3))
+             for j in range(n_items)]
+    m = SgInputs(items)
+    n = 5 * n_items + 2
+    ids = torch.arange(n) % 6
+    for step in range(data.draw(st.integers(1, 5))):
+        what = data.draw(st.sampled_from(["none", "offsets", "hash", "tensor", "weight"]))
+        j = data.draw(st.integers(0, n_items - 1))
+        if what == "offsets":
+            s = 1 + 5 * j + data.draw(st.integers(0, 1))
+            items[j].offsets[0] = (s, s + 2)  # in place
+        elif what == "hash":
+            items[j].hash += 1000
+            items[j].precomputed_embeddings = _rows(50 + step, 3)
+        elif what == "tensor":
+            items[j].precomputed_embeddings = _rows(90 + step, 3)
+        elif what == "weight":
+            embed.weight.data = torch.randn(6, H)
+        with torch.no_grad():
+            got, _ = sglang.embed_mm_inputs([m], [0], [n], ids, embed, cache=None)
+        want, _ = assemble_oracle([Request([Item(it.hash, list(it.offsets), embedding=it.precomputed_embeddings)
+                                            for it in items], 0, n)], ids, lambda it: it.embedding,
+                                  weight=embed.weight.detach())
+        assert torch.equal(got, want), (step, what)

@@ -47,4 +47,4 @@ def text_rows(embed, input_ids: torch.Tensor) -> torch.Tensor:
     if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[0] != input_ids.shape[0]:
         raise BatchShapeError(f"embed_tokens(ids) must return [{input_ids.shape[0]}, hidden], got "
                               f"{getattr(rows, 'shape', type(rows).__name__)}")
-    return rows
+    return rows.detach()  # assembly is inference: multimodal rows are written into it in place
