@@ -122,7 +122,7 @@ def measure(b: Built, bw: float, *, modes=("fused", "scatter"), backend: str = "
     return row
 
 
-if __name__ == "__main__":  # the kernel issue's scenarios, as before: python -m bench.bench_assemble
+if __name__ == "__main__":  # the kernel scenarios: python -m bench.bench_assemble
     from bench.run import main
 
     raise SystemExit(main(["--suite", "kernel"] + __import__("sys").argv[1:]))

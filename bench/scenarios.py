@@ -30,7 +30,7 @@ class Scenario:
         return self.items * (self.tokens + self.text) + self.text
 
 
-# The kernel issue's scenarios (requests x items x tokens, text, hidden, chunk).
+# The kernel scenarios (requests x items x tokens, text, hidden, chunk).
 SCENARIOS = [
     Scenario("16x2x1296 t100 H3584", 16, 2, 1296, 100, 3584),
     Scenario("1x128x256 t2 H3584 c8192@4000", 1, 128, 256, 2, 3584, chunk=8192, start=4000),

@@ -1,6 +1,6 @@
 """A naive per-position oracle: the semantics of DESIGN §1, one position at a time.
 
-Independent of the planner and the device layer (no segments, no runs), so tests and the
+Independent of the run builder and the device layer (no segments, no runs), so tests and the
 demo can check both against it. O(tokens) Python: for checking only.
 """
 
