@@ -24,6 +24,7 @@ class LanguageModel(nn.Module):
         return self.embed_tokens
 
     def forward(self, input_ids, forward_batch, input_embeds, **kwargs):
+        self.kwargs = kwargs  # what the routine passed on (positions, ...)
         return input_embeds  # the decoder would run here
 
 

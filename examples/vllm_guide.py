@@ -15,14 +15,14 @@ from bench.engine_code import VllmModel, load_vllm, vllm_runner
 from mmassembler.engines.vllm import gather_mm_embeddings
 
 
-def main() -> None:
-    vl = load_vllm()
-    hidden, vocab = 16, 50
-    gen = torch.Generator().manual_seed(0)
-    model = VllmModel(vl, nn.Embedding(vocab, hidden))
-    # request: its features (offset, length, is_embed), tokens computed before, tokens this step
-    specs = [("a", [(3, 6, None), (12, 5, [True, False, True, True, True])], 4, 11),
-             ("b", [], 0, 3), ("c", [(0, 9, None)], 2, 5)]
+SPECS = [("a", [(3, 6, None), (12, 5, [True, False, True, True, True])], 4, 11),
+         ("b", [], 0, 3), ("c", [(0, 9, None)], 2, 5)]
+
+
+def runner_state(vl, specs, vocab: int, hidden: int, gen: torch.Generator):
+    """The runner's requests, encoder cache, scheduled counts and step ids for ``specs``:
+    per request its features ``(offset, length, is_embed)``, tokens computed before and
+    tokens this step (placeholders hold ``vocab - 1``)."""
     requests, cache, counts, ids = {}, {}, {}, []
     for req_id, feats, done, n in specs:
         features = []
@@ -38,7 +38,15 @@ def main() -> None:
             generator=None, block_ids=([],), num_computed_tokens=done, output_token_ids=[])
         counts[req_id] = n
         ids.append(prompt[done:done + n])
-    ids = torch.cat(ids)
+    return requests, cache, counts, torch.cat(ids)
+
+
+def main() -> None:
+    vl = load_vllm()
+    hidden, vocab = 16, 50
+    model = VllmModel(vl, nn.Embedding(vocab, hidden))
+    specs = SPECS
+    requests, cache, counts, ids = runner_state(vl, specs, vocab, hidden, torch.Generator().manual_seed(0))
     runner = vllm_runner([requests[s[0]] for s in specs], cache, input_ids=SimpleNamespace(gpu=ids), model=model)
     sched = SimpleNamespace(total_num_scheduled_tokens=len(ids), num_scheduled_tokens=counts)
     with torch.no_grad():

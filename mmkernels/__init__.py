@@ -12,7 +12,7 @@ from mmkernels.backend import BackendUnavailableError, kernels_interpreted, reso
 from mmkernels.ops import embed_and_gather, gather_rows
 from mmkernels.reference import assemble_step_ref, embed_and_gather_ref, gather_rows_ref
 from mmkernels.segments import check_segments
-from mmkernels.step_op import StepGraph, StepOp, check_block_rows
+from mmkernels.step_op import StepGraph, StepOp, StepOps, check_block_rows
 from mmkernels.tables import (KIND_OF_DTYPE, SUPPORTED_DTYPES, ResidentTables, anchor_addresses,
                               source_entry)
 
@@ -25,6 +25,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "StepGraph",
     "StepOp",
+    "StepOps",
     "anchor_addresses",
     "assemble_step_ref",
     "check_block_rows",

@@ -19,7 +19,7 @@ from mmkernels import layout as L
 from mmkernels.backend import resolve_backend
 from mmkernels.reference import embed_and_gather_ref, gather_rows_ref
 from mmkernels.segments import check_output, check_sources, check_segments
-from mmkernels.step_op import StepConfig, StepOp
+from mmkernels.step_op import StepConfig, StepOp, StepOps
 from mmkernels.tables import ResidentTables, anchor_addresses, source_entry
 
 class StepPool:
@@ -32,7 +32,7 @@ class StepPool:
         self.device = device
         self.lock = threading.Lock()
         self.tables: ResidentTables | None = None
-        self._ops: dict = {}
+        self._ops: dict = {}  # interpreted -> StepOps over the current tables
 
     def ensure(self, requests: int, runs: int) -> ResidentTables:
         """Tables with room for ``requests`` requests and ``runs`` runs (rebuilt, at the
@@ -42,18 +42,16 @@ class StepPool:
             r = _pow2(max(requests, 1 if t is None else t.max_requests))
             k = _pow2(max(runs, 64 if t is None else t.max_runs))
             self.tables = t = ResidentTables(self.device, max_requests=r, max_runs=k)
-            self._ops.clear()
+            self._ops = {}
         return t
 
     def op(self, *, hidden: int, ds_cols: int, dtype: torch.dtype, fused: bool, interpreted: bool,
            block_rows: int | None, config: StepConfig | None = None) -> StepOp:
-        key = (hidden, ds_cols, dtype, fused, interpreted, block_rows, config)
-        op = self._ops.get(key)
-        if op is None:
-            op = self._ops[key] = StepOp(self.tables, hidden=hidden, ds_cols=ds_cols, dtype=dtype,
-                                         fused=fused, interpreted=interpreted, block_rows=block_rows,
-                                         config=config)
-        return op
+        ops = self._ops.get(interpreted)
+        if ops is None:
+            ops = self._ops[interpreted] = StepOps(self.tables, interpreted=interpreted)
+        return ops.get(hidden=hidden, ds_cols=ds_cols, dtype=dtype, fused=fused, block_rows=block_rows,
+                       config=config)
 
 
 def _pow2(n: int) -> int:

@@ -189,6 +189,24 @@ class StepOp:
             self.launcher.launch(key, grid, args, constexprs, self.cfg.num_warps)
 
 
+class StepOps:
+    """The step ops of one set of tables, one per output width, mode and block shape, made
+    on first use (a model's steps, or one-shot calls of several widths, share them)."""
+
+    def __init__(self, tables: ResidentTables, *, interpreted: bool):
+        self.tables, self.interpreted = tables, interpreted
+        self._ops: dict = {}
+
+    def get(self, *, hidden: int, ds_cols: int, dtype: torch.dtype, fused: bool,
+            block_rows: int | None = None, config: StepConfig | None = None) -> StepOp:
+        key = (hidden, ds_cols, dtype, fused, block_rows, config)
+        op = self._ops.get(key)
+        if op is None:
+            op = self._ops[key] = StepOp(self.tables, hidden=hidden, ds_cols=ds_cols, dtype=dtype, fused=fused,
+                                         interpreted=self.interpreted, block_rows=block_rows, config=config)
+        return op
+
+
 class StepGraph:
     """A step's device work (step-table copy + kernel at capacity) captured once per
     staging buffer of ``op``'s tables and replayed: outputs live in the persistent buffers

@@ -23,7 +23,7 @@ from mmassembler.resolve import resolve
 from mmassembler.runs import NewRequests
 from mmassembler.step_inputs import check_windows, int_array
 from mmkernels import layout as L
-from mmkernels import ResidentTables, StepOp, assemble_step_ref
+from mmkernels import ResidentTables, StepOp, StepOps, assemble_step_ref
 
 logger = logging.getLogger("mmassembler")
 
@@ -56,7 +56,7 @@ class StepCore:
         self.max_tokens, self.max_requests = max_tokens, max_requests
         self.registry = Registry(max_requests=max_requests, max_runs=max_runs, max_items=max_items)
         self.tables = ResidentTables(device, max_requests=max_requests, max_runs=max_runs)
-        self._ops: dict = {}
+        self._ops = None if backend == "torch" else StepOps(self.tables, interpreted=backend == "interpreter")
         self._bad = np.zeros((4, max_requests), bool)  # scratch of the window check
         self.stats = StepStats()
         self.check_stable = check_stable
@@ -64,15 +64,9 @@ class StepCore:
     def op(self, *, hidden: int, ds_cols: int, dtype: torch.dtype, fused: bool,
            block_rows: int | None = None) -> StepOp | None:
         """The step op for an output width and mode (``None`` on the torch backend)."""
-        if self.backend == "torch":
+        if self._ops is None:
             return None
-        key = (hidden, ds_cols, dtype, fused, block_rows)
-        op = self._ops.get(key)
-        if op is None:
-            op = self._ops[key] = StepOp(self.tables, hidden=hidden, ds_cols=ds_cols, dtype=dtype,
-                                         fused=fused, interpreted=self.backend == "interpreter",
-                                         block_rows=block_rows)
-        return op
+        return self._ops.get(hidden=hidden, ds_cols=ds_cols, dtype=dtype, fused=fused, block_rows=block_rows)
 
     # -- registration -----------------------------------------------------------------------
     def add(self, new: NewRequests) -> list[int]:

@@ -4,6 +4,7 @@ each snippet's result equals what the engine's own code gives on the same batch.
 from __future__ import annotations
 
 import re
+import runpy
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,26 +24,10 @@ def guide(name: str) -> str:
     return m.group(1)
 
 
-class LanguageModel(nn.Module):
-    """Returns its input embeddings (and keeps the kwargs) so the routine's result shows."""
-
-    def __init__(self, embed):
-        super().__init__()
-        self.embed_tokens = embed
-
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def forward(self, input_ids, forward_batch, input_embeds, **kwargs):
-        self.kwargs = kwargs
-        return input_embeds
-
-
-def _forward_batch(mm_inputs, prefix, extend):
-    return SimpleNamespace(
-        forward_mode=SimpleNamespace(is_decode=lambda: False, is_target_verify=lambda: False),
-        contains_mm_inputs=lambda: any(m is not None for m in mm_inputs), mm_inputs=list(mm_inputs),
-        extend_prefix_lens_cpu=prefix, extend_seq_lens_cpu=extend, spec_algorithm=None, input_embeds=None)
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+SGLANG_EXAMPLE = runpy.run_path(str(EXAMPLES / "sglang_guide.py"))  # its stand-ins for the engine's model
+VLLM_EXAMPLE = runpy.run_path(str(EXAMPLES / "vllm_guide.py"))  # and the runner's state
+LanguageModel, _forward_batch = SGLANG_EXAMPLE["LanguageModel"], SGLANG_EXAMPLE["forward_batch"]
 
 
 @pytest.mark.parametrize("embed_kind", ["plain", "scaled"])
@@ -101,26 +86,8 @@ def test_vllm_guide(vl):
     gen = torch.Generator().manual_seed(2)
     model = VllmModel(vl, ScaledEmbedding(vocab, h))  # Gemma3-like text rows
 
-    specs = [("a", [(3, 6, None), (12, 5, [True, False, True, True, True])], 4, 11),
-             ("b", [], 0, 3), ("c", [(0, 9, None)], 2, 5)]
-    requests, cache, counts, ids = {}, {}, {}, []
-    for req_id, feats, done, n in specs:
-        features = []
-        prompt = torch.randint(0, vocab - 1, (40,), generator=gen)
-        for j, (off, length, mask) in enumerate(feats):
-            pr = vl.PlaceholderRange(offset=off, length=length,
-                                     is_embed=None if mask is None else torch.tensor(mask))
-            ident = f"{req_id}{j}"
-            features.append(vl.MultiModalFeatureSpec(data=None, modality="image", identifier=ident,
-                                                     mm_position=pr))
-            cache[ident] = torch.randn(length if mask is None else sum(mask), h, generator=gen)
-            prompt[off: off + length] = vocab - 1
-        requests[req_id] = vl.CachedRequestState(
-            req_id=req_id, prompt_token_ids=prompt.tolist(), mm_features=features, sampling_params=None,
-            generator=None, block_ids=([],), num_computed_tokens=done, output_token_ids=[])
-        counts[req_id] = n
-        ids.append(prompt[done: done + n])
-    ids = torch.cat(ids)
+    specs = VLLM_EXAMPLE["SPECS"]
+    requests, cache, counts, ids = VLLM_EXAMPLE["runner_state"](vl, specs, vocab, h, gen)
     runner = vllm_runner([requests[s[0]] for s in specs], cache, input_ids=SimpleNamespace(gpu=ids),
                          model=model)
     sched = SimpleNamespace(total_num_scheduled_tokens=len(ids), num_scheduled_tokens=counts)
