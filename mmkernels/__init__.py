@@ -13,21 +13,25 @@ from mmkernels.ops import embed_and_gather, gather_rows
 from mmkernels.reference import assemble_step_ref, embed_and_gather_ref, gather_rows_ref
 from mmkernels.segments import check_segments
 from mmkernels.step_op import StepGraph, StepOp, StepOps, check_block_rows
+from mmkernels.pool import CapacityLimitError, TablePool, capacity_for, table_pool
 from mmkernels.tables import (KIND_OF_DTYPE, SUPPORTED_DTYPES, ResidentTables, anchor_addresses,
-                              source_entry)
+                              source_entry, write_step_table)
 
 __version__ = "0.2.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "CapacityLimitError",
     "KIND_OF_DTYPE",
     "ResidentTables",
     "SUPPORTED_DTYPES",
     "StepGraph",
     "StepOp",
     "StepOps",
+    "TablePool",
     "anchor_addresses",
     "assemble_step_ref",
+    "capacity_for",
     "check_block_rows",
     "check_segments",
     "embed_and_gather",
@@ -38,5 +42,7 @@ __all__ = [
     "layout",
     "resolve_backend",
     "source_entry",
+    "table_pool",
+    "write_step_table",
     "__version__",
 ]

@@ -10,8 +10,6 @@ with a one-request step table in one non-blocking copy (``mmkernels/layout.py``)
 from __future__ import annotations
 
 from collections.abc import Sequence
-import threading
-
 import numpy as np
 import torch
 
@@ -19,60 +17,9 @@ from mmkernels import layout as L
 from mmkernels.backend import resolve_backend
 from mmkernels.reference import embed_and_gather_ref, gather_rows_ref
 from mmkernels.segments import check_output, check_sources, check_segments
-from mmkernels.step_op import StepConfig, StepOp, StepOps
-from mmkernels.tables import ResidentTables, anchor_addresses, source_entry
-
-class StepPool:
-    """Tables and step ops of one-shot steps on one device and stream: each call writes its
-    runs from row 0, fills a step table and launches (``launch_runs``), so one-shot
-    callers share the upload path and launcher of the resident ``Assembler``. Capacities
-    grow by doubling; a lock serialises callers."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.lock = threading.Lock()
-        self.tables: ResidentTables | None = None
-        self._ops: dict = {}  # interpreted -> StepOps over the current tables
-
-    def ensure(self, requests: int, runs: int) -> ResidentTables:
-        """Tables with room for ``requests`` requests and ``runs`` runs (rebuilt, at the
-        next powers of two, when short)."""
-        t = self.tables
-        if t is None or t.max_requests < requests or t.max_runs < runs:
-            r = _pow2(max(requests, 1 if t is None else t.max_requests))
-            k = _pow2(max(runs, 64 if t is None else t.max_runs))
-            self.tables = t = ResidentTables(self.device, max_requests=r, max_runs=k)
-            self._ops = {}
-        return t
-
-    def op(self, *, hidden: int, ds_cols: int, dtype: torch.dtype, fused: bool, interpreted: bool,
-           block_rows: int | None, config: StepConfig | None = None) -> StepOp:
-        ops = self._ops.get(interpreted)
-        if ops is None:
-            ops = self._ops[interpreted] = StepOps(self.tables, interpreted=interpreted)
-        return ops.get(hidden=hidden, ds_cols=ds_cols, dtype=dtype, fused=fused, block_rows=block_rows,
-                       config=config)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-_pools: dict = {}
-_pools_lock = threading.Lock()
-
-
-def step_pool(device: torch.device) -> StepPool:
-    """The one-shot step pool of ``device`` and its current stream (a stream of its own, so
-    a call on another stream never rewrites tables a queued kernel still reads)."""
-    stream = torch._C._cuda_getCurrentRawStream(device.index or 0) if device.type == "cuda" else 0
-    key = (device, stream)
-    pool = _pools.get(key)
-    if pool is None:
-        with _pools_lock:
-            pool = _pools.setdefault(key, StepPool(device))
-    return pool
-
+from mmkernels.pool import table_pool
+from mmkernels.step_op import StepConfig, StepOps
+from mmkernels.tables import ResidentTables, anchor_addresses, source_entry, write_step_table
 
 def segment_runs(segs: np.ndarray, sources: Sequence[torch.Tensor], hidden: int) -> np.ndarray:
     """Device run rows of checked, sorted segments: segment ``(s, r, o, n)`` is the run
@@ -224,17 +171,20 @@ def run_segments(out: torch.Tensor, deepstack_out: torch.Tensor | None, sources:
                                     deepstack_out=deepstack_out)
     n, hidden = out.shape
     ds_cols = deepstack_out.shape[1] if deepstack_out is not None else 0
-    pool = step_pool(out.device)
-    with pool.lock:
-        tables = pool.ensure(1, len(segs))
-        op = pool.op(hidden=hidden, ds_cols=ds_cols, dtype=out.dtype, fused=weight is not None,
-                     interpreted=which == "interpreter", block_rows=block_rows, config=config)
+    interpreted = which == "interpreter"
+    pool = table_pool(out.device, which)
+    with pool.hold() as nested:
+        if nested:  # a call inside another one-shot call on this thread: tables of its own
+            tables = ResidentTables(out.device, max_requests=1, max_runs=max(len(segs), 1))
+            ops = StepOps(tables, interpreted=interpreted)
+        else:
+            tables, ops = pool.fit(1, len(segs))
+        op = ops.get(hidden=hidden, ds_cols=ds_cols, dtype=out.dtype, fused=weight is not None,
+                     block_rows=block_rows, config=config)
         table = tables.staging_table()  # first: the step's pinned buffers are free once it returns
-        tables.write_runs(np.arange(len(segs)), segment_runs(segs, sources, hidden))
-        table[0, L.STEP_TOKENS], table[0, L.STEP_REQUESTS] = n, 1
-        table[1] = 0  # base 0, prefix 0, runs [0, s)
-        table[1, L.STEP_RUN_END] = len(segs)
-        table[2, L.STEP_BASE] = n
+        tables.stage_runs(0, segment_runs(segs, sources, hidden))
+        write_step_table(table, n, [0, 0, 0, len(segs)])
+        tables.send_runs()
         tables.upload_step(1)
         op.launch(out, deepstack_out, input_ids, weight, n)
         tables.end_step(list(sources))

@@ -239,9 +239,15 @@ class StepGraph:
             graphs.append(graph)
         self.graphs = graphs
 
-    def replay(self) -> None:
-        """Replay the graph of the staging buffer the step just filled; captured again when
-        the weight moved (``Parameter.data`` swapped: a graph keeps the address it saw)."""
+    def prepare(self, weight: torch.Tensor | None = None) -> None:
+        """Before a step (its plan): capture the graphs, or capture them again when the
+        weight moved (``Parameter.data`` swapped: a graph keeps the address it saw), so the
+        step's run only replays."""
+        if weight is not None:
+            self.weight = weight
         if self.graphs is None or (self.weight is not None and self._weight_fingerprint() != self._weight_at):
             self._capture()
+
+    def replay(self) -> None:
+        """Replay the graph of the staging buffer the step just filled (``prepare`` first)."""
         self.graphs[self.op.tables.slot].replay()

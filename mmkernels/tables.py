@@ -1,8 +1,9 @@
 """Device-resident tables of the step kernel: runs (with their sources) and the step's windows.
 
-Run rows are written when they change (a request registered, a source resolved or
-released), in one upload per step that has changes; a step in steady state sends only
-its step table: one non-blocking copy from a persistent pinned buffer. Sources are
+Run rows are written when they change (a request's first window, a source resolved or
+released), staged in the step's persistent pinned buffer and sent with one driver copy per
+contiguous range; a step in steady state sends only its step table: one non-blocking
+copy from a persistent pinned buffer. Sources are
 addressed from fixed per-dtype anchors, so a run row stays valid across steps and a CUDA
 graph captured once keeps reading the right rows. Layout: ``mmkernels/layout.py``.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import struct
 import threading
 
 import numpy as np
@@ -64,19 +66,22 @@ def source_entry(t: torch.Tensor, hidden: int, anchor_addr: dict[int, int]) -> t
 
 
 STAGING_RING = 8  # step tables in flight: a buffer is rewritten only once its copy has left
-RUN_STAGE_ROWS = 4096  # run rows a step uploads from its persistent pinned buffer (more: pinned per call)
+RUN_STAGE_ROWS = 4096  # run rows a step stages in its persistent buffer (more: a buffer of their own)
 _HALF = STAGING_RING // 2  # one event per half ring: a record and a wait every 4 steps
+_RUN_BYTES = L.RUN_FIELDS * 8
 
 
 class ResidentTables:
     """The run and step tables of one step engine, on ``device``, with the staging ring
-    the step tables go up from and what the queued steps still read.
+    the step tables and changed run rows go up from, and what the queued steps still read.
 
-    A step: ``staging_table()`` (the host rows to fill), ``upload_step`` (one copy),
-    the launch, ``end_step(retired)``. Objects a step retires (sources nothing else may
-    hold) are kept until the event recorded after that step's launch has passed, so the
-    allocator never hands their memory out under a queued kernel; on the CPU nothing is
-    queued and nothing is kept.
+    A step: ``staging_table()`` (the host rows to fill; starts the step's staging),
+    ``stage_runs`` for run rows that changed (packed into the slot's persistent pinned
+    buffer), then ``send_runs`` and ``upload_step`` (a driver copy each), the launch,
+    ``end_step(retired)``. Objects a step retires (sources nothing else may hold) are kept
+    until the event recorded after that step's launch has passed, so the allocator never
+    hands their memory out under a queued kernel; on the CPU nothing is queued and nothing
+    is kept. Every buffer is made here: a step allocates nothing.
     """
 
     def __init__(self, device: torch.device, *, max_requests: int, max_runs: int):
@@ -94,6 +99,14 @@ class ResidentTables:
         self.staging = [torch.zeros((rows, L.STEP_FIELDS), dtype=torch.int64, pin_memory=cuda)
                         for _ in range(STAGING_RING)]
         self._staging_np = [t.numpy() for t in self.staging]
+        stage_rows = min(RUN_STAGE_ROWS, max_runs)
+        self._run_stage = [torch.zeros((stage_rows, L.RUN_FIELDS), dtype=torch.int64, pin_memory=cuda)
+                           for _ in range(STAGING_RING)]
+        self._run_stage_mv = [memoryview(t.numpy()).cast("B") for t in self._run_stage]
+        self._run_stage_ptrs = [t.data_ptr() for t in self._run_stage]
+        self._stage_rows = stage_rows
+        self._chunks: list = []  # this step's staged run rows: (first run, stage row or tensor, rows)
+        self._stage_used = 0
         self._half_done = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self._half_used = [False, False]
         self._retired: list[list] = [[], []]  # per half ring: what its queued steps read
@@ -103,48 +116,11 @@ class ResidentTables:
         self._staging_ptrs = [t.data_ptr() for t in self.staging]
         self._device_index = (self.device.index or 0) if cuda else 0
         self._runs_ptr = self.runs.data_ptr()
-        self._run_stage: list | None = None  # pinned run-row buffers, one per staging slot (lazily)
-
-    def write_runs(self, run_idx: np.ndarray, run_rows: np.ndarray) -> None:
-        """Overwrite run rows (distinct ascending indices): one upload, applied in stream
-        order. Call after ``staging_table()`` of the step that needs them.
-
-        Rows of one contiguous range (what registration writes) go up in one copy: on CUDA
-        from the step's persistent pinned buffer with one driver call (no pinned
-        allocation, no dispatch) when they fit it; others as ``(index, row)`` pairs,
-        scattered on the device."""
-        k = len(run_idx)
-        if k == 0:
-            return
-        first = int(run_idx[0])
-        if int(run_idx[-1]) - first == k - 1:
-            if self._memcpy is not None and k <= RUN_STAGE_ROWS:
-                if self._run_stage is None:
-                    self._run_stage = [torch.empty((RUN_STAGE_ROWS, L.RUN_FIELDS), dtype=torch.int64,
-                                                   pin_memory=True) for _ in range(STAGING_RING)]
-                    self._run_stage_np = [t.numpy() for t in self._run_stage]
-                    self._run_stage_ptrs = [t.data_ptr() for t in self._run_stage]
-                s = self.slot
-                self._run_stage_np[s][:k] = run_rows
-                if self._memcpy(self._runs_ptr + first * L.RUN_FIELDS * 8, self._run_stage_ptrs[s],
-                                k * L.RUN_FIELDS * 8,
-                                torch._C._cuda_getCurrentRawStream(self._device_index)) == 0:
-                    return
-            upload = torch.from_numpy(np.ascontiguousarray(run_rows))
-            if self.device.type == "cuda":  # pinned by torch's caching host allocator
-                upload = upload.pin_memory()
-            self.runs[first:first + k].copy_(upload, non_blocking=True)
-            return
-        packed = np.empty((k, 1 + L.RUN_FIELDS), dtype=np.int64)
-        packed[:, 0], packed[:, 1:] = run_idx, run_rows
-        upload = torch.from_numpy(packed)
-        if self.device.type == "cuda":
-            # pinned through torch's caching host allocator: not reused before the copy is done
-            upload = upload.pin_memory().to(self.device, non_blocking=True)
-        self.runs.index_copy_(0, upload[:, 0], upload[:, 1:])
+        self._cuda = cuda
 
     def staging_table(self) -> np.ndarray:
-        """The host step table to fill for the next step (its last copy has left).
+        """The host step table to fill for the next step (its last copy has left); the
+        step's run staging starts empty.
 
         Starting a half of the ring waits for the event recorded after that half's last
         step: it blocks only if the GPU is ``_HALF`` steps behind; what those steps
@@ -156,7 +132,53 @@ class ResidentTables:
             if self._half_used[half]:
                 self._half_done[half].synchronize()
                 self._retired[half] = []
+        self._chunks = []
+        self._stage_used = 0
         return self._staging_np[s]
+
+    def staged_table(self) -> np.ndarray:
+        """The host step table the current step filled (before ``end_step``)."""
+        return self._staging_np[self.slot]
+
+    def stage_runs(self, first: int, rows) -> None:
+        """Stage run rows ``first ..`` for this step: ``rows`` is a flat list of ints
+        (``RUN_FIELDS`` per row, packed into the slot's pinned buffer) or an int64 array
+        ``[k, RUN_FIELDS]``. Sent by ``send_runs`` in the order staged."""
+        k = len(rows) // L.RUN_FIELDS if type(rows) is list else len(rows)
+        if not k:
+            return
+        at = self._stage_used
+        if at + k <= self._stage_rows:
+            if type(rows) is list:
+                struct.pack_into(f"<{len(rows)}q", self._run_stage_mv[self.slot], at * _RUN_BYTES, *rows)
+            else:
+                self._run_stage[self.slot].numpy()[at:at + k] = rows
+            self._stage_used = at + k
+            self._chunks.append((first, at, k))
+            return
+        # more rows than the persistent buffer holds: a pinned buffer of their own, kept with
+        # the step's retired objects until its copy has run
+        spill = torch.tensor(np.asarray(rows, np.int64).reshape(k, L.RUN_FIELDS))
+        if self._cuda:
+            spill = spill.pin_memory()
+        self._chunks.append((first, spill, k))
+
+    def send_runs(self) -> None:
+        """Copy this step's staged run rows to the run table, in stream order (one driver
+        call a chunk on CUDA; a plain copy on the CPU)."""
+        s = self.slot
+        for first, at, k in self._chunks:
+            src = at.data_ptr() if type(at) is torch.Tensor else self._run_stage_ptrs[s] + at * _RUN_BYTES
+            dst = self._runs_ptr + first * _RUN_BYTES
+            if not self._cuda:
+                ctypes.memmove(dst, src, k * _RUN_BYTES)
+            elif self._memcpy is None or self._memcpy(
+                    dst, src, k * _RUN_BYTES, torch._C._cuda_getCurrentRawStream(self._device_index)) != 0:
+                view = at if type(at) is torch.Tensor else self._run_stage[s][at:at + k]
+                self.runs[first:first + k].copy_(view, non_blocking=True)
+            if type(at) is torch.Tensor:
+                self.retire_now([at])
+        self._chunks = []
 
     def upload_step(self, num_requests: int) -> None:
         """Copy the filled rows of the staging table up (header, ``num_requests`` request
@@ -168,11 +190,13 @@ class ResidentTables:
         """
         s = self.slot
         rows = num_requests + 2
-        if self._memcpy is None or self._memcpy(
+        if not self._cuda:
+            ctypes.memmove(self._step_ptr, self._staging_ptrs[s], rows * self._row_bytes)
+        elif self._memcpy is None or self._memcpy(
                 self._step_ptr, self._staging_ptrs[s], rows * self._row_bytes,
                 torch._C._cuda_getCurrentRawStream(self._device_index)) != 0:
             if self._memcpy is not None:
-                logger.info("cuMemcpyHtoDAsync failed; step-table uploads use Tensor.copy_")
+                logger.info("cuMemcpyHtoDAsync failed; uploads use Tensor.copy_")
                 self._memcpy = None
             self.step[:rows].copy_(self.staging[s][:rows], non_blocking=True)
 
@@ -183,20 +207,37 @@ class ResidentTables:
     def retire(self, objs: list) -> None:
         """Keep ``objs`` (sources let go of between steps) until the steps queued so far
         have run (CUDA); on the CPU nothing is queued and nothing is kept."""
-        if objs and self._half_done[0] is not None:
+        if objs and self._cuda:
             self._retired[(self.slot - 1) % STAGING_RING // _HALF].extend(objs)
+
+    def retire_now(self, objs: list) -> None:
+        """Keep ``objs`` until the step being staged now has run (CUDA)."""
+        if objs and self._cuda:
+            self._retired[self.slot // _HALF].extend(objs)
 
     def end_step(self, retired: list | None = None) -> None:
         """After the step's launch (or graph replay): keep ``retired`` until the step has
         run, record the half ring's event at its last step, and move the ring on."""
         s = self.slot
-        cuda = self._half_done[0] is not None
-        if retired and cuda:
+        if retired and self._cuda:
             self._retired[s // _HALF].extend(retired)
-        if s % _HALF == _HALF - 1 and cuda:
+        if s % _HALF == _HALF - 1 and self._cuda:
             self._half_done[s // _HALF].record()
             self._half_used[s // _HALF] = True
         self.slot = (s + 1) % STAGING_RING
+
+
+def write_step_table(table: np.ndarray, tokens: int, windows: list) -> None:
+    """Write a step table with one packing call: the header (``tokens``, requests), a row
+    per request from ``windows`` (flat ``base, prefix, first run, end run`` per request)
+    and the end row. Every step of every path writes its table here or with the array
+    fill that gathers the same columns."""
+    r = len(windows) // 4
+    vals = [tokens, r, 0, 0, 0, 0, 0, 0]
+    for i in range(0, 4 * r, 4):
+        vals += (windows[i], 0, windows[i + 1], 0, 0, 0, windows[i + 2], windows[i + 3])
+    vals += (tokens, 0, 0, 0, 0, 0, 0, 0)
+    struct.pack_into(f"<{len(vals)}q", table, 0, *vals)
 
 
 def _driver_memcpy():

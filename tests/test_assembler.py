@@ -74,17 +74,24 @@ def run_schedule(sched, backend: str, device: str, block_rows=None, cache_bytes=
 
 
 def check_device_runs(asm: Assembler) -> None:
-    """Every live request's device run rows hold exactly its items' current sources: the
-    held ones at their address, the rest ``KIND_NONE`` (a released source never lingers)."""
+    """Every met request's device run rows hold exactly its items' current sources: the
+    held ones at their address, the rest ``KIND_NONE`` (a released source never lingers).
+    A request no window with tokens has met yet has sent no rows (the kernel never reads
+    them: its windows have no rows)."""
     reg = asm.registry
     dev = asm.tables.runs.cpu().numpy()
-    for h in np.flatnonzero(reg.live).tolist():
-        r0, r1 = int(reg.run_first[h]), int(reg.run_end[h])
-        for k, (pos, end, row, slot) in enumerate(reg.runs[r0:r1].tolist(), start=r0):
-            src, row0 = reg.item_src[slot], int(reg.item_row0[slot])  # an item's rows start at row0
-            entry = L.NO_SOURCE if src is None else source_entry(src[row0:], asm.hidden, asm.tables.anchor_addr)
-            want = L.device_runs(np.array([[pos, end, row, slot]]), np.array([entry]))[0]
-            assert (dev[k] == want).all(), f"run {k} of handle {h}: {dev[k]} != {want}"
+    for rec in reg.recs:
+        if rec is None or rec.fresh:
+            continue
+        b = rec.batch
+        for k in range(rec.ra, rec.ra + rec.nruns):
+            row = 0 if rec.simple else b.rrow[k]
+            held = b.srcs[rec.item_of_run(k)]
+            entry = L.NO_SOURCE if held is None else source_entry(held[0][held[1]:], asm.hidden,
+                                                                   asm.tables.anchor_addr)
+            want = L.device_runs(np.array([[b.rpos[k], b.rend[k], row, 0]]), np.array([entry]))[0]
+            got = dev[rec.run0 + k - rec.ra]
+            assert (got == want).all(), f"run {k} of handle {rec.handle}: {got} != {want}"
 
 
 def _on(item: Item, device: str) -> Item:

@@ -28,7 +28,7 @@ def _setup(device, backend="triton"):
 def _state(asm, cache):
     t = asm.tables
     return ([x.clone() for x in (t.runs, t.step)], dict(cache._entries),
-            cache.stats.hits, cache.stats.misses, asm.registry.held.copy())
+            cache.stats.hits, cache.stats.misses, asm.registry.snapshot())
 
 
 STEP_CASES = [
@@ -76,7 +76,7 @@ def test_bad_step_raises_typed_error_and_changes_nothing(device, name, kwargs, e
     assert torch.equal(out, before_out)
     after = _state(asm, cache)
     assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
-    assert before[1:4] == after[1:4] and np.array_equal(before[4], after[4])
+    assert before[1:] == after[1:]
     # still works (positions 0-5: text and the precomputed item)
     ids = torch.randint(0, 20, (6,), device=device)
     got = asm.assemble([h], [0], [6], ids)
@@ -114,7 +114,7 @@ def test_bad_source_is_typed_and_names_request_and_item(device, name):
     assert torch.equal(out, torch.full_like(out, 7.0))
     after = _state(asm, cache)
     assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
-    assert before[1:4] == after[1:4] and np.array_equal(before[4], after[4])
+    assert before[1:] == after[1:]
     asm.remove_request(h2)
     asm.assemble([h], [0], [6], torch.zeros(6, dtype=torch.int64, device=device))
 
@@ -145,9 +145,7 @@ def test_bad_registration_is_typed_and_leaves_no_trace(device, name, items, err)
 
 def _registry_state(reg):
     """Everything registration changes: tops, counts, handles, the request and slot rows."""
-    return (reg.run_top, reg.item_top, reg.live_runs, reg.live_items, list(reg._free_handles),
-            reg.req.tobytes(), reg.slots.tobytes(), reg.runs.tobytes(), reg.item_meta.tobytes(),
-            reg.item_obj.tolist())
+    return (reg.run_top, reg.item_top, reg.live_runs, reg.live_items, list(reg._free), reg.snapshot())
 
 
 def test_capacity_of_requests_and_removed_handles(device):
@@ -177,9 +175,9 @@ def test_add_requests_registers_all_or_nothing():
     bad = [Item(2, [(3, 2)], embedding=torch.zeros(2, 4))]
     with pytest.raises(SpanError) as err:
         asm.add_requests([(good, 8), (bad, 8)])
-    assert err.value.request == 1 and not asm.registry.live.any()
+    assert err.value.request == 1 and asm.registry.num_live == 0
     h = asm.add_requests([(good, 8), ([], None)])
-    assert len(set(h)) == 2 and asm.registry.live.sum() == 2
+    assert len(set(h)) == 2 and asm.registry.num_live == 2
 
 
 @pytest.mark.parametrize("bad", [-1, 0, 3, -3, 2**63 - 1])

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from mmassembler import Assembler, Item
+from mmassembler.fill import PYTHON_FILL_MAX
 
 
 from mmassembler.testing import count_calls  # noqa: E402  (the tests import it from here too)
@@ -36,8 +37,13 @@ def _steady_step_calls(num_requests: int, items_per_request: int, backend: str, 
 
 
 def test_steady_step_calls_do_not_grow_with_items_or_requests(device):
+    """Each fill makes a fixed number of calls whatever the items and windows: the Python
+    fill up to ``PYTHON_FILL_MAX`` windows, the array fill past it."""
     backend = "triton"
     one = _steady_step_calls(1, 1, backend, device)
     many_items = _steady_step_calls(1, 256, backend, device)
+    python_max = _steady_step_calls(PYTHON_FILL_MAX, 1, backend, device)
+    past = _steady_step_calls(PYTHON_FILL_MAX + 1, 1, backend, device)
     many_requests = _steady_step_calls(256, 1, backend, device)
-    assert one == many_items == many_requests, (one, many_items, many_requests)
+    assert one == many_items == python_max, (one, many_items, python_max)
+    assert past == many_requests, (past, many_requests)

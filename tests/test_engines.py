@@ -235,11 +235,11 @@ def test_vllm_request_state_is_reused_across_chunks():
     weight = torch.randn(3, 4)
     first = gather_mm_embeddings([req], {"x": emb}, torch.zeros(5, dtype=torch.long), embed_tokens=weight)
     asm = resident_for(weight, weight, weight, 0, "auto").asm
-    handles = asm.registry.live.nonzero()[0].tolist()
+    handles = asm.registry.live_handles()
     req.num_computed_tokens, req.num_scheduled_tokens = 5, 4
     second = gather_mm_embeddings([req], {"x": emb}, torch.zeros(4, dtype=torch.long), embed_tokens=weight)
     assert torch.equal(first[2:5], emb[:3]) and torch.equal(second[:3], emb[3:])
-    assert asm.registry.live.nonzero()[0].tolist() == handles and len(handles) == 1  # registered once
+    assert asm.registry.live_handles() == handles and len(handles) == 1  # registered once
     assert vars(req).keys() == {"num_computed_tokens", "num_scheduled_tokens", "mm_features"}
     assert "_mmassembler_item" not in vars(feat)  # nothing of ours on the engine's objects
 

@@ -35,7 +35,7 @@ def _step(inputs, prefix, extend, embed):
 
 
 def _registered(embed):
-    return int(resident_for(embed, embed.weight, embed.weight, 0, "auto").asm.registry.live.sum())
+    return int(resident_for(embed, embed.weight, embed.weight, 0, "auto").asm.registry.num_live)
 
 
 def test_registers_once_across_chunks_and_removes_dropped_requests(monkeypatch):
@@ -43,8 +43,8 @@ def test_registers_once_across_chunks_and_removes_dropped_requests(monkeypatch):
     a, b = SgInputs(_items(3)), SgInputs(_items(2))
     res = resident_for(embed, embed.weight, embed.weight, 0, "auto")
     adds = []
-    real_add = res.asm._add_columns
-    monkeypatch.setattr(res.asm, "_add_columns", lambda new: adds.extend(new.counts) or real_add(new))
+    real_add = res.asm.add_requests
+    monkeypatch.setattr(res.asm, "add_requests", lambda new: adds.extend(new.counts) or real_add(new))
     for prefix in (0, 6, 12):  # three chunks of both requests
         _step([a, b], [prefix, prefix], [6, 6], embed)
     assert len(adds) == 2  # registered together at the first step, never again
@@ -95,7 +95,7 @@ def test_stable_encoder_outputs_are_read_in_place_and_not_cached():
     out = torch.zeros(6, H)
     asm.assemble([h], [0], [6], out=out)
     assert torch.equal(out[1:4], outputs[7]) and len(cache) == 0
-    assert any(t is not None and t.data_ptr() == outputs[7].data_ptr() for t in asm.registry.item_src)
+    assert any(t is not None and t.data_ptr() == outputs[7].data_ptr() for t in asm.registry.held_sources())
 
 
 def test_vllm_feature_missing_from_the_encoder_cache_names_request_and_identifier():
@@ -115,7 +115,7 @@ def test_vllm_feature_missing_from_the_encoder_cache_names_request_and_identifie
 def test_a_request_with_more_items_than_the_tables_hold_grows_them():
     embed = nn.Embedding(10, H)
     res = resident_for(embed, embed.weight, embed.weight, 0, "auto")
-    many = res.asm.registry.item_obj.shape[0] * 3  # three times the item table
+    many = res.asm.registry.max_items * 3  # three times the item table
     items = [SgItem(Modality.IMAGE, 100 + i, [(2 * i, 2 * i)], precomputed_embeddings=torch.randn(1, H))
              for i in range(many)]
     _step([SgInputs(items)], [0], [2 * many], embed)

@@ -1,5 +1,5 @@
-"""The run builder: a batch of new requests' items as position-ordered runs, built in
-array operations, ≡ a naive per-position layout; errors name the request and item."""
+"""The run builder: a batch of new requests' items as position-ordered runs, built in plain
+Python, ≡ a naive per-position layout; errors name the request and item."""
 
 import numpy as np
 import pytest
@@ -8,8 +8,31 @@ from hypothesis import strategies as st
 
 from mmassembler import EmbedMaskError, Item, SpanError
 from mmassembler.errors import BatchShapeError
-from mmassembler.runs import NO_LIMIT, build_runs, request_columns
-from mmkernels import layout as L
+from mmassembler.runs import NO_LIMIT, request_columns
+from mmassembler.runs import build_runs as _build_runs
+
+
+class Built:
+    """One request's share of a batch's runs, named."""
+
+    def __init__(self, b, r, a):
+        k0, n, self.simple = b.ra[r], b.nruns[r], b.simple[r]
+        c = b.nruns[r] if self.simple else None
+        self.rpos, self.rend = b.rpos[k0:k0 + n], b.rend[k0:k0 + n]
+        self.rrow = None if b.rrow is None else b.rrow[k0:k0 + n]
+        self.ritem = None if b.ritem is None else b.ritem[k0:k0 + n]
+        self.a = a
+
+
+def build_runs(new):
+    b = _build_runs(new)
+    out, a = [], 0
+    for r, c in enumerate(new.counts):
+        one = Built(b, r, a)
+        one.rows, one.iend = b.rows[a:a + c], b.iend[a:a + c]
+        out.append(one)
+        a += c
+    return out
 
 
 def naive_positions(items) -> dict:
@@ -24,11 +47,19 @@ def naive_positions(items) -> dict:
     return taken
 
 
-def expanded(runs: np.ndarray, first_item: int) -> dict:
+def run_rows(b) -> list:
+    """A built request's runs as ``(pos, end, row, item)`` (a simple one's items are its runs)."""
+    n = len(b.rpos)
+    rows = [0] * n if b.simple else b.rrow
+    items = list(range(n)) if b.simple else b.ritem
+    return [list(r) for r in zip(b.rpos, b.rend, rows, items)]
+
+
+def expanded(runs: list) -> dict:
     got = {}
-    for pos, end, row, item in runs.tolist():
+    for pos, end, row, item in runs:
         for k in range(end - pos):
-            got[pos + k] = (item - first_item, row + k)
+            got[pos + k] = (item, row + k)
     return got
 
 
@@ -56,32 +87,32 @@ def requests(draw, max_requests=5, max_items=5):
 @given(reqs=requests())
 def test_runs_place_every_position_as_the_naive_layout(reqs):
     built = build_runs(request_columns(reqs))
-    counts = [len(items) for items, _ in reqs]
-    first_item = np.cumsum(counts) - counts
-    first_run = np.cumsum(built.run_counts) - built.run_counts
-    for r, (items, _) in enumerate(reqs):
-        runs = built.runs[first_run[r]:first_run[r] + built.run_counts[r]]
-        assert (np.diff(runs[:, L.HOST_RUN_POS]) > 0).all()  # position-ordered
-        assert expanded(runs, first_item[r]) == naive_positions(items)
+    assert len(built) == len(reqs)
+    for b, (items, _) in zip(built, reqs):
+        runs = run_rows(b)
+        assert all(a[1] <= z[0] for a, z in zip(runs, runs[1:]))  # position-ordered, disjoint
+        assert expanded(runs) == naive_positions(items)
         for j, it in enumerate(items):
             want = naive_positions([it])
-            assert built.rows[first_item[r] + j] == len(want)
-            assert built.ends[first_item[r] + j] == (max(want) + 1 if want else 0)
+            assert b.rows[j] == len(want)
+            assert b.iend[j] == (max(want) + 1 if want else 0)
+        if b.simple:  # run k is item k from its row 0
+            assert [r[3] for r in runs] == list(range(len(items))) and not any(r[2] for r in runs)
 
 
 def test_adjacent_spans_of_one_item_coalesce_and_interleaved_items_do_not():
     a = Item(1, [(0, 3), (4, 5), (9, 9)])
     b = Item(2, [(6, 8)])
     built = build_runs(request_columns([([a, b], None)]))
-    assert built.runs.tolist() == [[0, 6, 0, 0], [6, 9, 0, 1], [9, 10, 6, 0]]
+    assert run_rows(built[0]) == [[0, 6, 0, 0], [6, 9, 0, 1], [9, 10, 6, 0]] and not built[0].simple
 
 
 @pytest.mark.parametrize("n_items", [1, 64, 256])
 def test_runs_grow_with_items_not_tokens(n_items):
     items = [Item(i, [(i * 5000, i * 5000 + 4095)]) for i in range(n_items)]
-    built = build_runs(request_columns([(items, None)]))
-    assert built.runs.shape == (n_items, L.HOST_RUN_FIELDS)
-    assert (built.runs[:, L.HOST_RUN_END] - built.runs[:, L.HOST_RUN_POS] == 4096).all()
+    built = build_runs(request_columns([(items, None)]))[0]
+    assert len(built.rpos) == n_items and built.simple
+    assert all(e - s == 4096 for s, e in zip(built.rpos, built.rend))
 
 
 BAD = [
@@ -112,7 +143,7 @@ def test_bad_spans_name_the_request_and_item(name, items, err, bad):
 def test_numpy_spans_are_read_as_ints():
     items = [Item(1, np.array([[2, 4], [7, 8]])), Item(2, [(np.int32(5), np.int64(6))])]
     built = build_runs(request_columns([(items, 10)]))
-    assert built.runs.tolist() == [[2, 5, 0, 0], [5, 7, 0, 1], [7, 9, 3, 0]]
+    assert run_rows(built[0]) == [[2, 5, 0, 0], [5, 7, 0, 1], [7, 9, 3, 0]]
 
 
 @pytest.mark.parametrize("requests_arg", [None, [[Item(1, [(0, 1)])]], [(Item(1, [(0, 1)]),)],

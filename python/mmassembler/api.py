@@ -1,15 +1,17 @@
 """The public call: ``assemble(requests, input_ids, ...)`` -> the batch's input embeddings.
 
 A stateless call is a first contact on the ``Assembler``'s machinery: the requests are
-registered on a pooled ``StepCore`` (one per device and stream, grown by doubling), the
-step is assembled there (windows checked, sources resolved for the items the windows
+registered on a ``StepCore`` over the device's pooled tables (``mmkernels.pool``: one per
+device, stream and backend, sized for the call before anything is written), the step is
+planned and run there (windows checked, sources resolved for the items the windows
 reach, one upload and one launch), and the requests are removed. Nothing is written to
-the output or the cache until every check has passed.
+the output or the cache until every check has passed. A call made from inside another on
+the same thread (an encoder that calls ``assemble``) runs on tables of its own.
 """
 
 from __future__ import annotations
 
-import threading
+import operator
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -21,56 +23,37 @@ from mmassembler.core import StepCore
 from mmassembler.encode import Encoder, EncoderFn
 from mmassembler.errors import BatchShapeError, CapacityError, ChunkWindowError
 from mmassembler.items import Request
-from mmassembler.runs import MAX_REQUESTS, NO_LIMIT, request_columns
-from mmassembler.step_inputs import check_buffer, check_cache, check_encoders, check_input_ids
-from mmkernels import check_block_rows
+from mmassembler.runs import MAX_REQUESTS, NO_LIMIT, build_runs, request_columns
+from mmassembler.step_inputs import StepSpec, check_buffer, check_cache, check_encoders, check_input_ids
+from mmkernels import capacity_for, check_block_rows, table_pool
 
 
-class _Pool:
-    """A ``StepCore`` for stateless calls on one device and stream, grown by doubling."""
 
-    def __init__(self, device: torch.device, backend: str):
-        self.device, self.backend = device, backend
-        self.lock = threading.Lock()
-        self.core: StepCore | None = None
-
-    def core_for(self, requests: int, items: int, runs: int) -> StepCore:
-        c = self.core
-        if c is None or c.max_requests < requests or c.registry.max_items < items or (
-                c.registry.max_runs < runs):
-            r = _pow2(max(requests, 16 if c is None else c.max_requests))
-            i = _pow2(max(items, 64 if c is None else c.registry.max_items))
-            k = _pow2(max(runs, 2 * i, 0 if c is None else c.registry.max_runs))
-            self.core = c = StepCore(self.device, backend=self.backend, max_tokens=NO_LIMIT,
-                                     max_requests=min(r, MAX_REQUESTS), max_runs=k, max_items=i)
-        return c
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+def _core_on(pool, nested: bool, requests: int, items: int, runs: int) -> StepCore:
+    """A ``StepCore`` over the pool's tables (grown to fit the call: ``TablePool.fit``), or,
+    for a call nested inside another on this thread, over tables of its own."""
+    if requests > MAX_REQUESTS:
+        raise CapacityError(f"{requests} requests in one call exceed the limit of {MAX_REQUESTS}")
+    if nested:
+        return StepCore(pool.device, backend=pool.backend, max_tokens=NO_LIMIT, max_requests=max(requests, 1),
+                        max_runs=max(runs, 1), max_items=max(items, 1))
+    tables, ops = pool.fit(requests, runs)
+    core = pool.host
+    if core is None or core.registry.max_items < items:
+        core = pool.host = StepCore(
+            pool.device, backend=pool.backend, max_tokens=NO_LIMIT, max_requests=tables.max_requests,
+            max_runs=tables.max_runs, max_items=capacity_for(items, 0 if core is None else core.registry.max_items, 64),
+            tables=tables, ops=ops)
+    return core
 
 
-_pools: dict = {}
-_pools_lock = threading.Lock()
-
-
-def _pool(device: torch.device, backend: str) -> _Pool:
-    stream = torch._C._cuda_getCurrentRawStream(device.index or 0) if device.type == "cuda" else 0
-    key = (device, stream, backend)
-    pool = _pools.get(key)
-    if pool is None:
-        with _pools_lock:
-            pool = _pools.setdefault(key, _Pool(device, backend))
-    return pool
-
-
-def _windows(requests) -> tuple[np.ndarray, np.ndarray]:
-    """The requests' windows as int64 arrays; ``ChunkWindowError`` naming the request for
+def _windows(requests) -> tuple[list, list]:
+    """The requests' windows as lists of ints; ``ChunkWindowError`` naming the request for
     a window that is not a pair of non-negative ints (at most 2**40) inside its prompt."""
     p = [r.prefix_len for r in requests]
     e = [r.extend_len for r in requests]
     pl = [r.prompt_len for r in requests]
-    if not set(map(type, p + e)) <= {int} or not set(map(type, pl)) <= {int, type(None)}:
+    if not set(map(type, p)) | set(map(type, e)) <= _INT or not set(map(type, pl)) <= _INT_OR_NONE:
         for i, r in enumerate(requests):
             for name in ("prefix_len", "extend_len", "prompt_len"):
                 v = getattr(r, name)
@@ -79,20 +62,17 @@ def _windows(requests) -> tuple[np.ndarray, np.ndarray]:
                 if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
                     raise ChunkWindowError(f"{name} must be a non-negative int, got {v!r}", request=i)
         p, e = [int(v) for v in p], [int(v) for v in e]
-    pa, ea = np.array(p, dtype=object), np.array(e, dtype=object)
-    bad = (pa < 0) | (ea < 0) | (pa > NO_LIMIT) | (ea > NO_LIMIT)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ChunkWindowError(f"window [{p[i]}, {p[i]} + {e[i]}) must have non-negative ints of at "
-                               "most 2**40", request=i)
-    pa, ea = np.array(p, np.int64), np.array(e, np.int64)
-    lim = np.array([NO_LIMIT if x is None else min(x, NO_LIMIT) for x in pl], np.int64)
-    past = pa + ea > lim
-    if past.any():
-        i = int(np.flatnonzero(past)[0])
-        raise ChunkWindowError(f"chunk [{p[i]}, {p[i] + e[i]}) runs past the prompt of {pl[i]} "
-                               "positions", request=i)
-    return pa, ea
+        pl = [None if v is None else int(v) for v in pl]
+    for i, (a, b, lim) in enumerate(zip(p, e, pl)):
+        if a < 0 or b < 0 or a > NO_LIMIT or b > NO_LIMIT:
+            raise ChunkWindowError(f"window [{a}, {a} + {b}) must have non-negative ints of at most 2**40",
+                                   request=i)
+        if lim is not None and a + b > lim:
+            raise ChunkWindowError(f"chunk [{a}, {a + b}) runs past the prompt of {lim} positions", request=i)
+    return p, e
+
+
+_INT, _INT_OR_NONE = {int}, {int, type(None)}
 
 
 def _check_step_buffers(num_tokens: int, input_ids, weight, out, deepstack_out):
@@ -186,25 +166,21 @@ def assemble(
     check_encoders(encoders)
     check_cache(cache)
     p, e = _windows(requests)
-    widths, device, dtype = _check_step_buffers(int(e.sum()), input_ids, weight, out, deepstack_out)
+    widths, device, dtype = _check_step_buffers(sum(e), input_ids, weight, out, deepstack_out)
     new = request_columns([(r.items, r.prompt_len) for r in requests])
+    built = build_runs(new)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    pool = _pool(device, which)
-    with pool.lock:
-        core = pool.core_for(len(requests), len(new.keys), 0)
-        while True:
-            try:
-                handles = core.add(new)
-                break
-            except CapacityError:  # more runs than the pooled tables hold: double them
-                core = pool.core_for(len(requests), len(new.keys), 2 * core.registry.max_runs)
+    spec = StepSpec(widths[0], widths[1] - widths[0], dtype, device, weight is not None)
+    pool = table_pool(device, which)
+    with pool.hold() as nested:
+        core = _core_on(pool, nested, len(requests), len(new.keys), len(built.rpos))
+        handles = core.add(new, built)
         try:
-            if weight is not None:
-                out = torch.empty((int(e.sum()), widths[0]), dtype=dtype, device=device)
             op = core.op(hidden=widths[0], ds_cols=widths[1] - widths[0], dtype=dtype,
                          fused=weight is not None, block_rows=block_rows)
-            return core.step(handles, p, e, lambda n: (out, deepstack_out, input_ids), weight=weight,
-                             op=op, widths=widths, encoders=encoders, cache=cache)
+            return core.run(core.plan(handles, p, e, spec=spec, op=op, weight=weight,
+                                      input_ids=input_ids, out=out, deepstack_out=deepstack_out,
+                                      encoders=encoders, cache=cache))
         finally:
             core.remove(handles)

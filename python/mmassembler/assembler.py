@@ -1,28 +1,33 @@
 """The resident assembler: register a request once, then each step sends only windows.
 
-``add_request`` turns a request's items into position-ordered runs once and queues them
-for the device; ``assemble`` checks the step's windows in array operations, resolves
-sources only for items a window reaches first (encoded across the step), sends the step
-table in one copy and launches once (or replays a CUDA graph); ``remove_request`` frees
-the request's slots and sources. Calls are serialised by a lock, so threads may share one.
+``add_requests`` turns requests' items into position-ordered runs once; a step is a
+``plan`` (windows checked, sources resolved only for items a window reaches first,
+encoded across the step, tables staged: all host work) and a ``run`` (one table copy and
+one launch, or a CUDA-graph replay); ``assemble`` does both. ``remove_requests`` frees
+the requests' slots and sources. Calls are serialised by a lock, so threads may share
+one; a call from inside another on the same thread (an encoder stepping the Assembler
+that calls it) is a ``ReentrantCallError``.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from threading import get_ident
 
 import torch
 
 import mmkernels
 from mmassembler.cache import EmbeddingCache
-from mmassembler.core import StepCore
+from mmassembler.core import StepCore, StepPlan
 from mmassembler.encode import Encoder, EncoderFn
-from mmassembler.errors import BatchShapeError
-from mmassembler.runs import MAX_REQUESTS, NO_LIMIT, check_items_type, request_columns
-from mmassembler.step_inputs import (FLOATS, check_cache, check_encoders, check_input_ids,
-                                     check_rows_buffer)
+from mmassembler.errors import BatchShapeError, ReentrantCallError
+from mmassembler.runs import MAX_REQUESTS, NO_LIMIT, NewRequests, check_items_type, request_columns
+from mmassembler.step_inputs import FLOATS, StepSpec, check_cache, check_encoders, check_rows_buffer
 from mmkernels import StepGraph, check_block_rows
+
+
+_KEEP = object()  # "the Assembler's own" for per-call overrides
 
 
 class Assembler:
@@ -89,7 +94,9 @@ class Assembler:
         self.registry, self.tables = self._core.registry, self._core.tables
         self._op = self._core.op(hidden=hidden, ds_cols=deepstack_cols, dtype=dtype,
                                  fused=weight is not None, block_rows=block_rows)
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._owner = self._inside = None  # the thread inside a call, and which call
+        self._spec = StepSpec(hidden, deepstack_cols, dtype, self.device, weight is not None)
         self._graph = None
         if cuda_graph:
             self._graph = _graph_for(self, out, deepstack_out)
@@ -103,6 +110,10 @@ class Assembler:
     def __len__(self) -> int:
         """Live (registered, not yet removed) requests."""
         return self.registry.num_live
+
+    def __bool__(self) -> bool:
+        """Always true, even with no live request (``asm or Assembler(...)`` keeps ``asm``)."""
+        return True
 
     @property
     def input_ids(self) -> torch.Tensor | None:
@@ -119,20 +130,19 @@ class Assembler:
         check_items_type(items)
         return self.add_requests([(items, prompt_len)])[0]
 
-    def add_requests(self, requests: Sequence[tuple[Sequence, int | None]]) -> list[int]:
-        """Register several requests ``(items, prompt_len)`` at once (array operations over
-        all their items: what a step with many new requests wants); their handles, in
-        order. Raises ``SpanError`` naming the request's index, or ``CapacityError``,
-        before any change."""
-        new = request_columns(requests)
-        with self._lock:
+    def add_requests(self, requests: Sequence[tuple[Sequence, int | None]] | NewRequests) -> list[int]:
+        """Register several requests ``(items, prompt_len)`` at once (plain Python over
+        their items, no array operation: what a step with new requests wants); their
+        handles, in order. ``requests`` may also be ``NewRequests`` columns (what the
+        engine adapters fill straight from the engine's objects). Raises ``SpanError``
+        naming the request's index, or ``CapacityError``, before any change."""
+        new = requests if type(requests) is NewRequests else request_columns(requests)
+        self._enter("add_requests")
+        try:
             return self._core.add(new)
-
-    def _add_columns(self, new) -> list[int]:
-        """Register requests given as ``runs.NewRequests`` columns (the engine adapters fill
-        them straight from the engine's objects)."""
-        with self._lock:
-            return self._core.add(new)
+        finally:
+            self._owner = None
+            self._lock.release()
 
     def remove_request(self, handle: int) -> None:
         """Free a request's slots and every reference held to its sources."""
@@ -140,23 +150,31 @@ class Assembler:
         self.remove_requests([handle])
 
     def remove_requests(self, handles) -> None:
-        """Free several requests' slots and sources at once (array operations); a bad or
-        repeated handle raises before any is removed."""
-        with self._lock:
+        """Free several requests' slots and sources at once; a bad or repeated handle raises
+        before any is removed."""
+        self._enter("remove_requests")
+        try:
             self._core.remove(handles)
+        finally:
+            self._owner = None
+            self._lock.release()
 
     def stats(self) -> dict:
         """What the Assembler holds and has done: live requests and items, held sources and
         their bytes, capacity used per table, steps, first contacts (items given a source),
         encoder calls and rows, and cache hits and misses (``cache`` stats when it has one)."""
         reg, core = self.registry, self._core
-        held = reg.item_src[reg.held]
         storages = {}
-        for t in held.tolist():
-            st = t.untyped_storage()
-            storages[st.data_ptr()] = st.nbytes()
+        held = 0
+        for rec in reg.recs:
+            if rec is None:
+                continue
+            for j in rec.held:
+                held += 1
+                st = rec.batch.srcs[j][0].untyped_storage()
+                storages[st.data_ptr()] = st.nbytes()
         return dict(live_requests=reg.num_live, live_items=reg.live_items, live_runs=reg.live_runs,
-                    held_sources=int(reg.held.sum()), held_bytes=sum(storages.values()),
+                    held_sources=held, held_bytes=sum(storages.values()),
                     requests_used=f"{reg.num_live}/{reg.max_requests}",
                     items_used=f"{reg.live_items}/{reg.max_items}",
                     runs_used=f"{reg.live_runs}/{reg.max_runs}", **core.stats.as_dict(),
@@ -170,52 +188,71 @@ class Assembler:
         return describe_step(self, handles, prefix_lens, extend_lens)
 
     # -- a step ---------------------------------------------------------------------------
+    def plan(self, handles, prefix_lens, extend_lens, input_ids: torch.Tensor | None = None, *,
+             out: torch.Tensor | None = None, deepstack_out: torch.Tensor | None = None,
+             weight=_KEEP, encoders=_KEEP, cache=_KEEP) -> StepPlan:
+        """All host work of a step (windows and buffers checked, sources of items reached
+        first resolved and encoded, tables staged), for ``run``: an engine that knows step
+        N+1 while step N runs on the GPU plans it then. ``weight``, ``encoders`` and
+        ``cache`` override the constructor's for this step. Raises an ``AssemblyError``
+        before anything changes. Plans run in order, each once; a plan made before the last
+        one ran replaces it."""
+        w = self.weight if weight is _KEEP else weight
+        self._enter("plan")
+        try:
+            return self._core.plan(
+                handles, prefix_lens, extend_lens, spec=self._spec, op=self._op, weight=w, input_ids=input_ids,
+                out=out, deepstack_out=deepstack_out, encoders=self.encoders if encoders is _KEEP else encoders,
+                cache=self.cache if cache is _KEEP else cache, graph=self._graph)
+        finally:
+            self._owner = None
+            self._lock.release()
+
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        """Send what ``plan`` staged and launch it (or replay the CUDA graph); returns the
+        step's input embeddings. Nothing else: no check, no allocation."""
+        self._enter("run")
+        try:
+            return self._core.run(plan)
+        finally:
+            self._owner = None
+            self._lock.release()
+
     def assemble(self, handles, prefix_lens, extend_lens, input_ids: torch.Tensor | None = None, *,
-                 out: torch.Tensor | None = None,
-                 deepstack_out: torch.Tensor | None = None) -> torch.Tensor:
-        """The step's input embeddings, ``[sum(extend_lens), hidden]``.
+                 out: torch.Tensor | None = None, deepstack_out: torch.Tensor | None = None,
+                 weight=_KEEP, encoders=_KEEP, cache=_KEEP) -> torch.Tensor:
+        """The step's input embeddings, ``[sum(extend_lens), hidden]``: ``plan`` then ``run``.
 
         Request ``i`` (``handles[i]``) contributes prompt positions ``[prefix_lens[i],
         prefix_lens[i] + extend_lens[i])`` at output rows from ``sum(extend_lens[:i])``.
         The three sequences are lists or 1-D int arrays (numpy or CPU torch). Raises an
         ``AssemblyError`` before anything is written.
         """
-        with self._lock:
-            return self._core.step(
-                handles, prefix_lens, extend_lens,
-                lambda n: self._buffers(n, input_ids, out, deepstack_out),
-                weight=self.weight, op=self._op, widths=self.widths, encoders=self.encoders,
-                cache=self.cache, graph=self._graph)
+        w = self.weight if weight is _KEEP else weight
+        self._enter("assemble")
+        try:
+            core = self._core
+            return core.run(core.plan(
+                handles, prefix_lens, extend_lens, spec=self._spec, op=self._op, weight=w, input_ids=input_ids,
+                out=out, deepstack_out=deepstack_out, encoders=self.encoders if encoders is _KEEP else encoders,
+                cache=self.cache if cache is _KEEP else cache, graph=self._graph))
+        finally:
+            self._owner = None
+            self._lock.release()
 
-    def _buffers(self, n, input_ids, out, deepstack_out):
-        """Check (and in fused mode allocate) the step's buffers."""
-        fused, w = self.fused, self.weight
-        if fused and (not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] != self.hidden
-                      or w.dtype != self.dtype or w.device != self.device or w.shape[0] == 0):
-            raise BatchShapeError(f"the weight is now {getattr(w, 'dtype', None)} "
-                                  f"{list(getattr(w, 'shape', []))} on {getattr(w, 'device', None)}; this "
-                                  f"Assembler was made for [*, {self.hidden}] {self.dtype} on {self.device}")
-        if fused or input_ids is not None:
-            check_input_ids(input_ids, n, self.device)
-        if self._graph is not None:
-            if out is not None or deepstack_out is not None:
-                raise BatchShapeError("a cuda_graph Assembler writes its persistent buffers; "
-                                      "pass out/deepstack_out at construction")
-            return None, None, input_ids
-        if out is None:
-            if not fused:
-                raise BatchShapeError("scatter mode (no weight) needs out=")
-            out = torch.empty((n, self.hidden), dtype=self.dtype, device=self.device)
-        else:
-            check_rows_buffer("out", out, n, self.hidden, self.dtype, self.device)
-        if self.deepstack_cols:
-            if deepstack_out is None:
-                raise BatchShapeError(f"deepstack_cols={self.deepstack_cols}: pass deepstack_out=")
-            check_rows_buffer("deepstack_out", deepstack_out, n, self.deepstack_cols, self.dtype,
-                              self.device)
-        elif deepstack_out is not None:
-            raise BatchShapeError("deepstack_out given, but the Assembler has deepstack_cols=0")
-        return out, deepstack_out, input_ids
+    def _enter(self, what: str) -> None:
+        """Take the Assembler's lock for call ``what``; a call made from inside another on
+        this thread (an encoder stepping the Assembler that calls it) is a
+        ``ReentrantCallError`` instead of a deadlock or two steps' tables interleaved."""
+        lock = self._lock
+        if not lock.acquire(False):
+            if self._owner == get_ident():
+                raise ReentrantCallError(
+                    f"Assembler.{what} called from inside Assembler.{self._inside} on the same thread "
+                    "(from an encoder?): an encoder must not step, register or remove on the Assembler "
+                    "that calls it")
+            lock.acquire()
+        self._owner, self._inside = get_ident(), what
 
 
 def _full_device(device) -> torch.device:

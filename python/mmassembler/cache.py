@@ -167,7 +167,7 @@ class EmbeddingCache:
         if not self._admit(keys, store):
             return 0
         ident = store[0]
-        self._entries.update(zip(keys, map(BlockRows, repeat(block), starts.tolist(), rows.tolist(),
+        self._entries.update(zip(keys, map(BlockRows, repeat(block), starts, rows,
                                            repeat(ident))))
         self._ident.update(zip(keys, repeat(ident)))
         return len(keys)

@@ -16,30 +16,35 @@ from mmkernels import layout as L
 def describe_step(asm, handles, prefix_lens, extend_lens) -> str:
     """The step's table in readable form (see the module doc)."""
     reg = asm.registry
-    h = np.asarray(handles, np.int64).reshape(-1)
-    p = np.asarray(prefix_lens, np.int64).reshape(-1)
-    e = np.asarray(extend_lens, np.int64).reshape(-1)
-    lines = [f"{asm!r}", f"step: {len(h)} requests, {int(e.sum()) if len(e) else 0} tokens"]
+    h = np.asarray(handles, np.int64).reshape(-1).tolist()
+    p = np.asarray(prefix_lens, np.int64).reshape(-1).tolist()
+    e = np.asarray(extend_lens, np.int64).reshape(-1).tolist()
+    lines = [f"{asm!r}", f"step: {len(h)} requests, {sum(e)} tokens"]
     base = 0
-    for i, (hd, lo, n) in enumerate(zip(h.tolist(), p.tolist(), e.tolist())):
-        if not (0 < hd <= reg.max_requests and reg.live[hd]):
+    for i, (hd, lo, n) in enumerate(zip(h, p, e)):
+        rec = reg.recs[hd] if 0 < hd <= reg.max_requests else None
+        if rec is None:
             lines.append(f"  request {i}: handle {hd} is not registered")
             base += n
             continue
-        prompt = int(reg.prompt_len[hd])
+        prompt = rec.prompt
         lines.append(f"  request {i}: handle {hd}, window [{lo}, {lo + n}) of a prompt of "
                      f"{'?' if prompt >= (1 << 40) else prompt}, output rows [{base}, {base + n})")
-        for pos, end, row, slot in reg.runs[reg.run_first[hd]:reg.run_end[hd]].tolist():
+        b = rec.batch
+        for k in range(rec.ra, rec.ra + rec.nruns):
+            pos, end = b.rpos[k], b.rend[k]
+            j = rec.item_of_run(k)
+            row = 0 if rec.simple else b.rrow[k]
             reach = "reached" if pos < lo + n and end > lo else "outside"
-            src = reg.item_src[slot]
-            if src is None:
-                held = "no source held"
+            held = b.srcs[j]
+            if held is None:
+                desc = "no source held"
             else:
-                ent = reg.item_entry[slot]
-                held = (f"source {str(src.dtype).replace('torch.', '')} {list(src.shape)} "
+                src, ent = held[0], held[2]
+                desc = (f"source {str(src.dtype).replace('torch.', '')} {list(src.shape)} "
                         f"(offset {ent[L.SOURCE_OFF]}, stride {ent[L.SOURCE_STRIDE]}, "
                         f"{'16-byte' if ent[L.SOURCE_ALIGNED] else 'element'} loads)")
             lines.append(f"    positions [{pos}, {end}) <- rows [{row}, {row + end - pos}) of item "
-                         f"{reg.item_key[slot]!r} ({reg.item_modality[slot]}): {held}; {reach}")
+                         f"{b.keys[j]!r} ({b.mods[j]}): {desc}; {reach}")
         base += n
     return "\n".join(lines)

@@ -12,10 +12,9 @@ read that block through their row offsets.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Sequence
-from itertools import chain
 
-import numpy as np
 import torch
 
 from mmassembler.errors import EmbeddingFormatError, RowCountError
@@ -64,38 +63,25 @@ def check_row_count(t: torch.Tensor, rows: int, *, request: int | None, key, wha
 
 
 def entries_of(ptrs: list, strides: list, kinds: list, cols: list, hidden: int,
-               device: torch.device) -> np.ndarray:
-    """Source entries ``[n, SOURCE_FIELDS]`` of 2-D sources with unit column stride, from
-    their addresses, row strides, kind codes and widths (array operations)."""
-    n = len(ptrs)
-    entries = np.empty((n, L.SOURCE_FIELDS), np.int64)
-    if not n:
-        return entries
-    kind = np.asarray(kinds, np.int64)
+               device: torch.device) -> list[tuple]:
+    """Source entries (``SOURCE_*`` tuples) of 2-D sources with unit column stride, from
+    their addresses, row strides, kind codes and widths (Python ints)."""
     anchors = anchor_addresses(device)
-    anchor = np.array([anchors[L.KIND_F32], anchors[L.KIND_F16], anchors[L.KIND_BF16]], np.int64)
-    esize = 4 - 2 * (kind != L.KIND_F32)
-    delta = np.asarray(ptrs, np.int64) - anchor[kind]
-    stride = np.asarray(strides, np.int64)
-    entries[:, L.SOURCE_OFF] = delta // esize
-    entries[:, L.SOURCE_STRIDE] = stride
-    entries[:, L.SOURCE_KIND] = kind
-    entries[:, L.SOURCE_COLS] = cols
-    entries[:, L.SOURCE_ALIGNED] = L.loads_aligned(delta, stride * esize, hidden * esize)
-    return entries
+    return [((p - anchors[k]) // _ESIZE[k], s, k, c,
+             int(not ((p - anchors[k]) % 16 or (s * _ESIZE[k]) % 16 or (hidden * _ESIZE[k]) % 16)))
+            for p, s, k, c in zip(ptrs, strides, kinds, cols)]
 
 
 _TENSORS = {torch.Tensor, torch.nn.Parameter}
 _FLOAT_SET = frozenset(SUPPORTED_DTYPES)
 
 
-def _plain(ts: list, rows: np.ndarray, widths: tuple, device: torch.device | None):
-    """``(dtypes, shapes [n, 2], strides [n, 2], addresses)`` when every tensor is a plain
-    source as it is: a ``torch.Tensor`` of a supported float dtype, 2-D with ``rows`` rows
-    and a known width, unit column stride, on ``device`` (any device when ``None``);
-    ``None`` otherwise. One pass over attributes, two calls a tensor. (A tensor that
-    requires grad is read as it is: assembly makes no autograd graph.)"""
-    n = len(ts)
+def _plain(ts: list, rows: list, widths: tuple, device: torch.device | None):
+    """``(dtypes, shapes, strides, addresses)`` when every tensor is a plain source as it
+    is: a ``torch.Tensor`` of a supported float dtype, 2-D with ``rows`` rows and a known
+    width, unit column stride, on ``device`` (any device when ``None``); ``None``
+    otherwise. One pass over attributes, two calls a tensor. (A tensor that requires grad
+    is read as it is: assembly makes no autograd graph.)"""
     if not set(map(type, ts)) <= _TENSORS:
         return None
     if device is None or device.type == "cuda":
@@ -107,15 +93,16 @@ def _plain(ts: list, rows: np.ndarray, widths: tuple, device: torch.device | Non
             or (device is not None and (False in here or (device.type == "cuda" and _several_gpus()
                                                            and {t.get_device() for t in ts} != {device.index})))):
         return None
-    sh = np.fromiter(chain.from_iterable(shapes), np.int64, 2 * n).reshape(n, 2)
-    st = np.fromiter(chain.from_iterable(strides), np.int64, 2 * n).reshape(n, 2)
-    cols = sh[:, 1]
-    ok = (sh[:, 0] == rows) & ((st[:, 1] == 1) | (cols == 1)) & (cols == widths[0])
-    if len(widths) > 1 and widths[1] != widths[0]:
-        ok |= (sh[:, 0] == rows) & ((st[:, 1] == 1) | (cols == 1)) & (cols == widths[1])
-    if False in ok:
+    if list(map(_ROWS, shapes)) != rows:
         return None
-    return dtypes, sh, st, ptrs
+    w0, w1 = widths
+    for (_, c), (_, cs) in zip(shapes, strides):
+        if (c != w0 and c != w1) or (cs != 1 and c != 1):
+            return None
+    return dtypes, shapes, strides, ptrs
+
+
+_ROWS = operator.itemgetter(0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,8 +110,8 @@ def _several_gpus() -> bool:
     return torch.cuda.device_count() > 1
 
 
-def checked_sources(ts: list, rows: np.ndarray, widths: tuple, device: torch.device | None,
-                    naming: Naming, what: str) -> tuple[list, np.ndarray | None]:
+def checked_sources(ts: list, rows: list, widths: tuple, device: torch.device | None,
+                    naming: Naming, what: str) -> tuple[list, list | None]:
     """Tensors checked as the sources of items that take ``rows`` rows each: ``(2-D
     views, source entries)``; raises a typed error naming the first bad one's request and
     item. Plain 2-D tensors (``_plain``) cost a pass over attributes and two calls each
@@ -134,25 +121,20 @@ def checked_sources(ts: list, rows: np.ndarray, widths: tuple, device: torch.dev
     n = len(ts)
     found = _plain(ts, rows, widths, device) if n else None
     if found is None:
-        ts = [_one(t, r, widths, device, naming(i), what) for i, (t, r) in enumerate(zip(ts, rows.tolist()))]
+        ts = [_one(t, r, widths, device, naming(i), what) for i, (t, r) in enumerate(zip(ts, rows))]
         if device is None or not n:
-            return ts, None if device is None else np.empty((0, L.SOURCE_FIELDS), np.int64)
+            return ts, None if device is None else []
         found = _plain(ts, rows, widths, device)
     if device is None:
         return ts, None
-    dtypes, sh, st, ptrs = found
-    if len(set(dtypes)) == 1:
-        kinds = np.empty(n, np.int64)
-        kinds.fill(KIND_OF_DTYPE[dtypes[0]])
-    else:
-        kinds = np.array([KIND_OF_DTYPE[d] for d in dtypes], np.int64)
-    ptrs = np.array(ptrs, np.int64)
-    odd = ptrs % (4 - 2 * (kinds != L.KIND_F32))
-    if True in (odd != 0):
-        request, key = naming(int(odd.nonzero()[0][0]))
-        raise EmbeddingFormatError(f"{what} starts at an address that is not a multiple of its "
-                                   "element size", request=request, item_key=key)
-    return ts, entries_of(ptrs, st[:, 0], kinds, sh[:, 1], widths[0], device)
+    dtypes, shapes, strides, ptrs = found
+    kinds = [KIND_OF_DTYPE[d] for d in dtypes]
+    for i, (p, k) in enumerate(zip(ptrs, kinds)):
+        if p % _ESIZE[k]:
+            request, key = naming(i)
+            raise EmbeddingFormatError(f"{what} starts at an address that is not a multiple of its "
+                                       "element size", request=request, item_key=key)
+    return ts, entries_of(ptrs, list(map(_ROWS, strides)), kinds, [sh[1] for sh in shapes], widths[0], device)
 
 
 def _one(t, rows: int, widths, device, name: tuple, what: str) -> torch.Tensor:
@@ -166,7 +148,7 @@ def _one(t, rows: int, widths, device, name: tuple, what: str) -> torch.Tensor:
     return t
 
 
-def own_block(parts: list, device: torch.device, name: tuple) -> tuple[torch.Tensor, np.ndarray]:
+def own_block(parts: list, device: torch.device, name: tuple) -> tuple[torch.Tensor, list]:
     """Copy 2-D ``parts`` (one width) into one block on ``device`` that nothing else writes
     to (an encoder may reuse its buffers; a cache entry must not change under it): one
     ``torch.cat`` (a launch per up to 128 inputs), or one copy of a single tensor. Returns
@@ -174,8 +156,10 @@ def own_block(parts: list, device: torch.device, name: tuple) -> tuple[torch.Ten
     all exactly (a float16 and a bfloat16 part give float32). A copy that fails (a meta
     tensor, an unreachable device) is an ``EmbeddingFormatError`` naming ``name``'s request
     and item, raised before the cache changes."""
-    rows = np.array([p.shape[0] for p in parts], np.int64)
-    starts = rows.cumsum() - rows
+    starts, at = [], 0
+    for p in parts:
+        starts.append(at)
+        at += p.shape[0]
     try:
         with torch.no_grad():
             if len(parts) == 1:
@@ -188,12 +172,14 @@ def own_block(parts: list, device: torch.device, name: tuple) -> tuple[torch.Ten
     return block.detach(), starts
 
 
-def block_entries(block: torch.Tensor, starts: np.ndarray, hidden: int) -> np.ndarray:
+def block_entries(block: torch.Tensor, starts: list, hidden: int) -> list[tuple]:
     """Source entries of the items whose rows start at ``starts`` in a 2-D ``block``."""
-    n = len(starts)
     stride = block.stride(0) if block.shape[0] > 1 else block.shape[1]
     kind = KIND_OF_DTYPE[block.dtype]
+    delta = block.data_ptr() - anchor_addresses(block.device)[kind]
     esize = _ESIZE[kind]
-    ptr = block.data_ptr()
-    return entries_of(ptr + starts * stride * esize, [stride] * n, [kind] * n,
-                      [block.shape[1]] * n, hidden, block.device)
+    cols = block.shape[1]
+    unaligned = (stride * esize) % 16 or (hidden * esize) % 16
+    step = stride * esize
+    return [((delta + s * step) // esize, stride, kind, cols, int(not (unaligned or (delta + s * step) % 16)))
+            for s in starts]

@@ -91,8 +91,8 @@ def _row_counts(rows_per_item, modality: str, name: tuple) -> list[int]:
     return [int(n) for n in rows_per_item]
 
 
-def encode_call(enc: Encoder, objs: list, rows: np.ndarray, modality: str, widths: tuple,
-                device: torch.device, naming) -> tuple[list, np.ndarray, np.ndarray, list]:
+def encode_call(enc: Encoder, objs: list, rows: list, modality: str, widths: tuple,
+                device: torch.device, naming) -> tuple[list, list, list, list]:
     """Call ``enc`` once on ``objs`` (items needing ``rows`` rows each) and check what it
     returned: ``(sources, first rows, source entries, blocks)``. Each item's rows start at
     its first row of its source: a block the library owns (``blocks``: one per call, what
@@ -119,11 +119,13 @@ def encode_call(enc: Encoder, objs: list, rows: np.ndarray, modality: str, width
                 f"the {modality} encoder returned {tensor.shape[0]} rows but rows_per_item "
                 f"{per} add up to {sum(per)}", request=first[0], item_key=first[1],
                 expected=sum(per), returned=tensor.shape[0])
-        per = np.array(per, np.int64)
         _check_counts(per, rows, modality, naming)
-        starts = per.cumsum() - per
+        starts, at = [], 0
+        for k in per:
+            starts.append(at)
+            at += k
         if enc.stable:
-            checked_sources([tensor], np.array([tensor.shape[0]]), widths, device, naming, what)
+            checked_sources([tensor], [tensor.shape[0]], widths, device, naming, what)
             return [tensor] * n, starts, block_entries(tensor, starts, widths[0]), []
         block, _ = own_block([tensor], device, first)
         return [block] * n, starts, block_entries(block, starts, widths[0]), [block]
@@ -138,14 +140,14 @@ def encode_call(enc: Encoder, objs: list, rows: np.ndarray, modality: str, width
                                  returned=len(result))
     if enc.stable:
         parts, entries = checked_sources(list(result), rows, widths, device, naming, what)
-        return parts, np.zeros(n, np.int64), entries, []
+        return parts, [0] * n, entries, []
     parts, _ = checked_sources(list(result), rows, widths, None, naming, what)
     if len({p.shape[1] for p in parts}) == 1 and len({p.device for p in parts}) == 1:
         block, starts = own_block(parts, device, first)
         return [block] * n, starts, block_entries(block, starts, widths[0]), [block]
     sources: list = [None] * n
-    first_rows = np.zeros(n, np.int64)
-    entries = np.empty((n, 5), np.int64)
+    first_rows = [0] * n
+    entries: list = [None] * n
     blocks = []
     groups: dict = {}
     for i, p in enumerate(parts):  # one block per width and source device (rare: mixed outputs)
@@ -153,17 +155,14 @@ def encode_call(enc: Encoder, objs: list, rows: np.ndarray, modality: str, width
     for idx in groups.values():
         block, starts = own_block([parts[i] for i in idx], device, naming(idx[0]))
         blocks.append(block)
-        for i in idx:
-            sources[i] = block
-        first_rows[idx] = starts
-        entries[idx] = block_entries(block, starts, widths[0])
+        for i, s, e in zip(idx, starts, block_entries(block, starts, widths[0])):
+            sources[i], first_rows[i], entries[i] = block, s, e
     return sources, first_rows, entries, blocks
 
 
-def _check_counts(returned: np.ndarray, rows: np.ndarray, modality: str, naming) -> None:
-    bad = returned != rows
-    if True in bad:
-        i = int(bad.nonzero()[0][0])
+def _check_counts(returned: list, rows: list, modality: str, naming) -> None:
+    if returned != rows:
+        i = next(i for i, (a, b) in enumerate(zip(returned, rows)) if a != b)
         request, key = naming(i)
         raise RowCountError(
             f"the {modality} encoder returned {returned[i]} rows but the item's placeholders take "

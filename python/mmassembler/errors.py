@@ -86,3 +86,9 @@ class CapacityError(BatchShapeError):
 
 class UnknownHandleError(AssemblyError):
     """A handle that no live request of this ``Assembler`` has (never added, or removed)."""
+
+
+class ReentrantCallError(AssemblyError):
+    """A call into an ``Assembler`` (or the stateless ``assemble``) from inside another on
+    the same thread, e.g. an encoder that steps the assembler encoding for it: refused
+    rather than deadlocking or interleaving two steps' tables."""

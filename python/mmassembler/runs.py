@@ -1,15 +1,15 @@
-"""New requests' items as position-ordered runs, checked and built in array operations.
+"""New requests' items as position-ordered runs, checked and built in plain Python.
 
 A run ``(first position, end position, first row, item)`` says that positions
 ``first + i`` take rows ``row + i`` of the item's embedding. A batch of new requests is
 read as columns (``NewRequests``: one list per field, one entry per item, filled by
 comprehensions from ``Item``s or straight from an engine's objects), and ``build_runs``
-checks every span and builds every run of the batch in a fixed number of numpy
-operations: spans sorted and disjoint within an item, inside the prompt, items of a
-request never sharing a position; interleaved items merged into one position order,
-adjacent runs of one item coalesced. Items with an ``embed_mask`` are laid out one by
-one (``items.layout_of``; an ``Item`` keeps its layout). Spans given as anything but
-Python ints are normalised one item at a time first.
+checks every span and builds each request's runs as lists: spans sorted and disjoint
+within an item, inside the prompt, items of a request never sharing a position;
+interleaved items merged into one position order, adjacent runs of one item coalesced.
+Items with an ``embed_mask`` are laid out one by one (``items.layout_of``; an ``Item``
+keeps its layout). Registering is the work of a step with new requests, so it makes no
+array operation: a numpy call on a tiny array costs more than the Python it replaces.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from mmassembler.items import Item, layout_of
 # each at most this long, add up without overflow for up to MAX_REQUESTS requests.
 NO_LIMIT = 1 << 40
 MAX_REQUESTS = 1 << 20
-_REQUEST_SHIFT = 41  # a run's sort key: request << 41 | position (positions < 2**40)
 
 
 class NewRequests(NamedTuple):
@@ -101,169 +100,215 @@ def request_columns(requests) -> NewRequests:
                        [it.modality for it in items], [it.embedding for it in items], items)
 
 
-class BuiltRuns(NamedTuple):
-    """A batch's runs (``HOST_RUN_*`` rows, item = the item's index in the batch, grouped
-    by request in order, position-ordered within), runs per request, and per item its
-    embedding rows and the end of its last embedded position (0 when it embeds none)."""
+class BuiltRuns:
+    """A batch's runs and items as Python lists (what its requests' registry records share).
 
-    runs: np.ndarray
-    run_counts: np.ndarray
-    rows: np.ndarray
-    ends: np.ndarray
-    counts: np.ndarray  # items per request
-    prompts: np.ndarray  # prompt length per request (NO_LIMIT: unknown)
+    Runs are position-ordered and disjoint within a request: positions ``rpos[k] ..
+    rend[k] - 1`` take rows ``rrow[k] ..`` of item ``ritem[k]`` (the item's index in its
+    request). Request ``r``'s runs are ``ra[r] .. ra[r] + nruns[r] - 1``. Per item: its
+    embedding rows and the end of its last embedded position (0 when it embeds none).
+    ``simple[r]``: run ``k`` of request ``r`` is its item ``k`` read from row 0 (every item
+    one run, in order); ``rrow`` and ``ritem`` are ``None`` when every request is simple.
+    """
+
+    __slots__ = ("rpos", "rend", "rrow", "ritem", "rows", "iend", "ra", "nruns", "simple")
+
+    @property
+    def total_runs(self) -> int:
+        return len(self.rpos)
 
 
-def _span_error(new: NewRequests, item: int, message: str, owner: np.ndarray,
-                cls: type = SpanError) -> SpanError:
+def _span_error(new: NewRequests, item: int, message: str, cls: type = SpanError) -> SpanError:
     """A ``SpanError`` (or ``cls``) for batch item ``item``, named by its index in its request."""
-    r = int(owner[item])
-    first = sum(new.counts[:r])
+    counts = new.counts
+    r, first = 0, 0
+    while first + counts[r] <= item:
+        first += counts[r]
+        r += 1
     key = new.keys[item]
     try:
         hash(key)
     except TypeError:
         key = None
-    several = len(new.counts) > 1
-    prefix = f"requests[{r}]: " if several else ""
+    prefix = f"requests[{r}]: " if len(counts) > 1 else ""
     return cls(f"{prefix}items[{item - first}]: {message}", request=r, item_key=key)
 
 
-def _position(v, new, j, owner) -> int:
+def _position(v, new, j) -> int:
     """An int position (numpy ints and integer 0-d tensors read as ints; never a bool or a float)."""
     try:
         if isinstance(v, (bool, np.bool_)) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool):
             raise TypeError
         v = operator.index(v)
     except TypeError:
-        raise _span_error(new, j, f"span positions must be ints, got {v!r}", owner) from None
+        raise _span_error(new, j, f"span positions must be ints, got {v!r}") from None
     if not -NO_LIMIT <= v <= NO_LIMIT:
-        raise _span_error(new, j, f"span position {v} is past any prompt (2**40)", owner)
+        raise _span_error(new, j, f"span position {v} is past any prompt (2**40)")
     return int(v)
 
 
-def _normalised(new: NewRequests, j: int, owner) -> list:
+def _normalised(new: NewRequests, j: int) -> list:
     """Item ``j``'s spans as ``(start, end)`` pairs of Python ints (its types checked)."""
     try:
         pairs = [tuple(p) for p in new.spans[j]]
         if any(len(p) != 2 for p in pairs):
             raise TypeError
     except TypeError:
-        raise _span_error(new, j, f"spans must be (start, end) pairs, got {new.spans[j]!r:.80}",
-                          owner) from None
-    return [(_position(s, new, j, owner), _position(e, new, j, owner)) for s, e in pairs]
+        raise _span_error(new, j, f"spans must be (start, end) pairs, got {new.spans[j]!r:.80}") from None
+    return [(_position(s, new, j), _position(e, new, j)) for s, e in pairs]
 
 
-def _flat_spans(new: NewRequests, owner: np.ndarray) -> tuple[np.ndarray, list]:
-    """Every span of the batch as ``[S, 2]`` int64 (start, inclusive end) and spans per item."""
-    spans = new.spans
+def _single_int_spans(spans: list):
+    """``(starts, ends)`` when every item has exactly one ``(start, end)`` pair of Python
+    ints (what engines send), else ``None``. A fixed number of calls for the batch."""
     try:
-        nspan = list(map(len, spans))
-        pairs = list(chain.from_iterable(spans))
-        values = list(chain.from_iterable(pairs))
-        plain = set(map(len, pairs)) <= {2} and set(map(type, values)) <= {int}
+        if set(map(len, spans)) != {1}:
+            return None
+        pairs = list(map(_FIRST, spans))
+        if set(map(len, pairs)) != {2}:
+            return None
+        starts, ends = list(map(_FIRST, pairs)), list(map(_SECOND, pairs))
     except TypeError:
-        plain = False
-    if plain:
-        try:
-            return np.fromiter(values, np.int64, len(values)).reshape(-1, 2), nspan
-        except OverflowError:
-            pass
-    spans = [_normalised(new, j, owner) for j in range(len(spans))]
-    return np.array(list(chain.from_iterable(spans)), np.int64).reshape(-1, 2), list(map(len, spans))
+        return None
+    if not set(map(type, starts)) | set(map(type, ends)) <= {int}:
+        return None
+    return starts, ends
 
 
-def _first(mask: np.ndarray) -> int:
-    return int(np.flatnonzero(mask)[0])
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 
 
 def build_runs(new: NewRequests) -> BuiltRuns:
-    """Check the batch's spans and masks and build its runs (see the module doc); raises
-    ``SpanError`` / ``EmbedMaskError`` naming the request (when there are several) and item.
+    """Check the batch's spans, masks and keys and build its runs (see the module doc);
+    raises ``SpanError`` / ``EmbedMaskError`` naming the request (when there are several)
+    and item, before anything is registered.
 
-    A fixed number of array operations for the batch: the common case (each item one
-    span, each request's items in position order) skips the per-item span grouping and
-    the sort, and only an interleaved or multi-span batch pays for them."""
-    m, n = len(new.counts), len(new.keys)
-    counts = np.fromiter(new.counts, np.int64, m)
-    owner = _AR[:m].repeat(counts) if m <= _AR_N else np.arange(m).repeat(counts)  # each item's request
+    Plain Python, no array operation: a batch where every item is one span of ints and a
+    request's items come in position order (what engines send) costs a few operations per
+    item and no call; other requests are laid out one by one (``_general``)."""
+    n, m = len(new.keys), len(new.counts)
     try:
-        list(map(hash, new.keys))
+        set(new.keys)
     except TypeError:
         j = next(j for j, k in enumerate(new.keys) if not _hashable(k))
-        raise _span_error(new, j, f"its key {new.keys[j]!r:.80} is not hashable", owner) from None
-    limit = np.fromiter(new.prompts, np.int64, m)
-    se, nspan = _flat_spans(new, owner)
-    s, e = se[:, 0], se[:, 1]
-    one = len(se) == n  # every item has one span (no item has none: checked below)
-    if one and 0 not in nspan:
-        item = np.arange(n)
-        bad = (s < 0) | (e < s) | (e >= limit[owner])
-        if True in bad:
-            _raise_span(new, owner, s, e, item, bad, np.ones(n, bool), np.ones(n, np.int64), limit)
-        row, rows, ends = np.zeros(n, np.int64), e - s + 1, e + 1
-    else:
-        nspan = np.fromiter(nspan, np.int64, n)
-        item = np.arange(n).repeat(nspan)
-        first_span = nspan.cumsum() - nspan
-        # every span inside its prompt and ordered after the item's previous one
-        bad = (s < 0) | (e < s) | (e >= limit[owner[item]])
-        after = np.ones(len(s), bool)
-        after[1:] = (item[1:] != item[:-1]) | (s[1:] > e[:-1])
-        if True in bad or False in after or 0 in nspan:
-            _raise_span(new, owner, s, e, item, bad, after, nspan, limit)
-        length = e - s + 1
-        csum = length.cumsum() - length
-        row = csum - csum[first_span][item]
-        rows = np.add.reduceat(length, first_span) if n else np.zeros(0, np.int64)
-        ends = e[first_span + nspan - 1] + 1 if n else np.zeros(0, np.int64)
-    pos, end, run_item = s, e + 1, item
-    if False in [mk is None for mk in new.masks]:  # ``is``: masks may be tensors (no __eq__ per mask)
-        masked = [j for j, mk in enumerate(new.masks) if mk is not None]
-        keep = np.ones(n, bool)
-        keep[masked] = False
-        plain = keep[item]
-        lays = [_layout(new, j, owner) for j in masked]
-        extra = np.concatenate([lay.runs for lay in lays]).reshape(-1, 3)
-        which = np.array(masked, np.int64).repeat([len(lay.runs) for lay in lays])
-        pos = np.concatenate((s[plain], extra[:, 0]))
-        end = np.concatenate((e[plain] + 1, extra[:, 1]))
-        row = np.concatenate((row[plain], extra[:, 2]))
-        run_item = np.concatenate((item[plain], which))
-        rows[masked] = [lay.num_rows for lay in lays]
-        ends[masked] = [int(lay.runs[-1, 1]) if lay.num_rows else 0 for lay in lays]
-        one = False
-    req = owner[run_item]
-    key = (req << _REQUEST_SHIFT) | pos
-    if len(key) > 1 and True in (key[1:] < key[:-1]):  # interleaved or unordered items
-        order = key.argsort(kind="stable")
-        pos, end, row, run_item, req = pos[order], end[order], row[order], run_item[order], req[order]
-        key = key[order]
-    # sorted: a run overlaps another of its request when it starts before the previous one
-    # ends (keyed like the starts: a run of the next request always starts after it)
-    if len(key) > 1 and True in (key[1:] < (key + (end - pos))[:-1]):
-        same = req[1:] == req[:-1]
-        k = int((same & (pos[1:] < end[:-1])).nonzero()[0][0])
-        a, b = int(run_item[k]), int(run_item[k + 1])
-        raise _span_error(new, b, f"positions {pos[k + 1]}..{end[k + 1] - 1} overlap positions "
-                          f"{pos[k]}..{end[k] - 1} of items[{a - sum(new.counts[:int(owner[a])])}]",
-                          owner)
-    runs = np.empty((len(pos), 4), np.int64)
-    if not one:
-        # a run that continues the previous one (same item, next position, next row) joins it
-        joins = (run_item[1:] == run_item[:-1]) & (pos[1:] == end[:-1]) & (row[1:] == row[:-1] + end[:-1] - pos[:-1])
-        if True in joins:
-            starts = np.concatenate(([True], ~joins)).nonzero()[0]
-            last = np.concatenate((starts[1:], [len(pos)])) - 1
-            pos, end, row, run_item, req = pos[starts], end[last], row[starts], run_item[starts], req[starts]
-            runs = np.empty((len(pos), 4), np.int64)
-    runs[:, 0], runs[:, 1], runs[:, 2], runs[:, 3] = pos, end, row, run_item
-    run_counts = counts if one else np.bincount(req, minlength=m)
-    return BuiltRuns(runs, run_counts, rows, ends, counts, limit)
+        raise _span_error(new, j, f"its key {new.keys[j]!r:.80} is not hashable") from None
+    single = None if (n and new.masks.count(None) != n) else _single_int_spans(new.spans) if n else ([], [])
+    general: dict = {}  # request -> its runs, laid out one by one
+    first = 0
+    for r, (c, limit) in enumerate(zip(new.counts, new.prompts)):
+        stop = first + c
+        if single is not None:
+            starts, ends = single
+            prev, j = -1, first
+            while j < stop:  # ordered, disjoint, non-empty and inside the prompt
+                s, e = starts[j], ends[j]
+                if s <= prev or e < s or e >= limit:
+                    break
+                prev = e
+                j += 1
+            if j == stop:
+                first = stop
+                continue
+        general[r] = _general(new, first, stop, limit)
+        first = stop
+    out = BuiltRuns()
+    if not general:  # every request simple: runs are items
+        starts, ends = single if single is not None else ([], [])
+        out.rpos, out.rend = starts, [e + 1 for e in ends]
+        out.rows, out.iend = [e - s for s, e in zip(out.rpos, out.rend)], out.rend
+        out.rrow = out.ritem = None
+        out.ra, out.nruns, out.simple = _offsets(new.counts), new.counts, [True] * m
+        return out
+    rpos, rend, rrow, ritem, rows, iend, ra, nruns, simple = [], [], [], [], [], [], [], [], []
+    first = 0
+    for r, c in enumerate(new.counts):
+        ra.append(len(rpos))
+        g = general.get(r)
+        if g is None:
+            starts, ends = single
+            rpos += starts[first:first + c]
+            end = [e + 1 for e in ends[first:first + c]]
+            rend += end
+            rrow += [0] * c
+            ritem += range(c)
+            rows += [e - s for s, e in zip(starts[first:first + c], end)]
+            iend += end
+            nruns.append(c)
+            simple.append(True)
+        else:
+            gpos, gend, grow, gitem, grows, giend, gsimple = g
+            rpos += gpos
+            rend += gend
+            rrow += grow
+            ritem += gitem
+            rows += grows
+            iend += giend
+            nruns.append(len(gpos))
+            simple.append(gsimple)
+        first += c
+    out.rpos, out.rend, out.rrow, out.ritem, out.rows, out.iend = rpos, rend, rrow, ritem, rows, iend
+    out.ra, out.nruns, out.simple = ra, nruns, simple
+    return out
 
 
-_AR_N = 1 << 12
-_AR = np.arange(_AR_N)
+def _offsets(counts: list) -> list:
+    """Where each count's range starts when the ranges are laid end to end."""
+    out, at = [0] * len(counts), 0
+    for i, c in enumerate(counts):
+        out[i] = at
+        at += c
+    return out
+
+
+def _general(new: NewRequests, first: int, stop: int, limit: int) -> tuple:
+    """``(rpos, rend, rrow, ritem, rows, iend, simple)`` of one request (see ``BuiltRuns``),
+    laid out item by item: several spans, masks, items out of position
+    order (sorted into one position order; an item's adjacent runs coalesced)."""
+    runs, rows, iend = [], [], []
+    for j in range(first, stop):
+        spans = _normalised(new, j)
+        if not spans:
+            raise _span_error(new, j, "an item needs at least one span")
+        prev = -1
+        for s, e in spans:
+            if s < 0 or e < s:
+                raise _span_error(new, j, f"span ({s}, {e}) is invalid")
+            if e >= limit:
+                raise _span_error(new, j, f"span ({s}, {e}) is past the prompt of {limit} positions")
+            if s <= prev:
+                raise _span_error(new, j, f"span ({s}, {e}) is out of order or overlaps the span ending "
+                                          f"at {prev}")
+            prev = e
+        if new.masks[j] is None:
+            row = 0
+            for s, e in spans:
+                runs.append((s, e + 1, row, j - first))
+                row += e - s + 1
+            rows.append(row)
+            iend.append(spans[-1][1] + 1)
+            continue
+        lay = _layout(new, j, spans)
+        for s, e, row in lay.runs.tolist():
+            runs.append((s, e, row, j - first))
+        rows.append(lay.num_rows)
+        iend.append(int(lay.runs[-1, 1]) if lay.num_rows else 0)
+    runs.sort()
+    merged: list = []
+    for run in runs:
+        if merged:
+            ps, pe, prow, pj = merged[-1]
+            if run[0] < pe:
+                b = run[3] + first
+                raise _span_error(new, b, f"positions {run[0]}..{run[1] - 1} overlap positions {ps}..{pe - 1} "
+                                          f"of items[{pj}]")
+            if run[3] == pj and run[0] == pe and run[2] == prow + pe - ps:
+                merged[-1] = (ps, run[1], prow, pj)
+                continue
+        merged.append(run)
+    c = stop - first
+    simple = len(merged) == c and all(r[3] == k and r[2] == 0 for k, r in enumerate(merged))
+    return ([r[0] for r in merged], [r[1] for r in merged], [r[2] for r in merged], [r[3] for r in merged], rows,
+            iend, simple)
 
 
 def _hashable(key) -> bool:
@@ -274,35 +319,15 @@ def _hashable(key) -> bool:
     return True
 
 
-def _layout(new: NewRequests, j: int, owner: np.ndarray):
+def _layout(new: NewRequests, j: int, spans: list):
     """The layout of masked item ``j`` (kept on an ``Item``), errors naming its request."""
     obj = new.objs[j]
     try:
         if type(obj) is Item:
             return obj.layout()
-        return layout_of(new.keys[j], new.spans[j], new.masks[j])
+        return layout_of(new.keys[j], spans, new.masks[j])
     except SpanError as exc:
-        raise _span_error(new, j, exc.message, owner, type(exc)) from None
-
-
-def _raise_span(new, owner, s, e, item, bad, after, nspan, limit) -> None:
-    """Raise the error of the first bad span (or spanless item) of the batch."""
-    none = np.flatnonzero(nspan == 0)
-    candidates = []
-    if len(none):
-        candidates.append((int(none[0]), "an item needs at least one span"))
-    if bad.any():
-        k = _first(bad)
-        j = int(item[k])
-        lim = int(limit[owner[j]])
-        where = f"past the prompt of {lim} positions" if 0 <= s[k] <= e[k] else "invalid"
-        candidates.append((j, f"span ({s[k]}, {e[k]}) is {where}"))
-    if not after.all():
-        k = _first(~after)
-        candidates.append((int(item[k]), f"span ({s[k]}, {e[k]}) is out of order or overlaps the "
-                                         f"span ending at {e[k - 1]}"))
-    j, message = min(candidates)
-    raise _span_error(new, j, message, owner)
+        raise _span_error(new, j, exc.message, type(exc)) from None
 
 
 def check_items_type(items: Sequence) -> None:

@@ -6,10 +6,12 @@ A step's windows cost a fixed number of array operations, whatever their number.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
-from mmassembler.errors import BatchShapeError, CapacityError, ChunkWindowError, UnknownHandleError
+from mmassembler.errors import BatchShapeError
 from mmkernels import SUPPORTED_DTYPES
 
 FLOATS = SUPPORTED_DTYPES  # the dtypes of embeddings, weights and outputs (defined once, device layer)
@@ -33,39 +35,52 @@ def int_array(values, name: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def check_windows(h: np.ndarray, p: np.ndarray, e: np.ndarray, registry, max_requests: int,
-                  max_tokens: int) -> int:
-    """Check a step's handles and windows; returns its token count."""
-    r = len(h)
-    if len(p) != r or len(e) != r:
-        raise BatchShapeError(f"handles, prefix_lens and extend_lens have lengths {r}, {len(p)}, "
-                              f"{len(e)}; they must be equal")
-    if r == 0:
-        return 0
-    if r > max_requests:
-        raise CapacityError(f"{r} requests in one step exceed max_requests {max_requests}")
-    try:
-        h = registry.check_handles(h)
-    except BatchShapeError as exc:  # UnknownHandleError too: both name the window's index
-        if isinstance(exc, UnknownHandleError):
-            raise UnknownHandleError(f"handle {h[exc.request]} is not a registered request",
-                                     request=exc.request) from None
-        raise BatchShapeError(f"handle {h[exc.request]} appears twice in one step",
-                              request=exc.request) from None
-    bad = (p < 0) | (e < 0) | (p + e > registry.prompt_len[h])
-    if True in bad:
-        i = int(bad.nonzero()[0][0])
-        raise ChunkWindowError(f"window [{p[i]}, {p[i] + e[i]}) of handle {h[i]} is negative or "
-                               f"runs past its prompt of {registry.prompt_len[h[i]]} positions",
-                               request=i)
-    if np.maximum.reduce(e) > max_tokens:  # before the sum: it cannot overflow
-        i = int((e > max_tokens).nonzero()[0][0])
-        raise CapacityError(f"window of {e[i]} tokens of handle {h[i]} exceeds max_tokens {max_tokens}",
-                            request=i)
-    n = int(np.add.reduce(e))
-    if n > max_tokens:
-        raise CapacityError(f"{n} tokens in one step exceed max_tokens {max_tokens}")
-    return n
+class StepSpec(NamedTuple):
+    """What a step writes: ``hidden`` columns (plus ``ds_cols`` deepstack columns) of
+    ``dtype`` on ``device``; ``fused``: text rows from a weight table."""
+
+    hidden: int
+    ds_cols: int
+    dtype: torch.dtype
+    device: torch.device
+    fused: bool
+
+    @property
+    def widths(self) -> tuple:
+        """The widths an embedding may have: ``hidden``, or ``hidden`` plus deepstack columns."""
+        return (self.hidden, self.hidden + self.ds_cols)
+
+
+def check_step_buffers(spec: StepSpec, n: int, out, deepstack_out, input_ids, weight, graph: bool):
+    """Check a step's buffers for ``n`` tokens (and the weight in fused mode); returns
+    ``(out, deepstack_out, input_ids)``, ``out`` made in fused mode when not given (a graph
+    writes its persistent buffers: ``out`` stays ``None``)."""
+    fused, w = spec.fused, weight
+    if fused and (not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] != spec.hidden
+                  or w.dtype != spec.dtype or w.device != spec.device or w.shape[0] == 0):
+        raise BatchShapeError(f"the weight is now {getattr(w, 'dtype', None)} "
+                              f"{list(getattr(w, 'shape', []))} on {getattr(w, 'device', None)}; this "
+                              f"Assembler was made for [*, {spec.hidden}] {spec.dtype} on {spec.device}")
+    if fused or input_ids is not None:
+        check_input_ids(input_ids, n, spec.device)
+    if graph:
+        if out is not None or deepstack_out is not None:
+            raise BatchShapeError("a cuda_graph Assembler writes its persistent buffers; "
+                                  "pass out/deepstack_out at construction")
+        return None, None, input_ids
+    if out is None:
+        if not fused:
+            raise BatchShapeError("scatter mode (no weight) needs out=")
+        out = torch.empty((n, spec.hidden), dtype=spec.dtype, device=spec.device)
+    else:
+        check_rows_buffer("out", out, n, spec.hidden, spec.dtype, spec.device)
+    if spec.ds_cols:
+        if deepstack_out is None:
+            raise BatchShapeError(f"deepstack_cols={spec.ds_cols}: pass deepstack_out=")
+        check_rows_buffer("deepstack_out", deepstack_out, n, spec.ds_cols, spec.dtype, spec.device)
+    elif deepstack_out is not None:
+        raise BatchShapeError("deepstack_out given, but the Assembler has deepstack_cols=0")
+    return out, deepstack_out, input_ids
 
 
 def check_rows_buffer(name: str, t, rows: int, cols: int, dtype: torch.dtype,

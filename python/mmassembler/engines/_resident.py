@@ -118,7 +118,7 @@ class Resident:
         if stale:
             asm.remove_requests(stale)
         if new:  # the step's new (or changed) requests, registered together
-            hs = asm._add_columns(columns([o for _, o, _ in new]))
+            hs = asm.add_requests(columns([o for _, o, _ in new]))
             me = weakref.ref(self)
             for (i, owner, fp), h in zip(new, hs):
                 out[i] = h
@@ -147,12 +147,10 @@ class Resident:
                     if attempt == GROWTHS:
                         raise
                     self._grow(self.asm.max_tokens, 2 * self.asm.max_requests)
-            asm = self.asm
-            asm.encoders, asm.cache, asm.weight = encoders, cache, self._weight()
             try:
-                return asm.assemble(h, prefix, extend, input_ids, out=out, deepstack_out=deepstack_out)
+                return self.asm.assemble(h, prefix, extend, input_ids, out=out, deepstack_out=deepstack_out,
+                                         weight=self._weight(), encoders=encoders, cache=cache)
             finally:
-                asm.encoders = asm.cache = asm.weight = None  # hold no engine objects between steps
                 self._remove_dead()  # requests registered for this step only
 
 
