@@ -31,12 +31,13 @@ def _pow2(n: int) -> int:
 
 
 def capacity_for(need: int, have: int, least: int, limit: int | None = None, what: str = "requests") -> int:
-    """The capacity a table grows to for ``need`` entries: ``have`` when it fits, else the
-    next power of two of ``need`` (at least ``least``); ``CapacityLimitError`` past
-    ``limit``, before anything grows."""
+    """The capacity a table grows to for ``need`` entries: ``have`` when it fits (and is at
+    least ``least``), else the next power of two of ``need``, at least ``least`` (and at
+    most ``limit``); ``CapacityLimitError`` when ``need`` is past ``limit``, before anything
+    grows."""
     if limit is not None and need > limit:
         raise CapacityLimitError(f"{need} {what} in one call exceed the limit of {limit}")
-    if need <= have:
+    if need <= have and have >= least:
         return have
     grown = max(_pow2(need), least)
     return grown if limit is None else min(grown, limit)

@@ -9,8 +9,8 @@ objects, their placement and their precomputed tensors, by identity or value -- 
 operations, no per-item calls) and re-registers the request if anything changed, so rows
 never land where an item used to be. When the engine drops the request object, its handle
 is queued and removed at the next step (never inside a garbage-collector callback).
-Capacity grows by doubling: a step that does not fit rebuilds the Assembler and requests
-register again.
+The Assembler is sized from the engine's limits when the caller passes them; otherwise a
+step that does not fit rebuilds it larger and requests register again.
 """
 
 from __future__ import annotations
@@ -20,25 +20,31 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
 from mmassembler.assembler import Assembler
 from mmassembler.identity import ObjectState
 from mmassembler.errors import BatchShapeError, CapacityError
+from mmassembler.runs import MAX_REQUESTS
 from mmassembler.step_inputs import int_array
+from mmkernels import capacity_for
 
 logger = logging.getLogger(__name__)
 
-MIN_TOKENS, MIN_REQUESTS = 8192, 64
-GROWTHS = 8  # doublings one step may ask for (tables of 256x the requests)
+MIN_TOKENS, MIN_REQUESTS = 8192, 64  # sizes when the engine's limits are not given
 
 
 class Resident:
-    """An ``Assembler`` plus the engine-request -> handle map the adapter keeps beside it."""
+    """An ``Assembler`` plus the engine-request -> handle map the adapter keeps beside it.
+
+    Sized from the engine's limits (``max_tokens``: tokens a step, ``max_requests``:
+    requests running at once) when the caller gives them; otherwise from
+    ``MIN_TOKENS``/``MIN_REQUESTS``, rebuilt larger (``mmkernels.capacity_for``) by a step
+    that does not fit, with a warning: pass the limits to keep growth out of serving."""
 
     def __init__(self, *, weight: torch.Tensor | None, hidden: int, dtype: torch.dtype, device,
-                 deepstack_cols: int, backend: str = "auto"):
+                 deepstack_cols: int, backend: str = "auto", max_tokens: int | None = None,
+                 max_requests: int | None = None):
         # the weight is held only during a step (the engine hands it in each time), so state
         # kept beside a bare weight tensor never keeps the tensor alive
         self._spec = dict(hidden=hidden, dtype=dtype, device=device, deepstack_cols=deepstack_cols,
@@ -47,29 +53,37 @@ class Resident:
         self._lock = threading.RLock()
         self._dead: list[int] = []  # handles whose engine request was dropped
         self.asm: Assembler | None = None
-        self._build(MIN_TOKENS, MIN_REQUESTS, weight)
+        self.limits_given = max_tokens is not None and max_requests is not None
+        self._build(max_tokens or MIN_TOKENS, max_requests or MIN_REQUESTS, None, weight)
 
-    def _build(self, max_tokens: int, max_requests: int, weight: torch.Tensor | None = None) -> None:
+    def _build(self, max_tokens: int, max_requests: int, max_items: int | None,
+               weight: torch.Tensor | None = None) -> None:
         spec = self._spec
         weight = self._weight() if weight is None else weight
         kw = (dict(weight=weight) if weight is not None else
               dict(hidden=spec["hidden"], dtype=spec["dtype"], device=spec["device"]))
-        self.asm = Assembler(max_tokens=max_tokens, max_requests=max_requests,
+        self.asm = Assembler(max_tokens=max_tokens, max_requests=max_requests, max_items=max_items,
                              deepstack_cols=spec["deepstack_cols"], backend=spec["backend"], **kw)
         self.asm.weight = None  # handed in by each step
         self._entries: dict[int, tuple] = {}  # id(request) -> (weakref, handle, snapshot)
         self._dead = []  # handles of the old Assembler mean nothing to the new one
         self._text: list[int] = []  # empty requests: the k-th text-only request of a step uses [k]
 
-    def _grow(self, tokens: int, requests: int) -> None:
+    def fits(self, max_tokens: int | None, max_requests: int | None) -> bool:
         asm = self.asm
-        t, r = asm.max_tokens, asm.max_requests
-        while t < tokens:
-            t *= 2
-        while r < requests:
-            r *= 2
-        logger.info("growing the adapter's Assembler to %d tokens, %d requests", t, r)
-        self._build(t, r)
+        return (max_tokens is None or asm.max_tokens >= max_tokens) and (
+            max_requests is None or asm.max_requests >= max_requests)
+
+    def _grow(self, tokens: int, requests: int, items: int) -> None:
+        """Rebuild larger for a step of ``tokens``, ``requests`` and ``items`` (every request
+        registers again)."""
+        asm = self.asm
+        t = capacity_for(tokens, asm.max_tokens, MIN_TOKENS)
+        r = capacity_for(requests, asm.max_requests, MIN_REQUESTS, MAX_REQUESTS)
+        i = capacity_for(items + 1, asm.registry.max_items, 64 * r + 1024)
+        logger.warning("growing the adapter's Assembler to %d tokens, %d requests, %d items inside a step: "
+                       "pass the engine's limits (max_tokens=, max_requests=) to size it once", t, r, i)
+        self._build(t, r, i)
 
     def _drop(self, key: int) -> None:
         entry = self._entries.pop(key, None)
@@ -81,7 +95,7 @@ class Resident:
             dead, self._dead = self._dead, []
             self.asm.remove_requests(dead)
 
-    def handles(self, owners: Sequence, fingerprints: Callable, columns: Callable) -> np.ndarray:
+    def handles(self, owners: Sequence, fingerprints: Callable, columns: Callable) -> list:
         """A handle per request: ``owners[i]`` (``None`` for a text-only request) registered
         when new, or when its fingerprint (``fingerprints(owners)``: one value per request
         compared with ``==``, holding the item objects whose ``id``s it records, so an id
@@ -90,7 +104,7 @@ class Resident:
         in one step is a ``BatchShapeError`` before anything is registered."""
         asm = self.asm
         self._remove_dead()
-        out = np.empty(len(owners), np.int64)
+        out = [0] * len(owners)
         real = [i for i, o in enumerate(owners) if o is not None]
         objs = [owners[i] for i in real]
         if len(set(map(id, objs))) != len(objs):
@@ -103,7 +117,8 @@ class Resident:
         while len(self._text) < texts:
             self._text.append(asm.add_request([], None))
         if texts:
-            out[[i for i, o in enumerate(owners) if o is None]] = self._text[:texts]
+            for i, h in zip([i for i, o in enumerate(owners) if o is None], self._text):
+                out[i] = h
         fps = fingerprints(objs)
         found = list(map(self._entries.get, map(id, objs)))
         new, stale = [], []
@@ -133,20 +148,22 @@ class Resident:
 
     def step(self, owners: Sequence, fingerprints: Callable, columns: Callable, prefix, extend,
              input_ids: torch.Tensor, *, encoders, cache, out=None, deepstack_out=None) -> torch.Tensor:
-        """``Assembler.assemble`` for the engine's requests, growing capacity as needed."""
+        """``Assembler.assemble`` for the engine's requests (``prefix`` and ``extend`` lists
+        of ints). A step that does not fit the Assembler rebuilds it first (see the class)."""
         with self._lock:
-            prefix, extend = int_array(prefix, "prefix_lens"), int_array(extend, "extend_lens")
-            n, r = int(extend.sum()), len(owners)
-            if n > self.asm.max_tokens or r > self.asm.max_requests:
-                self._grow(n, r)
-            for attempt in range(GROWTHS + 1):
-                try:
-                    h = self.handles(owners, fingerprints, columns)
-                    break
-                except CapacityError:  # the request or item table is full: double both
-                    if attempt == GROWTHS:
-                        raise
-                    self._grow(self.asm.max_tokens, 2 * self.asm.max_requests)
+            if type(prefix) is not list or type(extend) is not list:
+                prefix = int_array(prefix, "prefix_lens").tolist()
+                extend = int_array(extend, "extend_lens").tolist()
+            n, r = sum(extend), len(owners)
+            asm = self.asm
+            if n > asm.max_tokens or r > asm.max_requests:
+                self._grow(n, r, 0)
+            try:
+                h = self.handles(owners, fingerprints, columns)
+            except CapacityError:  # the request or item table is full: size for every request again
+                real = [o for o in owners if o is not None]
+                self._grow(n, len(owners) + 1, len(columns(real).keys))
+                h = self.handles(owners, fingerprints, columns)
             try:
                 return self.asm.assemble(h, prefix, extend, input_ids, out=out, deepstack_out=deepstack_out,
                                          weight=self._weight(), encoders=encoders, cache=cache)
@@ -158,7 +175,7 @@ _by_module = ObjectState()  # embedding module (or a bound method's instance) ->
 
 
 def resident_for(embed, weight: torch.Tensor | None, ref: torch.Tensor, deepstack_cols: int,
-                 backend: str) -> Resident:
+                 backend: str, max_tokens: int | None = None, max_requests: int | None = None) -> Resident:
     """The ``Resident`` for a text embedding: fused on ``weight`` when it is a plain table,
     else scatter mode with ``ref``'s width, dtype and device. Kept beside the module, the
     bare weight tensor, or a bound method's instance (weakly: it goes with them; a bound
@@ -171,7 +188,9 @@ def resident_for(embed, weight: torch.Tensor | None, ref: torch.Tensor, deepstac
         table = _by_module.set(owner, {})
     key = (func, ref.device, ref.dtype, int(ref.shape[1]), deepstack_cols, backend, weight is not None)
     res = table.get(key)
-    if res is None or res._weight() is not weight:  # a new module weight: a new Assembler
+    if res is None or res._weight() is not weight or not res.fits(max_tokens, max_requests):
+        # a new module weight, or limits the Assembler was not made for: a new Assembler
         res = table[key] = Resident(weight=weight, hidden=int(ref.shape[1]), dtype=ref.dtype,
-                                    device=ref.device, deepstack_cols=deepstack_cols, backend=backend)
+                                    device=ref.device, deepstack_cols=deepstack_cols, backend=backend,
+                                    max_tokens=max_tokens, max_requests=max_requests)
     return res

@@ -128,6 +128,8 @@ def embed_mm_inputs(
     cache: EmbeddingCache | None | str = "default",
     rows_fn: RowsFn | Mapping[str, RowsFn] | None = None,
     backend: str = "auto",
+    max_tokens: int | None = None,
+    max_requests: int | None = None,
 ) -> tuple[torch.Tensor, dict] | None:
     """``(input_embeds, other_info)`` for an SGLang extend batch, in one launch.
 
@@ -174,7 +176,7 @@ def embed_mm_inputs(
         deepstack_out = torch.zeros((input_ids.shape[0], k * ref.shape[1]), dtype=ref.dtype,
                                     device=device)
     ds_cols = 0 if deepstack_out is None else deepstack_out.shape[1]
-    resident = resident_for(input_embedding, weight, ref, ds_cols, backend)
+    resident = resident_for(input_embedding, weight, ref, ds_cols, backend, max_tokens, max_requests)
     owners = [m if m is not None and getattr(m, "mm_items", None) else None for m in mm_inputs_list]
     embeds = resident.step(owners, _fingerprints, lambda m: _columns(m, device), extend_prefix_lens,
                            extend_seq_lens, input_ids, encoders=encoders, cache=cache,
@@ -197,6 +199,8 @@ def prepare_mm_inputs(
     cache: EmbeddingCache | None | str = "default",
     rows_fn: RowsFn | Mapping[str, RowsFn] | None = None,
     backend: str = "auto",
+    max_tokens: int | None = None,
+    max_requests: int | None = None,
 ) -> torch.Tensor | None:
     """SGLang's ``prepare_mm_inputs``: the batch's input embeddings, text-only and
     multimodal requests mixed.
@@ -221,7 +225,7 @@ def prepare_mm_inputs(
             forward_batch.mm_inputs, forward_batch.extend_prefix_lens_cpu,
             forward_batch.extend_seq_lens_cpu, input_ids, embed_tokens, multimodal_model,
             data_embedding_funcs, placeholder_tokens, use_deepstack, cache=cache, rows_fn=rows_fn,
-            backend=backend)
+            backend=backend, max_tokens=max_tokens, max_requests=max_requests)
         if use_deepstack:
             kwargs["input_deepstack_embeds"] = other["input_deepstack_embeds"]
         forward_batch.mm_inputs = None
@@ -236,6 +240,21 @@ def prepare_mm_inputs(
     return input_embeds
 
 
+OPTIONS = ("cache", "rows_fn", "backend", "max_tokens", "max_requests")  # ours, beside the engine's
+
+
+def _refuse_near_misses(kwargs: dict) -> None:
+    """A keyword that is almost one of ``OPTIONS`` (``row_fn=``, ``caches=``) would be passed
+    on to the language model without a word: name it instead."""
+    import difflib
+
+    for k in kwargs:
+        close = difflib.get_close_matches(k, OPTIONS, n=1, cutoff=0.8)
+        if close:
+            raise BatchShapeError(f"unknown keyword {k!r}: did you mean {close[0]!r}? (mmassembler's options "
+                                  f"are {', '.join(OPTIONS)}; other keywords go to the language model)")
+
+
 def general_mm_embed_routine(
     input_ids: torch.Tensor,
     forward_batch,
@@ -248,9 +267,12 @@ def general_mm_embed_routine(
     **kwargs,
 ):
     """SGLang's ``general_mm_embed_routine``: ``prepare_mm_inputs``, then the language
-    model on the embeddings. ``cache``, ``rows_fn`` and ``backend`` may be passed as
-    keywords; everything else in ``kwargs`` goes to the language model."""
-    ours = {k: kwargs.pop(k) for k in ("cache", "rows_fn", "backend") if k in kwargs}
+    model on the embeddings. ``OPTIONS`` (``cache``, ``rows_fn``, ``backend``,
+    ``max_tokens``: SGLang's ``chunked_prefill_size``, ``max_requests``: its
+    ``max_running_requests``) may be passed as keywords; a near-miss of one of them is a
+    ``BatchShapeError``; everything else in ``kwargs`` goes to the language model."""
+    ours = {k: kwargs.pop(k) for k in OPTIONS if k in kwargs}
+    _refuse_near_misses(kwargs)
     input_embeds = prepare_mm_inputs(input_ids, forward_batch, language_model, kwargs, multimodal_model,
                                      data_embedding_funcs, placeholder_tokens, use_deepstack,
                                      feature_dtypes, **ours)

@@ -158,7 +158,8 @@ def gather_mm_embeddings(requests: Sequence, encoder_cache: Mapping, input_ids: 
                          num_scheduled_tokens: Mapping | Sequence[int] | None = None,
                          shift_computed_tokens: int = 0, embed_tokens=None,
                          out: torch.Tensor | None = None, deepstack_out: torch.Tensor | None = None,
-                         backend: str = "auto") -> torch.Tensor:
+                         backend: str = "auto", max_tokens: int | None = None,
+                         max_requests: int | None = None) -> torch.Tensor:
     """The batch's input embeddings from the runner's state, in one launch: the runner's
     ``_gather_mm_embeddings`` followed by the model's ``embed_input_ids``.
 
@@ -180,7 +181,10 @@ def gather_mm_embeddings(requests: Sequence, encoder_cache: Mapping, input_ids: 
     multimodal rows are written. ``deepstack_out`` ``[tokens, levels * hidden]`` takes the
     columns past ``hidden`` of each embedding (Qwen3-VL's multiscale features; zero on text
     rows in fused mode, as the buffer was otherwise; the engine's ``[levels, tokens, hidden]``
-    is ``deepstack_out.view(tokens, levels, hidden).permute(1, 0, 2)``).
+    is ``deepstack_out.view(tokens, levels, hidden).permute(1, 0, 2)``). ``max_tokens`` and
+    ``max_requests`` (the runner's ``max_num_tokens`` and ``max_num_reqs``, i.e. vLLM's
+    ``max_num_batched_tokens`` and ``max_num_seqs``) size the resident tables once; without
+    them a step that does not fit grows them.
     """
     counts = _scheduled(requests, num_scheduled_tokens)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1:
@@ -205,7 +209,7 @@ def gather_mm_embeddings(requests: Sequence, encoder_cache: Mapping, input_ids: 
     else:
         ds_cols = 0 if deepstack_out is None else int(deepstack_out.shape[1])
         key = embed_tokens if embed_tokens is not None else _SCATTER
-        resident = resident_for(key, weight, weight if fused else rows, ds_cols, backend)
+        resident = resident_for(key, weight, weight if fused else rows, ds_cols, backend, max_tokens, max_requests)
         prefix = [int(r.num_computed_tokens) for r in requests]
         got = resident.step(requests, _fingerprints, _columns, prefix, counts, input_ids,
                             encoders=_EncoderCache(encoder_cache), cache=None,
