@@ -81,7 +81,9 @@ def measure(b, sg, vl, repeat: int, names=None) -> dict:
     all_leave = [list(reqs)]
     walk_leave = _leaves(walk)
     with torch.no_grad():
-        for name, drv in drivers(reqs, b.weight, sg, vl, names).items():
+        limits = dict(max_tokens=max(b.num_tokens, max(sum(e for _, _, e in s) for s in walk)),
+                      max_requests=len(b.requests))  # what the engine knows of its step
+        for name, drv in drivers(reqs, b.weight, sg, vl, names, limits).items():
             # first contact: new objects and keys every call (checked once, then timed)
             run_steps(drv, reqs, [windows], b.weight, check=True, sync=sync, leave=[all_leave[0]])
             t = [run_steps(drv, reqs, [windows], b.weight, check=False, sync=sync, leave=[all_leave[0]])[0]

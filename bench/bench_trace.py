@@ -129,7 +129,8 @@ def main(argv=None) -> int:
     print(head, flush=True)
     results = {}
     with torch.no_grad():
-        for name, drv in drivers(reqs, weight, sg, vl, args.paths).items():
+        limits = dict(max_tokens=budget, max_requests=256)  # the engine's chunked-prefill budget
+        for name, drv in drivers(reqs, weight, sg, vl, args.paths, limits).items():
             run_steps(drv, reqs, steps[:3], weight, check=True, sync=sync, leave=leave[:3])  # warm
             drv.finish(list(reqs))
             times = run_steps(drv, reqs, steps, weight, check=True, sync=sync, leave=leave)

@@ -2,8 +2,9 @@
 
     python -m bench.profile_resident [--scenario SUBSTR ...]
 
-Each phase is timed alone (median of 500 calls, device idle before each), then the
-whole step with phases removed one at a time, and a cProfile of 2,000 steps.
+Each phase is timed alone (median of 500 calls, device idle before each): the whole step,
+its plan, its run alone (the plan made untimed just before), the driver copy and the
+launch; then a cProfile of 2,000 steps.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import argparse
 import cProfile
 import io
 import pstats
+import time
 
-import numpy as np
 import torch
 
 from bench.bench_resident import RESIDENT_SCENARIOS, host_us
@@ -25,22 +26,28 @@ def profile(b) -> None:
     dev = b.input_ids.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     asm = Assembler(weight=b.weight, max_tokens=b.num_tokens, max_requests=len(b.requests))
-    h = np.array([asm.add_request(r.items, r.prompt_len) for r in b.requests])
-    p = np.array([r.prefix_len for r in b.requests])
-    e = np.array([r.extend_len for r in b.requests])
+    h = asm.add_requests([(r.items, r.prompt_len) for r in b.requests])
+    p = [r.prefix_len for r in b.requests]
+    e = [r.extend_len for r in b.requests]
     ids, n = b.input_ids, b.num_tokens
     out = asm.assemble(h, p, e, ids)
     op, tables, core = asm._op, asm.tables, asm._core
-    table = tables.staging_table()
     phases = {
-        "step (whole)": lambda: asm.assemble(h, p, e, ids),
+        "step (plan + run)": lambda: asm.assemble(h, p, e, ids),
         "step, out=": lambda: asm.assemble(h, p, e, ids, out=out),
+        "plan": lambda: asm.plan(h, p, e, ids),
+        "plan, then run": lambda: asm.run(asm.plan(h, p, e, ids)),
         "torch.empty out": lambda: torch.empty((n, asm.hidden), dtype=asm.dtype, device=dev),
-        "new_empty out": lambda: out.new_empty((n, asm.hidden)),
         "staging_table()": tables.staging_table,
-        "_fill": lambda: core._fill(table, h, p, e),
-        "_buffers": lambda: asm._buffers(n, ids, None, None),
     }
+    run_only = []
+
+    def run_alone():  # plan untimed, then the run alone
+        plan = asm.plan(h, p, e, ids)
+        sync()
+        t0 = time.perf_counter()
+        asm.run(plan)
+        run_only.append(time.perf_counter() - t0)
     if dev.type == "cuda":
         from mmkernels.launch import _direct_entry
 
@@ -59,27 +66,22 @@ def profile(b) -> None:
         })
         gasm = Assembler(weight=b.weight, max_tokens=b.num_tokens, max_requests=len(b.requests),
                          cuda_graph=True)
-        gh = np.array(gasm.add_requests([(r.items, r.prompt_len) for r in b.requests]))
+        gh = gasm.add_requests([(r.items, r.prompt_len) for r in b.requests])
         gasm.assemble(gh, p, e, ids)
         phases["graph step (whole)"] = lambda: gasm.assemble(gh, p, e, ids)
         phases["graph step, ids in place"] = lambda: gasm.assemble(gh, p, e, gasm.input_ids[:n])
         phases["CUDAGraph.replay"] = gasm._graph.graphs[0].replay
-    slow = []
-    needs_work = asm.registry.needs_work
-    asm.registry.needs_work = lambda *a: slow.append(1) or needs_work(*a)
+    met = core.stats.resolving_steps
     print(f"\n{b.scenario.name} ({dev.type}{'' if dev.type == 'cuda' else ': torch backend, CPU µs'})")
     for name, fn in phases.items():
-        print(f"  {name:22s} {host_us(fn, 500, sync):8.1f} µs")
+        print(f"  {name:24s} {host_us(fn, 500, sync):8.1f} µs")
+    for _ in range(500):
+        run_alone()
+    print(f"  {'run alone':24s} {1e6 * sorted(run_only)[len(run_only) // 2]:8.1f} µs")
     if op is not None:
         compiled[key] = c_entry
-        launch = op.launch
-        op.launch = lambda *a: None
-        print(f"  {'step, no launch':22s} {host_us(phases['step (whole)'], 500, sync):8.1f} µs")
-        upload = tables.upload_step
-        tables.upload_step = lambda _: None
-        print(f"  {'step, no launch/upload':22s} {host_us(phases['step (whole)'], 500, sync):8.1f} µs")
-        op.launch, tables.upload_step = launch, upload
-        print(f"  slow-path steps: {len(slow)}; direct launches {op.launcher.direct_launches}")
+        print(f"  windows met after the first step: {core.stats.resolving_steps - met}; "
+              f"direct launches {op.launcher.direct_launches}")
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(2000):

@@ -75,9 +75,10 @@ class Driver:
 
     name = ""
 
-    def __init__(self, reqs: dict, weight: torch.Tensor):
+    def __init__(self, reqs: dict, weight: torch.Tensor, limits: dict | None = None):
         self.reqs, self.weight = reqs, weight
         self.embed = nn.Embedding.from_pretrained(weight, freeze=True)
+        self.limits = limits or {}  # the engine's max_tokens / max_requests, for our adapters
         self.live: dict = {}
 
     def prepare(self, windows):
@@ -100,8 +101,8 @@ class Driver:
 class Sglang(Driver):
     name = "sglang"
 
-    def __init__(self, reqs, weight, sg, ours: bool = False, routine: bool = False):
-        super().__init__(reqs, weight)
+    def __init__(self, reqs, weight, sg, ours: bool = False, routine: bool = False, limits=None):
+        super().__init__(reqs, weight, limits)
         self.sg, self.ours, self.routine = sg, ours, routine
         self.mapping = {sg.Modality.IMAGE: lambda items: [it.feature for it in items]}
         self.cache = our_sglang.EmbeddingCache(1 << 30) if ours else None
@@ -131,7 +132,7 @@ class Sglang(Driver):
                 extend_prefix_lens_cpu=prefix, extend_seq_lens_cpu=extend, spec_algorithm=None,
                 input_embeds=None)
             fn = our_sglang.general_mm_embed_routine if self.ours else sg.mm_utils.general_mm_embed_routine
-            extra = dict(cache=self.cache) if self.ours else {}
+            extra = dict(cache=self.cache, **self.limits) if self.ours else {}
             return lambda: fn(ids.clone(), fb, self.lm, None, self.mapping, **extra)
         keep = [i for i, m in enumerate(mm) if m is not None]  # the routine's own filtering
         if len(keep) != len(mm):
@@ -140,7 +141,7 @@ class Sglang(Driver):
             raise ValueError("embed_mm_inputs batches are all multimodal here")
         if self.ours:
             return lambda: our_sglang.embed_mm_inputs(mm, prefix, extend, ids.clone(), self.embed, None,
-                                                      self.mapping, cache=self.cache)[0]
+                                                      self.mapping, cache=self.cache, **self.limits)[0]
         return lambda: sg.mm_utils.embed_mm_inputs(mm, prefix, extend, ids.clone(), self.embed, None,
                                                    self.mapping)[0]
 
@@ -162,8 +163,8 @@ class _LanguageModel:
 class Vllm(Driver):
     name = "vllm"
 
-    def __init__(self, reqs, weight, vl, ours: bool = False):
-        super().__init__(reqs, weight)
+    def __init__(self, reqs, weight, vl, ours: bool = False, limits=None):
+        super().__init__(reqs, weight, limits)
         from bench.engine_code import VllmModel
 
         self.vl, self.ours = vl, ours
@@ -199,7 +200,8 @@ class Vllm(Driver):
         ids = step_ids(self.reqs, windows)
         if self.ours:
             return lambda: our_vllm.gather_mm_embeddings(states, self.encoder_cache, ids,
-                                                         num_scheduled_tokens=counts, embed_tokens=self.embed)
+                                                         num_scheduled_tokens=counts, embed_tokens=self.embed,
+                                                         **self.limits)
         from bench.engine_code import vllm_runner
 
         runner = vllm_runner(states, self.encoder_cache)
@@ -215,14 +217,16 @@ class Vllm(Driver):
 class Ours(Driver):
     """The ``Assembler`` (``stateless=False``) or the stateless ``assemble``."""
 
-    def __init__(self, reqs, weight, stateless: bool = False):
-        super().__init__(reqs, weight)
+    def __init__(self, reqs, weight, stateless: bool = False, limits=None):
+        super().__init__(reqs, weight, limits)
         self.stateless = stateless
         self.name = "stateless" if stateless else "assembler"
         self.encoders = {"image": lambda items: [it.data for it in items]}
         self.cache = EmbeddingCache(1 << 30)
-        self.asm = None if stateless else Assembler(weight=weight, max_tokens=1 << 17, max_requests=1024,
-                                                    encoders=self.encoders, cache=self.cache)
+        lim = self.limits
+        self.asm = None if stateless else Assembler(
+            weight=weight, max_tokens=lim.get("max_tokens") or 1 << 17, max_requests=lim.get("max_requests") or 1024,
+            encoders=self.encoders, cache=self.cache)
         self.handles: dict = {}
         self.leaving: list = []
 
@@ -258,18 +262,20 @@ class Ours(Driver):
         return step
 
 
-def drivers(reqs: dict, weight: torch.Tensor, sg=None, vl=None, names=None) -> dict:
-    """Every path that can run here (engines only when their code loaded)."""
+def drivers(reqs: dict, weight: torch.Tensor, sg=None, vl=None, names=None, limits: dict | None = None) -> dict:
+    """Every path that can run here (engines only when their code loaded). ``limits``
+    (``max_tokens``: the step's token budget, ``max_requests``: requests running at once)
+    are what an engine hands our adapters and Assembler, as it knows them."""
     made = {}
     if sg is not None:
         made["sglang"] = Sglang(reqs, weight, sg)
         made["sglang_routine"] = Sglang(reqs, weight, sg, routine=True)
-        made["ours_sglang"] = Sglang(reqs, weight, sg, ours=True)
-        made["ours_sglang_routine"] = Sglang(reqs, weight, sg, ours=True, routine=True)
+        made["ours_sglang"] = Sglang(reqs, weight, sg, ours=True, limits=limits)
+        made["ours_sglang_routine"] = Sglang(reqs, weight, sg, ours=True, routine=True, limits=limits)
     if vl is not None:
         made["vllm"] = Vllm(reqs, weight, vl)
-        made["ours_vllm"] = Vllm(reqs, weight, vl, ours=True)
-    made["assembler"] = Ours(reqs, weight)
+        made["ours_vllm"] = Vllm(reqs, weight, vl, ours=True, limits=limits)
+    made["assembler"] = Ours(reqs, weight, limits=limits)
     made["stateless"] = Ours(reqs, weight, stateless=True)
     return {k: v for k, v in made.items() if names is None or k in names}
 

@@ -167,8 +167,10 @@ class StepOp:
         ``weight`` (fused mode) is the token-embedding table ``[vocab, hidden]``.
         """
         br, grid = launch_shape(self.cfg.block_rows, rows, self.max_programs, self.fill_programs)
-        if grid == 0:
-            return
+        if grid:
+            self._launch(out, deepstack_out, input_ids, weight, br, grid)
+
+    def _launch(self, out, deepstack_out, input_ids, weight, br: int, grid: int) -> None:
         ds = out if deepstack_out is None else deepstack_out
         ids = out if input_ids is None else input_ids
         w = out if weight is None else weight  # scatter mode: any valid pointer stands in
@@ -187,6 +189,19 @@ class StepOp:
             args = (out, out_stride // unit, ds, ds_stride // unit, ids, ids_stride, w, w_stride,
                     vocab) + self._fixed
             self.launcher.launch(key, grid, args, constexprs, self.cfg.num_warps)
+
+    def warm(self, out: torch.Tensor, deepstack_out: torch.Tensor | None, input_ids: torch.Tensor | None,
+             weight: torch.Tensor | None) -> None:
+        """Compile every block shape a launch over buffers like these may pick (each row
+        count a step can have), so no step after construction pays a compile. Sets the
+        device step table to a step of no tokens (call before any step is queued)."""
+        self.tables.step[0, :2] = 0
+        br = self.cfg.block_rows
+        while True:
+            self._launch(out, deepstack_out, input_ids, weight, br, 1)
+            if br == 1 or not self.fill_programs:
+                break
+            br //= 2
 
 
 class StepOps:

@@ -100,6 +100,9 @@ class Assembler:
         self._graph = None
         if cuda_graph:
             self._graph = _graph_for(self, out, deepstack_out)
+            self._graph.prepare()  # captured now, not inside a step
+        elif self.backend == "triton" and self.device.type == "cuda":
+            _warm(self)
 
     def __repr__(self) -> str:
         mode = "fused" if self.fused else "scatter"
@@ -261,6 +264,17 @@ def _full_device(device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def _warm(asm: Assembler) -> None:
+    """Compile the kernel for every block shape the steps of this Assembler may pick (its
+    own outputs, int64 ids, its weight), so no step pays a compile."""
+    h, d = asm.hidden, asm.deepstack_cols
+    out = torch.empty((1, h), dtype=asm.dtype, device=asm.device)
+    ds = torch.empty((1, d), dtype=asm.dtype, device=asm.device) if d else None
+    ids = torch.zeros(1, dtype=torch.int64, device=asm.device)
+    asm._op.warm(out, ds, ids, asm.weight)
+    torch.cuda.synchronize(asm.device)
 
 
 def _graph_for(asm: Assembler, out, deepstack_out) -> StepGraph:
