@@ -160,12 +160,11 @@ def own_block(parts: list, device: torch.device, name: tuple) -> tuple[torch.Ten
     for p in parts:
         starts.append(at)
         at += p.shape[0]
-    try:
-        with torch.no_grad():
-            if len(parts) == 1:
-                block = parts[0].detach().to(device=device, copy=True)
-            else:
-                block = torch.cat(parts).to(device)
+    try:  # the copy keeps no autograd history: its result is detached
+        if len(parts) == 1:
+            block = parts[0].detach().to(device=device, copy=True)
+        else:
+            block = torch.cat(parts).to(device)
     except (RuntimeError, NotImplementedError) as exc:
         raise EmbeddingFormatError(f"the encoder's output on {parts[0].device} could not be copied to "
                                    f"{device}: {exc}", request=name[0], item_key=name[1]) from None

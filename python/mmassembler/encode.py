@@ -72,8 +72,21 @@ class Encoder:
 
 
 def as_encoder(enc) -> Encoder:
-    """``enc`` as an ``Encoder`` (a bare callable gets no budgets)."""
-    return enc if isinstance(enc, Encoder) else Encoder(enc)
+    """``enc`` as an ``Encoder`` (a bare callable gets no budgets, and a light wrapper)."""
+    return enc if type(enc) is Encoder else _Bare(enc)
+
+
+class _Bare:
+    """A bare encoder callable read as an ``Encoder`` with no budgets (made per step: one
+    call, where a checked ``Encoder`` costs several)."""
+
+    __slots__ = ("fn",)
+    max_items = max_rows = identity = None
+    stable = False
+    calls = Encoder.calls
+
+    def __init__(self, fn):
+        self.fn = fn
 
 
 def _row_counts(rows_per_item, modality: str, name: tuple) -> list[int]:

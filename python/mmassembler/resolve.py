@@ -54,13 +54,15 @@ def resolve(reqs: list, keys: list, mods: list, rows: list, embs: list, objs: li
         views, ents = checked_sources(embs, rows, widths, device, naming(range(n)), "the precomputed embedding")
         return Resolved([(t, 0, e, -1) for t, e in zip(views, ents)])
     out: list = [None] * n
-    pre = [i for i in range(n) if plain[i]]
-    if pre:
+    if True in plain:
+        pre = [i for i in range(n) if plain[i]]
         views, ents = checked_sources([embs[i] for i in pre], [rows[i] for i in pre], widths, device,
                                       naming(pre), "the precomputed embedding")
         for i, t, e in zip(pre, views, ents):
             out[i] = (t, 0, e, -1)
-    enc = [i for i in range(n) if not plain[i]]
+        enc = [i for i in range(n) if not plain[i]]
+    else:
+        enc = range(n)
     found = Resolved(out)
     _resolve_encoded(found, enc, reqs, keys, mods, rows, objs, naming(enc), encoders=encoders, cache=cache,
                      device=device, widths=widths)
@@ -70,9 +72,13 @@ def resolve(reqs: list, keys: list, mods: list, rows: list, embs: list, objs: li
 def _resolve_encoded(found: Resolved, enc: list, reqs, keys, mods, rows, objs, naming, *, encoders, cache,
                      device, widths) -> None:
     """Sources of the items ``enc`` (indices into the wanted lists) that carry no embedding."""
-    ekeys, emods, erows = [keys[i] for i in enc], [mods[i] for i in enc], [rows[i] for i in enc]
-    rep, uniq = _dedupe(ekeys, emods, erows, [reqs[i] for i in enc])
-    umods = [emods[i] for i in uniq]
+    if type(enc) is range:  # every wanted item is encoded
+        ekeys, emods, erows, ereqs = keys, mods, rows, reqs
+    else:
+        ekeys, emods, erows, ereqs = ([keys[i] for i in enc], [mods[i] for i in enc], [rows[i] for i in enc],
+                                      [reqs[i] for i in enc])
+    rep, uniq = _dedupe(ekeys, emods, erows, ereqs)
+    umods = emods if rep is None else [emods[i] for i in uniq]
     kinds = list(dict.fromkeys(umods))
     missing = [m for m in kinds if encoders is None or m not in encoders]
     if missing:
@@ -80,27 +86,36 @@ def _resolve_encoded(found: Resolved, enc: list, reqs, keys, mods, rows, objs, n
         raise MissingEncoderError(f"no embedding and no encoder for modality {missing[0]!r}",
                                   request=reqs[enc[i]], item_key=ekeys[i])
     encs = {m: as_encoder(encoders[m]) for m in kinds}
-    uneed = [erows[i] for i in uniq]
-    usrc: list = [None] * len(uniq)
+    if rep is None:  # every key once: the items are their own representatives
+        uneed, ukeys, uobjs = erows, ekeys, objs if type(enc) is range else [objs[i] for i in enc]
+        uname = naming
+    else:
+        uneed, ukeys, uobjs = [erows[i] for i in uniq], [ekeys[i] for i in uniq], [objs[enc[i]] for i in uniq]
+        uname = lambda i: naming(uniq[i])  # noqa: E731
+    usrc: list = [None] * len(uneed)
     ckeys = hits = stale = None
     if cache is not None:
-        ckeys, hits, stale = _cache_hits(cache, encs, umods, [ekeys[i] for i in uniq], uneed, usrc, widths,
-                                         device)
-    puts = _encode_misses(found, encs, kinds, umods, uneed, usrc, [objs[enc[i]] for i in uniq], ckeys,
-                          lambda i: naming(uniq[i]), cache is not None, widths, device)
-    found.misses = len(uniq) - (len(hits) if hits else 0)
+        ckeys, hits, stale = _cache_hits(cache, encs, umods, ukeys, uneed, usrc, widths, device)
+    puts = _encode_misses(found, encs, kinds, umods, uneed, usrc, uobjs, ckeys, uname, cache is not None, widths,
+                          device)
+    found.misses = len(usrc) - (len(hits) if hits else 0)
     if cache is not None:
         cache.commit(list(hits), found.misses, stale, puts)
         found.hits = len(hits)
-    _fan_out(found.sources, enc, rep, uniq, usrc)
+    if rep is None and type(enc) is range:
+        found.sources = usrc
+    else:
+        _fan_out(found.sources, enc, rep, uniq, usrc)
 
 
 def _dedupe(keys: list, mods: list, rows: list, reqs: list) -> tuple[list, list]:
     """Each item's representative (the last item of its (modality, key)) and the
-    representatives in order; two items of one key that take different rows is a
-    ``RowCountError``."""
+    representatives in order (``(None, None)`` when every key comes once); two items of one
+    key that take different rows is a ``RowCountError``."""
     ident = list(zip(mods, keys))
     last = dict(zip(ident, range(len(ident))))  # (modality, key) -> its last item: one encode each
+    if len(last) == len(ident):
+        return None, None
     rep = [last[x] for x in ident]
     for i, j in enumerate(rep):
         if rows[i] != rows[j]:
@@ -166,7 +181,7 @@ def _encode_misses(found: Resolved, encs: dict, kinds: list, umods: list, uneed:
 
 def _fan_out(out: list, enc: list, rep: list, uniq: list, usrc: list) -> None:
     """Each encoded item takes its representative's source."""
-    if len(uniq) == len(enc):
+    if rep is None:
         for i, s in zip(enc, usrc):
             out[i] = s
         return
