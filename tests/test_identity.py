@@ -159,6 +159,30 @@ def test_a_stable_buffer_written_in_place_is_caught_by_the_debug_check():
         asm.assemble([h], [2], [2], ids[:2])
 
 
+@pytest.mark.parametrize("write", ["data", "numpy", "no_grad", "add_"])
+def test_a_stable_buffer_written_in_place_however_is_caught_by_the_debug_check(write):
+    """Writes that do not bump the version counter (``.data``, ``.numpy()``) are caught too:
+    the debug check compares the held rows' values."""
+    buf = _rows(1.0, 2)
+    asm = Assembler(weight=torch.zeros(2, H), max_tokens=8, max_requests=1, check_stable=True,
+                    encoders={"image": Encoder(lambda items: [buf for _ in items], stable=True)})
+    h = asm.add_request([Item(3, [(1, 3), (5, 5)], embed_mask=[True, True, False, False])])
+    ids = torch.zeros(4, dtype=torch.long)
+    asm.assemble([h], [0], [2], ids[:2])
+    asm.assemble([h], [0], [2], ids[:2])  # unchanged: no error
+    if write == "data":
+        buf.data[1, 0] = 7.0
+    elif write == "numpy":
+        buf.numpy()[1, 0] = 7.0
+    elif write == "no_grad":
+        with torch.no_grad():
+            buf[1, 0] = 7.0
+    else:
+        buf.add_(1)
+    with pytest.raises(AssemblyError, match="written in place"):
+        asm.assemble([h], [2], [2], ids[:2])
+
+
 @st.composite
 def _two_model_batches(draw):
     keys = draw(st.lists(st.integers(0, 3), min_size=1, max_size=6))

@@ -13,8 +13,8 @@ from mmassembler.encode import Encoder
 from mmassembler.items import Item, ItemLayout, Request
 from mmassembler.errors import (AssemblyError, BatchShapeError, CapacityError, ChunkWindowError,
                                 EmbedMaskError, EmbeddingFormatError, EncoderOutputError,
-                                MissingEncoderError, RowCountError, SourceChangedError, SpanError,
-                                UnknownHandleError)
+                                MissingEncoderError, ReentrantCallError, RowCountError, SourceChangedError,
+                                SpanError, UnknownHandleError)
 from mmassembler.oracle import assemble_oracle
 
 __version__ = "0.2.0"
@@ -23,7 +23,7 @@ __all__ = [
     "Assembler", "AssemblyError", "BackendUnavailableError", "BatchShapeError", "CacheStats",
     "CapacityError", "ChunkWindowError", "UnknownHandleError",
     "EmbedMaskError", "EmbeddingCache", "EmbeddingFormatError", "Encoder", "EncoderOutputError",
-    "Item", "ItemLayout", "MissingEncoderError", "Request", "RowCountError",
+    "Item", "ItemLayout", "MissingEncoderError", "ReentrantCallError", "Request", "RowCountError",
     "SourceChangedError", "SpanError",
     "assemble", "assemble_oracle", "cache_key", "resolve_backend", "__version__",
 ]
