@@ -3,7 +3,8 @@
 from setuptools import setup
 
 setup(
-    packages=["mmkernels", "mmkernels.kernels", "mmassembler", "mmassembler.engines"],
+    packages=["mmkernels", "mmkernels.kernels", "mmassembler", "mmassembler.engines", "mmassembler.testing"],
     package_dir={"mmkernels": "mmkernels", "mmassembler": "python/mmassembler",
-                 "mmassembler.engines": "python/mmassembler/engines"},
+                 "mmassembler.engines": "python/mmassembler/engines",
+                 "mmassembler.testing": "python/mmassembler/testing"},
 )

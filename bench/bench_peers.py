@@ -12,7 +12,7 @@ three modes per scenario.
 
 Paths: SGLang 0.5.23's ``embed_mm_inputs`` and ``general_mm_embed_routine``, vLLM 0.33.0's
 runner ``_gather_mm_embeddings`` + ``embed_input_ids`` (loaded from their published wheels
-by ``bench.engine_code``; on a machine without a registry export them first, see the
+by ``mmassembler.testing.engine_code``; on a machine without a registry export them first, see the
 README), our drop-ins for each, the ``Assembler`` and the stateless ``assemble`` (see
 ``bench.serving``). Every output of every mode is checked bit for bit against the
 reference in a first pass; then each figure is timed: host (call to return, device idle
@@ -145,8 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="folder for peers.json and peers.md")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from bench.engine_code import load_sglang, load_vllm
-    from bench.engine_wheels import WheelUnavailable
+    from mmassembler.testing.engine_code import load_sglang, load_vllm
+    from mmassembler.testing.engine_wheels import WheelUnavailable
 
     try:
         sg, vl = load_sglang(), load_vllm()

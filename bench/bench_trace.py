@@ -112,11 +112,11 @@ def main(argv=None) -> int:
     budget = args.budget if cuda else args.budget // shrink
     sg = vl = None
     if any(p.startswith(("sglang", "ours_sglang")) for p in args.paths):
-        from bench.engine_code import load_sglang
+        from mmassembler.testing.engine_code import load_sglang
 
         sg = load_sglang()
     if any(p.startswith(("vllm", "ours_vllm")) for p in args.paths):
-        from bench.engine_code import load_vllm
+        from mmassembler.testing.engine_code import load_vllm
 
         vl = load_vllm()
     reqs, weight = make_requests(args.requests, hidden, device, args.seed, shrink)

@@ -58,11 +58,11 @@ def main(argv=None) -> int:
     device, shrink = ("cuda", 1) if cuda else ("cpu", 16)
     sg = vl = None
     if "sglang" in args.path:
-        from bench.engine_code import load_sglang
+        from mmassembler.testing.engine_code import load_sglang
 
         sg = load_sglang()
     if "vllm" in args.path:
-        from bench.engine_code import load_vllm
+        from mmassembler.testing.engine_code import load_vllm
 
         vl = load_vllm()
     reqs, weight = make_requests(args.requests, 3584 if cuda else 448, device, 0, shrink)

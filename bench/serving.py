@@ -165,7 +165,7 @@ class Vllm(Driver):
 
     def __init__(self, reqs, weight, vl, ours: bool = False, limits=None):
         super().__init__(reqs, weight, limits)
-        from bench.engine_code import VllmModel
+        from mmassembler.testing.engine_code import VllmModel
 
         self.vl, self.ours = vl, ours
         self.encoder_cache: dict = {}
@@ -202,7 +202,7 @@ class Vllm(Driver):
             return lambda: our_vllm.gather_mm_embeddings(states, self.encoder_cache, ids,
                                                          num_scheduled_tokens=counts, embed_tokens=self.embed,
                                                          **self.limits)
-        from bench.engine_code import vllm_runner
+        from mmassembler.testing.engine_code import vllm_runner
 
         runner = vllm_runner(states, self.encoder_cache)
         sched = SimpleNamespace(total_num_scheduled_tokens=int(ids.shape[0]), num_scheduled_tokens=counts)

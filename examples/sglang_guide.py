@@ -1,6 +1,6 @@
 """The README's SGLang guide as a script: a Qwen2-VL-shaped model's forward calls our
 ``general_mm_embed_routine`` instead of SGLang's, on SGLang 0.5.23's real
-``MultimodalDataItem`` / ``MultimodalInputs`` (loaded from its wheel by ``bench.engine_code``;
+``MultimodalDataItem`` / ``MultimodalInputs`` (loaded from its wheel by ``mmassembler.testing.engine_code``;
 the first run downloads it), and gives what SGLang's own routine gives, bit for bit.
 
     python examples/sglang_guide.py      (from the repository root)
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from bench.engine_code import load_sglang
+from mmassembler.testing.engine_code import load_sglang
 from mmassembler.engines.sglang import general_mm_embed_routine
 
 

@@ -1,7 +1,7 @@
 """The README's vLLM guide as a script: the runner's ``_gather_mm_embeddings`` +
 ``embed_input_ids`` replaced by our ``gather_mm_embeddings``, on vLLM 0.33.0's real
 ``CachedRequestState`` / ``MultiModalFeatureSpec`` / ``PlaceholderRange`` (loaded from its
-wheel by ``bench.engine_code``; the first run downloads it), bit for bit what vLLM gives.
+wheel by ``mmassembler.testing.engine_code``; the first run downloads it), bit for bit what vLLM gives.
 
     python examples/vllm_guide.py        (from the repository root)
 """
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from bench.engine_code import VllmModel, load_vllm, vllm_runner
+from mmassembler.testing.engine_code import VllmModel, load_vllm, vllm_runner
 from mmassembler.engines.vllm import gather_mm_embeddings
 
 

@@ -18,7 +18,7 @@ def test_qwen2_vl_prefilled_in_chunks_matches_the_model_merge(capsys):
 @pytest.mark.engines
 @pytest.mark.parametrize("script", ["sglang_guide.py", "vllm_guide.py"])
 def test_engine_guides_run_against_the_engines_classes(script, capsys):
-    from bench import engine_wheels
+    from mmassembler.testing import engine_wheels
 
     try:
         runpy.run_path(str(EXAMPLES / script), run_name="__main__")

@@ -82,7 +82,8 @@ def _resolve_encoded(found: Resolved, enc: list, reqs, keys, mods, rows, objs, n
     kinds = list(dict.fromkeys(umods))
     missing = [m for m in kinds if encoders is None or m not in encoders]
     if missing:
-        i = uniq[umods.index(missing[0])]
+        i = umods.index(missing[0])
+        i = i if uniq is None else uniq[i]
         raise MissingEncoderError(f"no embedding and no encoder for modality {missing[0]!r}",
                                   request=reqs[enc[i]], item_key=ekeys[i])
     encs = {m: as_encoder(encoders[m]) for m in kinds}

@@ -1,4 +1,4 @@
-"""Conformance tests run the engines' own code from their published wheels (see bench/engine_wheels.py).
+"""Conformance tests run the engines' own code from their published wheels (see mmassembler/testing/engine_wheels.py).
 
 Every test here is marked ``engines``. Without the wheels (no registry reachable) they
 skip and say so; with them nothing is skipped.
@@ -6,7 +6,7 @@ skip and say so; with them nothing is skipped.
 
 import pytest
 
-from bench import engine_code, engine_wheels
+from mmassembler.testing import engine_code, engine_wheels
 
 
 def pytest_collection_modifyitems(items):

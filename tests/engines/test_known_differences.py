@@ -180,7 +180,7 @@ def test_vllm_audio_in_video_needs_no_model_override(vl):
     features' rows, so the generic ``embed_input_ids`` fills the range video-first; the
     Omni models override ``embed_input_ids`` to interleave. Ours places each feature's rows
     at its own masked positions with no override."""
-    from bench.engine_code import VllmModel, vllm_runner
+    from mmassembler.testing.engine_code import VllmModel, vllm_runner
     from mmassembler.engines import gather_mm_embeddings
 
     video_mask = torch.tensor([True, True, False, False, True, True, False, False])

@@ -13,7 +13,7 @@ import torch
 from test_sglang_conformance import ScaledEmbedding
 from torch import nn
 
-from bench.engine_code import VllmModel, vllm_runner
+from mmassembler.testing.engine_code import VllmModel, vllm_runner
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -19,7 +19,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from test_sglang_conformance import DTYPES, make_embedding
 
-from bench.engine_code import VllmModel, vllm_runner
+from mmassembler.testing.engine_code import VllmModel, vllm_runner
 
 from mmassembler.engines import vllm as ours
 

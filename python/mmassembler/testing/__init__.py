@@ -28,32 +28,13 @@ from dataclasses import dataclass, field
 import torch
 from hypothesis import strategies as st
 
+from mmassembler.counting import count_calls, count_numpy
 from mmassembler.items import Item, Request
 from mmassembler.oracle import assemble_oracle, item_positions
 
-__all__ = ["Batch", "Schedule", "Step", "assemble_oracle", "assert_assembled", "batches", "count_calls",
+__all__ = ["Batch", "Schedule", "Step", "assemble_oracle", "assert_assembled", "batches", "count_calls", "count_numpy",
            "encoded_rows", "encoder_outputs", "random_rows", "schedules", "segment_tables"]
 
-
-def count_calls(fn, events=("call", "c_call")) -> int:
-    """Function calls made by ``fn()``: ``sys.setprofile`` events of the given kinds
-    (Python and C calls by default; ``("call",)`` for Python calls alone). What host work
-    tests count instead of timing it."""
-    import sys
-
-    count = 0
-
-    def profile(frame, event, arg):
-        nonlocal count
-        if event in events:
-            count += 1
-
-    sys.setprofile(profile)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return count
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench import engine_wheels as wheels
+from mmassembler.testing import engine_wheels as wheels
 
 SGLANG = "sglang==0.5.23"
 MSGSPEC = "msgspec==0.19.0"  # SGLang's dependency for MultimodalDataItem (a msgspec.Struct)
@@ -99,7 +99,7 @@ def export(dest: Path) -> None:
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m bench.engine_code",
+    ap = argparse.ArgumentParser(prog="python -m mmassembler.testing.engine_code",
                                  description="Export the engines' modules (and msgspec for every "
                                  "interpreter given) for a machine without a registry; point "
                                  "MMASSEMBLER_WHEEL_CACHE there.")
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m bench.engine_code DEST [--python 3.12]
+if __name__ == "__main__":  # python -m mmassembler.testing.engine_code DEST [--python 3.12]
     raise SystemExit(main())
 
 
