@@ -1,7 +1,6 @@
 """Bad input to the Assembler: a typed error before any write; output, device tables and
 cache unchanged; the Assembler still works afterwards."""
 
-import numpy as np
 import pytest
 import torch
 

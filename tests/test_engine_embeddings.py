@@ -4,44 +4,15 @@ and key their state by the objects themselves (issue 11, items 2, 3, 4 and offse
 import gc
 
 import pytest
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
 
+from stand_ins import ScaledEmbedding, ShardEmbedding, sg_item
+
 from mmassembler.engines import embed_input_ids, embed_mm_inputs, gather_mm_embeddings
 
 H, V = 8, 20
-
-
-class ScaledEmbedding(torch.nn.Embedding):
-    """Gemma3's text embedding: the table's rows times sqrt(hidden)."""
-
-    def forward(self, ids):
-        return super().forward(ids) * (H ** 0.5)
-
-
-class ShardEmbedding(torch.nn.Module):
-    """One tensor-parallel rank's shard: rows [0, V/2) of the vocabulary; ids outside it
-    give zeros (the all-reduce over ranks would add the other shard)."""
-
-    def __init__(self, full: torch.Tensor):
-        super().__init__()
-        self.weight = torch.nn.Parameter(full[: V // 2].clone())
-        self.num_embeddings, self.tp_size = V, 2
-
-    def forward(self, ids):
-        inside = ids < V // 2
-        return torch.where(inside[:, None], self.weight[ids.clamp(0, V // 2 - 1)], 0.0)
-
-
-@dataclass(eq=False)
-class SGItem:
-    hash: int
-    offsets: list
-    modality: object = field(default_factory=lambda: SimpleNamespace(name="IMAGE"))
-    precomputed_embeddings: object = None
-    feature: object = None
 
 
 def _sglang(embedding, items, ids, encoder=None, rows_fn=None):
@@ -58,7 +29,7 @@ def test_sglang_scaled_and_sharded_embeddings_compute_text_rows():
     torch.manual_seed(0)
     ids = torch.randint(0, V, (10,))
     for module in (ScaledEmbedding(V, H), ShardEmbedding(torch.randn(V, H))):
-        got = _sglang(module, [SGItem(7, [(2, 4)])], ids)
+        got = _sglang(module, [sg_item(7, [(2, 4)])], ids)
         with torch.no_grad():
             want = module(ids).clone()
         want[2:5] = 7.0
@@ -88,7 +59,7 @@ def test_vllm_embed_tokens_callable_or_sharded_is_called_not_read():
 
 
 def test_sglang_keeps_nothing_on_engine_items_and_follows_moved_offsets():
-    item = SGItem(3, [(1, 3)])
+    item = sg_item(3, [(1, 3)])
     ids = torch.zeros(8, dtype=torch.long)
     emb = torch.nn.Embedding(V, H)
     got = _sglang(emb, [item], ids)
@@ -104,7 +75,7 @@ def test_sglang_keeps_nothing_on_engine_items_and_follows_moved_offsets():
 def test_encoder_classification_survives_reused_ids():
     """A concatenating encoder marks itself; list-returning encoders made after it is freed
     (which may reuse its address) are used as they are."""
-    items = [SGItem(1, [(0, 2)]), SGItem(2, [(4, 6)])]
+    items = [sg_item(1, [(0, 2)]), sg_item(2, [(4, 6)])]
     ids = torch.zeros(8, dtype=torch.long)
     emb = torch.nn.Embedding(V, H)
     concat = lambda its: torch.cat([torch.full((3, H), float(it.hash)) for it in its])  # noqa: E731
@@ -113,7 +84,7 @@ def test_encoder_classification_survives_reused_ids():
     gc.collect()
     for _ in range(50):
         listing = lambda its: [torch.full((3, H), float(it.hash) + 10) for it in its]  # noqa: E731
-        got = _sglang(emb, [SGItem(1, [(0, 2)]), SGItem(2, [(4, 6)])], ids, encoder=listing)
+        got = _sglang(emb, [sg_item(1, [(0, 2)]), sg_item(2, [(4, 6)])], ids, encoder=listing)
         assert torch.equal(got[0:3], torch.full((3, H), 11.0)) and torch.equal(got[4:7], torch.full((3, H), 12.0))
         del listing
 
@@ -125,7 +96,7 @@ def test_sglang_none_batch_deepstack_key_and_default_cache():
     assert embed_mm_inputs(None, [], [], torch.zeros(0, dtype=torch.long), emb) is None
     calls = []
     enc = lambda its: calls.append(len(its)) or [torch.full((6, H), 4.0) for _ in its]  # noqa: E731
-    item = SGItem(12345, [(2, 7)])
+    item = sg_item(12345, [(2, 7)])
     mm = SimpleNamespace(mm_items=[item])
     model = SimpleNamespace(deepstack_visual_indexes=[0, 1])
     for prefix, extend in ((0, 4), (4, 6)):
@@ -142,7 +113,7 @@ def test_sglang_none_batch_deepstack_key_and_default_cache():
 def test_sglang_precomputed_on_the_cpu_is_moved_once():
     emb = torch.nn.Embedding(V, H).cuda()
     pre = torch.randn(3, H)  # offloaded to the host between chunks
-    item = SGItem(9, [(1, 3)], precomputed_embeddings=pre)
+    item = sg_item(9, [(1, 3)], precomputed_embeddings=pre)
     ids = torch.zeros(6, dtype=torch.long, device="cuda")
     with torch.no_grad():
         got = _sglang(emb, [item], ids)

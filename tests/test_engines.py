@@ -1,43 +1,16 @@
 """Engine-shaped fakes driving the SGLang and vLLM adapters: ≡ our reference ≡ the oracle."""
 
-import enum
-from dataclasses import dataclass, field
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stand_ins import Feature, Modality, PlaceholderRange, RunnerRequest, SgInputs, SgItem, VocabParallelEmbedding
 from strategies import batches
 from torch import nn
 
 from mmassembler import RowCountError, assemble, assemble_oracle
 from mmassembler.engines import (embed_input_ids, embed_mm_inputs, gather_mm_embeddings,
                                  merge_multimodal_embeddings)
-
-
-class Modality(enum.Enum):
-    IMAGE = 1
-    AUDIO = 2
-
-
-@dataclass(eq=False)
-class SgItem:
-    modality: Modality
-    hash: int
-    offsets: list
-    precomputed_embeddings: torch.Tensor | None = None
-    feature: torch.Tensor | None = None  # what the encoder reads: here, the true embedding
-
-
-@dataclass(eq=False)
-class SgInputs:
-    mm_items: list
-
-
-class TensorParallelEmbedding(nn.Embedding):
-    """Stands for SGLang's VocabParallelEmbedding: the adapter must not read its weight."""
-
-    tp_size = 2
 
 
 def _to_sglang(batch, precomputed: bool):
@@ -73,7 +46,7 @@ def _no_masks(batch):
 @given(batch=batches(max_requests=5, max_items=3).filter(_no_masks), precomputed=st.booleans(),
        concatenated=st.booleans(), fused=st.booleans())
 def test_sglang_adapter_matches_oracle(batch, precomputed, concatenated, fused):
-    embed = (nn.Embedding if fused else TensorParallelEmbedding)(batch.vocab, batch.hidden)
+    embed = (nn.Embedding if fused else VocabParallelEmbedding)(batch.vocab, batch.hidden)
     embed = embed.to(batch.out_dtype)
     calls = []
     make = _concat_encoder if concatenated else _list_encoder
@@ -137,27 +110,6 @@ def test_shifted_concatenation_is_an_error_never_a_shifted_result(with_rows_fn):
 
 
 # ---------------------------------------------------------------------------------------- vLLM
-
-@dataclass
-class PlaceholderRange:
-    offset: int
-    length: int
-    is_embed: torch.Tensor | None = None
-
-
-@dataclass(eq=False)
-class Feature:
-    identifier: str
-    mm_position: PlaceholderRange
-    modality: str = "image"
-
-
-@dataclass(eq=False)
-class RunnerRequest:
-    num_computed_tokens: int
-    num_scheduled_tokens: int
-    mm_features: list = field(default_factory=list)
-
 
 def _to_vllm(batch):
     cache, reqs = {}, []

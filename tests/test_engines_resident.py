@@ -5,7 +5,7 @@ import gc
 
 import torch
 from test_assembler_host_work import count_calls
-from test_engines import Modality, SgInputs, SgItem
+from stand_ins import Modality, SgInputs, SgItem
 from torch import nn
 
 from mmassembler import assemble_oracle
@@ -100,7 +100,7 @@ def test_stable_encoder_outputs_are_read_in_place_and_not_cached():
 
 def test_vllm_feature_missing_from_the_encoder_cache_names_request_and_identifier():
     import pytest
-    from test_engines import Feature, PlaceholderRange, RunnerRequest
+    from stand_ins import Feature, PlaceholderRange, RunnerRequest
 
     from mmassembler import MissingEncoderError
     from mmassembler.engines import gather_mm_embeddings
@@ -122,7 +122,7 @@ def test_a_request_with_more_items_than_the_tables_hold_grows_them():
 
 
 def test_vllm_changed_placement_is_registered_again():
-    from test_engines import Feature, PlaceholderRange, RunnerRequest
+    from stand_ins import Feature, PlaceholderRange, RunnerRequest
 
     from mmassembler.engines import gather_mm_embeddings
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_engines import Modality, SgInputs, SgItem
+from stand_ins import Modality, SgInputs, SgItem
 from torch import nn
 
 from mmassembler import (Assembler, AssemblyError, EmbeddingCache, Encoder, Item, Request, assemble,
@@ -217,7 +217,7 @@ def test_two_models_two_modalities_colliding_keys_share_one_cache(batch):
 
 def test_vllm_out_is_written_only_after_every_check():
     """Issue 20 item 11: a feature missing from the encoder cache, with out= and embed_tokens=."""
-    from test_engines import Feature, PlaceholderRange, RunnerRequest
+    from stand_ins import Feature, PlaceholderRange, RunnerRequest
 
     from mmassembler import MissingEncoderError
     from mmassembler.engines import gather_mm_embeddings
@@ -241,7 +241,7 @@ class _Scaled(nn.Embedding):
 def test_a_bound_method_as_embed_tokens_keeps_one_assembler():
     """Issue 20 item 16: ``model.get_language_model().embed_input_ids`` is a new bound method
     at every access; the adapter keys on its instance and function."""
-    from test_engines import Feature, PlaceholderRange, RunnerRequest
+    from stand_ins import Feature, PlaceholderRange, RunnerRequest
 
     from mmassembler.engines import _resident, gather_mm_embeddings
 

@@ -7,7 +7,7 @@ import weakref
 
 import pytest
 import torch
-from test_engines import Feature, Modality, PlaceholderRange, RunnerRequest, SgInputs, SgItem
+from stand_ins import Feature, Modality, PlaceholderRange, RunnerRequest, SgInputs, SgItem
 from torch import nn
 
 from mmassembler import BatchShapeError, EmbeddingCache

@@ -17,7 +17,6 @@ class Built:
 
     def __init__(self, b, r, a):
         k0, n, self.simple = b.ra[r], b.nruns[r], b.simple[r]
-        c = b.nruns[r] if self.simple else None
         self.rpos, self.rend = b.rpos[k0:k0 + n], b.rend[k0:k0 + n]
         self.rrow = None if b.rrow is None else b.rrow[k0:k0 + n]
         self.ritem = None if b.ritem is None else b.ritem[k0:k0 + n]

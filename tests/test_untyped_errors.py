@@ -105,7 +105,7 @@ def test_string_keys_log_collisions_cleanly(caplog, capsys):
 
 def test_embed_mm_inputs_called_as_the_routine_calls_it_says_what_to_call():
     """Issue 20 item 19: the routine's filtered lists with the whole batch's input_ids."""
-    from test_engines import Modality, SgInputs, SgItem
+    from stand_ins import Modality, SgInputs, SgItem
     from torch import nn
 
     m = SgInputs([SgItem(Modality.IMAGE, 1, [(1, 3)], precomputed_embeddings=torch.ones(3, H))])

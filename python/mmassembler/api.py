@@ -11,7 +11,6 @@ the same thread (an encoder that calls ``assemble``) runs on tables of its own.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping, Sequence
 
 import numpy as np

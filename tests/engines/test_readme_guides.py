@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_sglang_conformance import ScaledEmbedding
+from stand_ins import ScaledEmbedding
 from torch import nn
 
 from mmassembler.testing.engine_code import VllmModel, vllm_runner

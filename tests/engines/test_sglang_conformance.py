@@ -16,31 +16,12 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from stand_ins import ScaledEmbedding, TensorParallelEmbedding
+
 from mmassembler.engines import sglang as ours
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MODALITIES = ("IMAGE", "VIDEO", "AUDIO")
-
-
-class ScaledEmbedding(nn.Embedding):
-    """Gemma3's text embedding: the looked-up rows times a scale (not the bare weight)."""
-
-    def forward(self, ids):
-        return super().forward(ids) * torch.tensor(self.embedding_dim ** 0.5, dtype=self.weight.dtype)
-
-
-class TensorParallelEmbedding(nn.Module):
-    """Stands for a vocabulary split over two ranks (this rank holds a shard, the module
-    returns full rows after its all-reduce): its ``weight`` is not the vocabulary."""
-
-    def __init__(self, vocab, hidden, dtype):
-        super().__init__()
-        self.full = nn.Embedding(vocab, hidden).to(dtype)
-        self.weight = nn.Parameter(self.full.weight[: (vocab + 1) // 2].clone())
-        self.num_embeddings = vocab
-
-    def forward(self, ids):
-        return self.full(ids)
 
 
 def make_embedding(kind, vocab, hidden, dtype):
