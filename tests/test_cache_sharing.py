@@ -1,5 +1,5 @@
 """The cache owns what it keeps, checks hits like precomputed embeddings, counts the
-storage entries keep alive, and is safe for threads (issue 10, items 2, 4, 9, 10)."""
+storage entries keep alive, and is safe for threads."""
 
 import random
 import threading

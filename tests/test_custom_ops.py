@@ -57,7 +57,7 @@ def test_custom_ops_are_registered_with_mutation_and_fake_shapes():
 
 @torch.no_grad()
 def test_compiled_calls_keep_out_backend_and_block_rows():
-    """Issue 10 item 5: under compile, ``out=`` is written, ``backend`` and ``block_rows``
+    """under compile, ``out=`` is written, ``backend`` and ``block_rows``
     reach the op, and the public functions show their real signatures."""
     import inspect
 

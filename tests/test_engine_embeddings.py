@@ -1,5 +1,5 @@
 """Adapters never bypass the engine's embedding module, keep nothing on engine objects,
-and key their state by the objects themselves (issue 11, items 2, 3, 4 and offsets)."""
+and key their state by the objects themselves."""
 
 import gc
 
@@ -90,7 +90,7 @@ def test_encoder_classification_survives_reused_ids():
 
 
 def test_sglang_none_batch_deepstack_key_and_default_cache():
-    """Issue 11 item 6: None in, None out; a use_deepstack mapping always yields the key;
+    """None in, None out; a use_deepstack mapping always yields the key;
     by default an item cut by two chunks is encoded once."""
     emb = torch.nn.Embedding(V, H)
     assert embed_mm_inputs(None, [], [], torch.zeros(0, dtype=torch.long), emb) is None
@@ -121,7 +121,7 @@ def test_sglang_precomputed_on_the_cpu_is_moved_once():
 
 
 def test_vllm_token_counts_from_the_scheduler_output():
-    """Issue 11 item 5: vLLM keeps this step's counts in the scheduler output's dict."""
+    """vLLM keeps this step's counts in the scheduler output's dict."""
     emb = torch.nn.Embedding(V, H)
     feat = SimpleNamespace(identifier="a", mm_position=SimpleNamespace(offset=1, length=3, is_embed=None))
     reqs = [SimpleNamespace(req_id="r0", num_computed_tokens=0, mm_features=[feat]),

@@ -4,7 +4,7 @@ only when its items change, and goes when the engine drops it."""
 import gc
 
 import torch
-from test_assembler_host_work import count_calls
+from mmassembler.testing import count_calls
 from stand_ins import Modality, SgInputs, SgItem
 from torch import nn
 

@@ -33,7 +33,7 @@ class _Model:
 
 
 def test_two_models_sharing_the_default_cache_read_their_own_rows():
-    """Issue 20 item 1: the SGLang adapter's process-wide cache, two VLMs, one item key."""
+    """the SGLang adapter's process-wide cache, two VLMs, one item key."""
     embed = nn.Embedding(10, H)
     ids = torch.zeros(6, dtype=torch.long)
     with torch.no_grad():
@@ -45,7 +45,7 @@ def test_two_models_sharing_the_default_cache_read_their_own_rows():
 
 @pytest.mark.parametrize("path", ["stateless", "assembler"])
 def test_one_key_in_two_modalities_gets_each_modality_rows(path):
-    """Issue 20 item 2: an image and an audio clip with one key, each from its own encoder."""
+    """an image and an audio clip with one key, each from its own encoder."""
     cache = EmbeddingCache(1 << 20)
     enc = {"image": lambda items: [_rows(1.0) for _ in items], "audio": lambda items: [_rows(2.0) for _ in items]}
     weight = torch.zeros(4, H)
@@ -67,7 +67,7 @@ def _sg_step(m, n, embed, ids=None):
 
 
 def test_offsets_edited_in_place_are_seen():
-    """Issue 20 item 3: the offsets list of a registered SGLang item changed in place."""
+    """the offsets list of a registered SGLang item changed in place."""
     embed = nn.Embedding(10, H)
     emb = torch.randn(3, H)
     item = SgItem(Modality.IMAGE, 5, [(1, 3)], precomputed_embeddings=emb)
@@ -79,7 +79,7 @@ def test_offsets_edited_in_place_are_seen():
 
 
 def test_numpy_and_tensor_offsets_reassigned_are_compared_by_value():
-    """Issue 20 item 15: offsets given as an array or a tensor, then replaced."""
+    """offsets given as an array or a tensor, then replaced."""
     embed = nn.Embedding(10, H)
     emb = torch.randn(2, H)
     item = SgItem(Modality.IMAGE, 6, torch.tensor([[1, 2]]), precomputed_embeddings=emb)
@@ -92,7 +92,7 @@ def test_numpy_and_tensor_offsets_reassigned_are_compared_by_value():
 
 
 def test_a_new_hash_and_feature_on_the_same_item_object_are_read():
-    """Issue 20 item 4: an SGLang item whose hash and feature change on the same object."""
+    """an SGLang item whose hash and feature change on the same object."""
     embed = nn.Embedding(10, H)
     model = _Model(1.0)
     item = SgItem(Modality.IMAGE, 11, [(1, 3)])
@@ -109,7 +109,7 @@ def test_a_new_hash_and_feature_on_the_same_item_object_are_read():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_parameter_data_swapped_reads_the_new_table(device, backend):
-    """Issue 20 item 5: ``Assembler(weight=P)`` then ``P.data = new_table``."""
+    """``Assembler(weight=P)`` then ``P.data = new_table``."""
     p = nn.Parameter(torch.randn(6, H, device=device), requires_grad=False)
     asm = Assembler(weight=p, max_tokens=8, max_requests=1, backend=backend)
     h = asm.add_request([], prompt_len=4)
@@ -135,7 +135,7 @@ def test_parameter_data_swapped_under_the_adapter():
 
 
 def test_items_reordered_between_calls_land_at_their_own_positions():
-    """Issue 20 item 6: ``Request.items`` reordered after the first call, then ``with_window``."""
+    """``Request.items`` reordered after the first call, then ``with_window``."""
     a = Item(1, [(0, 1)], embedding=_rows(1.0, 2))
     b = Item(2, [(4, 5)], embedding=_rows(2.0, 2))
     req = Request([a, b], 0, 3, prompt_len=6)
@@ -147,7 +147,7 @@ def test_items_reordered_between_calls_land_at_their_own_positions():
 
 
 def test_a_stable_buffer_written_in_place_is_caught_by_the_debug_check():
-    """Issue 20 item 7: a ``stable=True`` encoder's output overwritten while held."""
+    """a ``stable=True`` encoder's output overwritten while held."""
     buf = _rows(1.0, 2)
     asm = Assembler(weight=torch.zeros(2, H), max_tokens=8, max_requests=1, check_stable=True,
                     encoders={"image": Encoder(lambda items: [buf for _ in items], stable=True)})
@@ -216,7 +216,7 @@ def test_two_models_two_modalities_colliding_keys_share_one_cache(batch):
 
 
 def test_vllm_out_is_written_only_after_every_check():
-    """Issue 20 item 11: a feature missing from the encoder cache, with out= and embed_tokens=."""
+    """a feature missing from the encoder cache, with out= and embed_tokens=."""
     from stand_ins import Feature, PlaceholderRange, RunnerRequest
 
     from mmassembler import MissingEncoderError
@@ -239,7 +239,7 @@ class _Scaled(nn.Embedding):
 
 
 def test_a_bound_method_as_embed_tokens_keeps_one_assembler():
-    """Issue 20 item 16: ``model.get_language_model().embed_input_ids`` is a new bound method
+    """``model.get_language_model().embed_input_ids`` is a new bound method
     at every access; the adapter keys on its instance and function."""
     from stand_ins import Feature, PlaceholderRange, RunnerRequest
 
@@ -275,7 +275,7 @@ def test_a_bound_method_as_embed_tokens_keeps_one_assembler():
 
 
 def test_a_handle_twice_fails_on_the_steady_path_as_on_the_slow_one():
-    """Issue 20 item 17."""
+    """A handle given twice is a BatchShapeError whether or not the step needs work."""
     asm = Assembler(weight=torch.zeros(3, H), max_tokens=16, max_requests=2)
     h = asm.add_request([Item(1, [(0, 1)], embedding=_rows(1.0, 2))], 8)
     ids = torch.zeros(4, dtype=torch.long)
@@ -286,7 +286,7 @@ def test_a_handle_twice_fails_on_the_steady_path_as_on_the_slow_one():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_a_cuda_graph_is_captured_again_when_the_weight_moves():
-    """Issue 20 item 5 with graph replay: a graph keeps the address it captured."""
+    """Parameter.data swapped under graph replay: a graph keeps the address it captured."""
     p = nn.Parameter(torch.randn(6, H, device="cuda"), requires_grad=False)
     asm = Assembler(weight=p, max_tokens=8, max_requests=1, cuda_graph=True)
     h = asm.add_request([], 4)

@@ -28,7 +28,7 @@ class _Model:
 
 
 def test_dropped_sglang_items_and_their_features_die():
-    """Issue 20 item 8: the adapter kept every MultimodalDataItem it had seen."""
+    """the adapter kept every MultimodalDataItem it had seen."""
     embed = nn.Embedding(10, H)
     ids = torch.zeros(6, dtype=torch.long)
     refs = []
@@ -44,7 +44,7 @@ def test_dropped_sglang_items_and_their_features_die():
 
 
 def test_a_bare_weight_table_and_its_assembler_die_with_the_model():
-    """Issue 20 item 9: bare weight tables were held strongly (the last two)."""
+    """bare weight tables were held strongly (the last two)."""
     weight = torch.randn(10, H)
     ids = torch.zeros(6, dtype=torch.long)
     req = RunnerRequest(0, 6, [Feature("a", PlaceholderRange(1, 3))])
@@ -59,7 +59,7 @@ def test_a_bare_weight_table_and_its_assembler_die_with_the_model():
 
 
 def test_the_same_engine_request_twice_in_one_batch_is_refused_before_registering():
-    """Issue 20 item 10: SGLang's code accepts it; ours raised 'appears twice' a step later."""
+    """SGLang's code accepts it; ours raised 'appears twice' a step later."""
     embed = nn.Embedding(10, H)
     m = _sg_request(7)
     ids = torch.zeros(12, dtype=torch.long)
@@ -79,7 +79,7 @@ def _tensor_bytes() -> int:
 
 @pytest.mark.parametrize("adapter", ["sglang", "vllm"])
 def test_two_thousand_serving_steps_stay_flat(adapter):
-    """Issue 20 leaks: new engine requests every step, each read once and dropped; heap
+    """New engine requests every step, each read once and dropped; heap
     and tensor bytes after 2,000 steps stay what they were after the first 200."""
     embed = nn.Embedding(10, H)
     ids = torch.zeros(6, dtype=torch.long)

@@ -1,6 +1,6 @@
-"""Inputs that used to raise untyped errors (TypeError, IndexError, plain ValueError) or be
-accepted: each is an ``AssemblyError`` subclass naming the request/item where there is
-one (issue 10, item 12)."""
+"""Arguments of the wrong type or shape on every entry point (lists where arrays go,
+floats, tensors on the wrong device, generators): each is an ``AssemblyError`` subclass
+naming the request/item where there is one, never a TypeError or IndexError."""
 
 import logging
 from types import SimpleNamespace
@@ -104,7 +104,7 @@ def test_string_keys_log_collisions_cleanly(caplog, capsys):
 
 
 def test_embed_mm_inputs_called_as_the_routine_calls_it_says_what_to_call():
-    """Issue 20 item 19: the routine's filtered lists with the whole batch's input_ids."""
+    """the routine's filtered lists with the whole batch's input_ids."""
     from stand_ins import Modality, SgInputs, SgItem
     from torch import nn
 
@@ -128,7 +128,7 @@ def test_embed_mm_inputs_called_as_the_routine_calls_it_says_what_to_call():
     lambda: __import__("mmassembler").Assembler(weight=torch.nn.Embedding(4, H), max_tokens=8, max_requests=1),
 ], ids=["backend", "deepstack None", "max_items", "max_runs float", "cache dict", "Encoder str", "module"])
 def test_new_surfaces_are_typed(make):
-    """Issue 20 item 13 (and issue 21's weak messages): typed errors at construction."""
+    """typed errors at construction."""
     with pytest.raises(AssemblyError):
         make()
 
@@ -167,7 +167,7 @@ def test_a_full_request_table_says_remove_finished_requests():
 
 
 def test_fragmented_slots_still_fit_a_request_the_free_total_holds():
-    """Issue 20 item 18: freed slots anywhere are usable (registration compacts)."""
+    """freed slots anywhere are usable (registration compacts)."""
     from mmassembler import Assembler, Item
 
     asm = Assembler(weight=torch.zeros(4, H), max_tokens=64, max_requests=8, max_items=8, max_runs=8)
@@ -179,7 +179,7 @@ def test_fragmented_slots_still_fit_a_request_the_free_total_holds():
 
 
 def test_huge_stateless_windows_are_typed_before_any_launch():
-    """Issue 20 item 12: extend lengths that would add up past 2**64 wrapped to a small count."""
+    """extend lengths that would add up past 2**64 wrapped to a small count."""
     from mmassembler import ChunkWindowError, Request, assemble
 
     reqs = [Request([], 0, 2**63), Request([], 0, 2**63 + 4)]

@@ -1,6 +1,6 @@
-"""Inputs just outside the bad-input table that used to give silent wrong results or
-untyped errors (issue 10, items 1, 3, 6, 7, 8): each is right, or a typed error before
-any write, on both paths (stateless ``assemble`` and the ``Assembler``)."""
+"""Inputs at the edge of what is valid (subnormals, empty windows, huge windows, mixed
+dtypes, repeated keys): each gives the right rows, or a typed error before any write, on
+both paths (stateless ``assemble`` and the ``Assembler``)."""
 
 import pytest
 import torch
@@ -109,7 +109,7 @@ def test_one_key_with_two_row_counts_fails_in_either_order(device, hit_first, pa
 
 
 def test_bad_backend_and_capacity_fail_before_the_cache_changes(device, monkeypatch):
-    """Issue 10 item 11: every check before the first cache write or encoder call."""
+    """every check before the first cache write or encoder call."""
     weight = torch.randn(5, H, device=device)
     cache = EmbeddingCache(1 << 20)
     calls = []
@@ -132,7 +132,7 @@ def test_bad_backend_and_capacity_fail_before_the_cache_changes(device, monkeypa
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
 def test_bf16_sources_convert_exactly_subnormals_included(device, out_dtype):
-    """Issue 10 item 13: the interpreter's own bf16 cast mangles subnormals; both kernels
+    """the interpreter's own bf16 cast mangles subnormals; both kernels
     convert every bf16 bit pattern as torch does."""
     from kernel_utils import assert_bitwise_equal
 
@@ -153,7 +153,7 @@ def test_bf16_sources_convert_exactly_subnormals_included(device, out_dtype):
 
 @pytest.mark.parametrize("path", ["stateless", "assembler"])
 def test_a_failed_copy_of_an_encoder_output_is_typed_and_caches_nothing(device, path):
-    """Issue 10 item 11: converting an encoder output to the output device happens before
+    """converting an encoder output to the output device happens before
     any cache write; a failure is an EmbeddingFormatError naming the item."""
     from mmassembler import EmbeddingFormatError
 
