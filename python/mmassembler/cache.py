@@ -20,7 +20,6 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
@@ -43,26 +42,20 @@ class CacheStats:
     entries: int = 0  # entries held now
 
 
-class BlockRows(NamedTuple):
-    """An entry kept as rows ``[start, start + rows)`` of a block the library owns (a step's
-    encoded items share one block: no tensor is made per entry). ``ident`` names the
-    block's storage; ``tensor()`` is the entry as a view."""
-
-    block: torch.Tensor
-    start: int
-    rows: int
-    ident: int
-
-    def tensor(self) -> torch.Tensor:
-        return self.block[self.start:self.start + self.rows]
-
-    @property
-    def shape(self) -> tuple:
-        return (self.rows, self.block.shape[1])
+# An entry kept as rows ``[start, start + rows)`` of a block the library owns (a step's
+# encoded items share one block: no tensor is made per entry) is a plain tuple ``(block,
+# start, rows, ident)``, ``ident`` naming the block's storage (a named tuple would cost a
+# Python call per entry to make); any other entry is a tensor.
+BLOCK_ROWS = tuple
 
 
 def _view(entry):
-    return entry.tensor() if type(entry) is BlockRows else entry
+    """An entry as a tensor (block rows as a view of their block)."""
+    return entry[0][entry[1]:entry[1] + entry[2]] if type(entry) is tuple else entry
+
+
+def _rows(entry) -> int:
+    return entry[2] if type(entry) is tuple else entry.shape[0]
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int]:
@@ -124,8 +117,8 @@ class EmbeddingCache:
         """
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and rows is not None and entry.shape[0] != rows:
-                self._collide(key, f"it holds {entry.shape[0]} rows but the item needs {rows}")
+            if entry is not None and rows is not None and _rows(entry) != rows:
+                self._collide(key, f"it holds {_rows(entry)} rows but the item needs {rows}")
                 entry = None
             if entry is None:
                 self.stats.misses += 1
@@ -135,7 +128,7 @@ class EmbeddingCache:
             return _view(entry)
 
     def lookup(self, keys: list) -> list:
-        """The raw entries of ``keys`` (a tensor, a ``BlockRows``, or ``None``), touching
+        """The raw entries of ``keys`` (a tensor, block rows, or ``None``), touching
         nothing: a step reads its candidates here, checks them, then settles hits and
         misses in ``commit``."""
         with self._lock:
@@ -144,7 +137,7 @@ class EmbeddingCache:
     def commit(self, hits: list, misses: int, stale: list, puts: list) -> int:
         """A step's outcome in one call: ``hits`` (keys read, marked most recent), ``misses``
         counted, ``stale`` entries dropped (they did not fit their item), then ``puts``:
-        per block ``(keys, block, starts, rows)``, each key's rows a ``BlockRows`` of the
+        per block ``(keys, block, starts, rows)``, each key's rows block rows of the
         block (its storage counted once). Returns how many were put."""
         with self._lock:
             move = self._entries.move_to_end
@@ -167,8 +160,7 @@ class EmbeddingCache:
         if not self._admit(keys, store):
             return 0
         ident = store[0]
-        self._entries.update(zip(keys, map(BlockRows, repeat(block), starts, rows,
-                                           repeat(ident))))
+        self._entries.update(zip(keys, zip(repeat(block), starts, rows, repeat(ident))))
         self._ident.update(zip(keys, repeat(ident)))
         return len(keys)
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import torch
 
-from mmassembler.cache import BlockRows, EmbeddingCache, encoder_token
+from mmassembler.cache import BLOCK_ROWS, EmbeddingCache, encoder_token
 from mmassembler.embeddings import FLOATS, block_entries, checked_sources, entries_of
 from mmassembler.encode import as_encoder, encode_call
 from mmassembler.errors import MissingEncoderError, RowCountError
@@ -195,13 +195,14 @@ def _fitting(found: list, rows: list, widths: tuple, device: torch.device) -> li
     """Per cache entry, its source ``(tensor, first row, entry, -1)`` when it fits its item
     exactly as it is (2-D float rows of a known width and the right count on ``device``,
     unit column stride, element-aligned), else ``None``. Entries that are rows of a block
-    (``BlockRows``, what the assembler puts) are checked once per block."""
+    (``(block, start, rows, ident)`` tuples, what the assembler puts) are checked once per
+    block."""
     out: list = [None] * len(found)
     blocks: dict = {}
     for i, (f, r) in enumerate(zip(found, rows)):
-        if type(f) is BlockRows:
-            if f.rows == r:
-                blocks.setdefault(f.ident, (f.block, []))[1].append((i, f.start))
+        if type(f) is BLOCK_ROWS:
+            if f[2] == r:
+                blocks.setdefault(f[3], (f[0], []))[1].append((i, f[1]))
         elif _fits_as_is(f, r, widths, device):
             e = entries_of([f.data_ptr()], [f.stride(0)], [KIND_OF_DTYPE[f.dtype]], [f.shape[1]], widths[0],
                            device)[0]
