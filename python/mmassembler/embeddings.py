@@ -156,9 +156,10 @@ def own_block(parts: list, device: torch.device, name: tuple) -> tuple[torch.Ten
     all exactly (a float16 and a bfloat16 part give float32). A copy that fails (a meta
     tensor, an unreachable device) is an ``EmbeddingFormatError`` naming ``name``'s request
     and item, raised before the cache changes."""
-    starts, at = [], 0
-    for p in parts:
-        starts.append(at)
+    starts = [0] * len(parts)
+    at = 0
+    for i, p in enumerate(parts):
+        starts[i] = at
         at += p.shape[0]
     try:  # the copy keeps no autograd history: its result is detached
         if len(parts) == 1:
