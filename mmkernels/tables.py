@@ -117,6 +117,7 @@ class ResidentTables:
         self._device_index = (self.device.index or 0) if cuda else 0
         self._runs_ptr = self.runs.data_ptr()
         self._cuda = cuda
+        self._last_stream: int | None = None  # the raw stream the last step ran on
 
     def staging_table(self) -> np.ndarray:
         """The host step table to fill for the next step (its last copy has left); the
@@ -165,7 +166,13 @@ class ResidentTables:
 
     def send_runs(self) -> None:
         """Copy this step's staged run rows to the run table, in stream order (one driver
-        call a chunk on CUDA; a plain copy on the CPU)."""
+        call a chunk on CUDA; a plain copy on the CPU). The step's first device work: on a
+        stream other than the last step's, it first waits for the last step (the tables
+        are shared, and a queued kernel may still read them)."""
+        if self._cuda:
+            stream = torch._C._cuda_getCurrentRawStream(self._device_index)
+            if stream != self._last_stream:
+                self._follow(stream)
         s = self.slot
         for first, at, k in self._chunks:
             src = at.data_ptr() if type(at) is torch.Tensor else self._run_stage_ptrs[s] + at * _RUN_BYTES
@@ -179,6 +186,14 @@ class ResidentTables:
             if type(at) is torch.Tensor:
                 self.retire_now([at])
         self._chunks = []
+
+    def _follow(self, stream: int) -> None:
+        """Order the current stream after everything queued on the last step's stream."""
+        if self._last_stream is not None:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.ExternalStream(self._last_stream, device=self.device))
+            torch.cuda.current_stream(self.device).wait_event(event)
+        self._last_stream = stream
 
     def upload_step(self, num_requests: int) -> None:
         """Copy the filled rows of the staging table up (header, ``num_requests`` request
