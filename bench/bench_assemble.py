@@ -13,41 +13,9 @@ import torch
 
 import mmkernels
 from bench.baselines import BASELINES
-from bench.harness import gpu_time_us, host_time_us, wall_time_us
+from bench.harness import gpu_time_us, host_time_us, prepared, wall_time_us
 from bench.scenarios import Built
 from mmassembler import Item, Request, assemble
-from mmkernels.step_op import StepConfig, StepOp
-
-
-def prepared(b: Built, mode: str, config: StepConfig | None = None):
-    """The step kernel over ``b``'s tables with every host step done and the tables on the
-    device: the returned call is the launch alone (what GPU time measures; the same
-    tables and kernel serve the ``Assembler`` and the stateless call)."""
-    import numpy as np
-
-    from mmassembler import Assembler
-
-    fused = mode == "fused"
-    dev = b.out.device
-    n_items = sum(len(r.items) for r in b.requests)
-    asm = Assembler(weight=b.weight if fused else None, hidden=b.weight.shape[1], dtype=b.weight.dtype,
-                    device=dev, max_tokens=max(1, b.num_tokens), max_requests=max(1, len(b.requests)),
-                    max_items=max(1, n_items), max_runs=max(1, 4 * n_items))
-    h = np.array(asm.add_requests([(r.items, r.prompt_len) for r in b.requests]))
-    out = b.out.clone()
-    asm.assemble(h, [r.prefix_len for r in b.requests], [r.extend_len for r in b.requests], b.input_ids,
-                 **({} if fused else {"out": out}))
-    op = asm._op if config is None else StepOp(asm.tables, hidden=asm.hidden, ds_cols=0, dtype=asm.dtype,
-                                                 fused=fused, interpreted=False, config=config)
-    ids, weight = (b.input_ids, b.weight) if fused else (None, None)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-    def launch():
-        op.launch(out, None, ids, weight, b.num_tokens)
-
-    launch.asm = asm  # keeps the tables and held sources alive
-    return launch
 
 
 def host_planning_us(b: Built, fresh_requests: bool = False) -> float:
@@ -120,9 +88,3 @@ def measure(b: Built, bw: float, *, modes=("fused", "scatter"), backend: str = "
         row[f"wall_{name}_us"] = wall_time_us(call, repeat=repeat, device=device)
         row[f"gpu_{name}_us"] = gpu_time_us(call) if cuda else None
     return row
-
-
-if __name__ == "__main__":  # the kernel scenarios: python -m bench.bench_assemble
-    from bench.run import main
-
-    raise SystemExit(main(["--suite", "kernel"] + __import__("sys").argv[1:]))

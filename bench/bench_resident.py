@@ -29,8 +29,7 @@ import numpy as np
 import torch
 
 from bench.baselines import BASELINES
-from bench.bench_assemble import prepared
-from bench.harness import copy_bandwidth, gpu_time_us, wall_time_us
+from bench.harness import copy_bandwidth, gpu_time_us, prepared, wall_time_us
 from bench.scenarios import SCENARIOS, PLANNING_256, Scenario, build
 from mmassembler import Assembler, Item, Request, assemble
 

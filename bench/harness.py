@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from mmkernels.step_op import StepConfig, StepOp
+
 
 def gpu_time_us(fn: Callable[[], object], rep_ms: int = 200, capturable: bool = True) -> float:
     """Median GPU time of ``fn``'s device work, from CUDA-graph replays (µs); events around
@@ -72,3 +74,34 @@ def copy_bandwidth(device: str = "cuda", nbytes: int | None = None) -> float:
 
     ms = triton.testing.do_bench(lambda: dst.copy_(src), rep=300, return_mode="median")
     return 2 * nbytes / (ms / 1e3)
+
+
+def prepared(b, mode: str, config: StepConfig | None = None):
+    """The step kernel over ``b``'s tables with every host step done and the tables on the
+    device: the returned call is the launch alone (what GPU time measures; the same
+    tables and kernel serve the ``Assembler`` and the stateless call)."""
+    import numpy as np
+
+    from mmassembler import Assembler
+
+    fused = mode == "fused"
+    dev = b.out.device
+    n_items = sum(len(r.items) for r in b.requests)
+    asm = Assembler(weight=b.weight if fused else None, hidden=b.weight.shape[1], dtype=b.weight.dtype,
+                    device=dev, max_tokens=max(1, b.num_tokens), max_requests=max(1, len(b.requests)),
+                    max_items=max(1, n_items), max_runs=max(1, 4 * n_items))
+    h = np.array(asm.add_requests([(r.items, r.prompt_len) for r in b.requests]))
+    out = b.out.clone()
+    asm.assemble(h, [r.prefix_len for r in b.requests], [r.extend_len for r in b.requests], b.input_ids,
+                 **({} if fused else {"out": out}))
+    op = asm._op if config is None else StepOp(asm.tables, hidden=asm.hidden, ds_cols=0, dtype=asm.dtype,
+                                                 fused=fused, interpreted=False, config=config)
+    ids, weight = (b.input_ids, b.weight) if fused else (None, None)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+    def launch():
+        op.launch(out, None, ids, weight, b.num_tokens)
+
+    launch.asm = asm  # keeps the tables and held sources alive
+    return launch

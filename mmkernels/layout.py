@@ -52,8 +52,6 @@ KIND_F32, KIND_F16, KIND_BF16 = 0, 1, 2  # a source's dtype: which anchor it is 
 KIND_NONE = -1  # no source (an unresolved or released item)
 NO_SOURCE = (0, 0, KIND_NONE, 0, 0)
 
-VEC_ELEMENTS = {KIND_F32: 4, KIND_F16: 8, KIND_BF16: 8}  # elements in 16 bytes
-
 
 def step_rows(max_requests: int) -> int:
     """Rows of a step table for up to ``max_requests`` requests (header, requests, end row)."""

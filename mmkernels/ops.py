@@ -3,8 +3,9 @@
 ``gather_rows`` (scatter mode) writes segment rows into an existing buffer;
 ``embed_and_gather`` (fused mode) writes every output row in one pass: the token lookup
 for text rows, segment rows for multimodal rows. Both read sources in place, with the
-step kernel: the segments become the runs of one request that spans the output, sent up
-with a one-request step table in one non-blocking copy (``mmkernels/layout.py``).
+step kernel: the segments become the runs of one request that spans the output, staged
+and sent with a one-request step table written by ``write_step_table`` (the helper every
+step uses) on the device's pooled tables (``mmkernels.pool``).
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def run_segments(out: torch.Tensor, deepstack_out: torch.Tensor | None, sources:
     """Run segments already checked and sorted by ``check_segments`` on the chosen
     backend; fused mode when ``weight`` is set (the public ops end here). On Triton the
     segments are the runs of one request spanning ``out``: one step of the step kernel
-    through the device's ``StepPool``."""
+    through the device's pool of tables (``mmkernels.pool``)."""
     which = resolve_backend(backend, out.device)
     if which == "torch":
         if weight is None:

@@ -185,12 +185,6 @@ class EmbeddingCache:
         self.stats.entries += len(keys)
         return True
 
-    def discard(self, key, reason: str) -> None:
-        """Drop ``key``'s entry because it no longer fits its item (counted as a collision)."""
-        with self._lock:
-            if key in self._entries:
-                self._collide(key, reason)
-
     def peek(self, key) -> torch.Tensor | None:
         """The entry for ``key`` without touching recency or counters."""
         with self._lock:

@@ -8,7 +8,7 @@ only those cost Python work in the step (``core.StepCore._meet``).
 
 Two fills, one table: ``fill_python`` for steps of a few windows (a few Python operations
 a window, no array operation: a numpy call on a tiny array costs more than the loop) and
-``fill_numpy`` for many windows (a fixed number of array operations over the bounds
+``NumpyFill`` for many windows (a fixed number of array operations over the bounds
 table ``Registry.req``, whatever the windows' number). ``PYTHON_FILL_MAX`` is where the
 second gets cheaper (``python -m bench.profile_resident --fill``); the tests hold both to
 the same tables and the same failing windows.

@@ -1,8 +1,8 @@
 """The data model: items (one image, video or audio clip) and requests (one prompt chunk).
 
 Both are frozen. An item with an ``embed_mask`` keeps its layout (its runs of embedded
-positions), computed on first use; unmasked items are laid out with their request, in
-array operations (``mmassembler.runs``).
+positions), computed on first use; unmasked items are laid out with their request
+(``mmassembler.runs``).
 """
 
 from __future__ import annotations
@@ -26,11 +26,7 @@ class ItemLayout:
     """
 
     runs: np.ndarray
-    runs_list: tuple  # the same runs as Python ints
-    num_positions: int
     num_rows: int
-    first: int  # first placeholder position
-    last: int  # last placeholder position (inclusive)
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,5 +161,4 @@ def layout_of(key, spans, embed_mask, request: int | None = None) -> ItemLayout:
             last_rows = np.concatenate((breaks, [num_rows])).astype(np.int64)
             runs = np.stack((embedded[first_rows], embedded[last_rows - 1] + 1, first_rows), axis=1)
     runs.setflags(write=False)
-    return ItemLayout(runs, tuple(map(tuple, runs.tolist())), num_positions, num_rows, starts[0],
-                      ends[-1] - 1)
+    return ItemLayout(runs, num_rows)

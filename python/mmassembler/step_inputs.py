@@ -1,7 +1,7 @@
 """Checking a step's arguments before anything is written: windows (vectorised) and buffers.
 
 Every check raises a typed ``AssemblyError`` naming the request's index in the step.
-A step's windows cost a fixed number of array operations, whatever their number.
+The windows themselves are checked where the step is planned (``core``, ``fill``).
 """
 
 from __future__ import annotations
