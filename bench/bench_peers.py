@@ -39,8 +39,9 @@ from bench.serving import Req, ReqItem, drivers, run_steps
 logger = logging.getLogger("bench.peers")
 MODES = ("first", "walk", "steady")
 PATHS = ("sglang", "ours_sglang", "sglang_routine", "ours_sglang_routine", "vllm", "ours_vllm",
-         "assembler", "stateless")
-PAIRS = (("sglang", "ours_sglang"), ("sglang_routine", "ours_sglang_routine"), ("vllm", "ours_vllm"))
+         "assembler", "stateless", "plugin_sglang_routine", "plugin_vllm")
+PAIRS = (("sglang", "ours_sglang"), ("sglang_routine", "ours_sglang_routine"), ("vllm", "ours_vllm"),
+         ("sglang_routine", "plugin_sglang_routine"), ("vllm", "plugin_vllm"))
 WALK_CHUNK = 2048
 
 
@@ -83,7 +84,7 @@ def measure(b, sg, vl, repeat: int, names=None) -> dict:
     with torch.no_grad():
         limits = dict(max_tokens=max(b.num_tokens, max(sum(e for _, _, e in s) for s in walk)),
                       max_requests=len(b.requests))  # what the engine knows of its step
-        for name, drv in drivers(reqs, b.weight, sg, vl, names, limits).items():
+        for name, drv in drivers(reqs, b.weight, sg, vl, names, limits):
             # first contact: new objects and keys every call (checked once, then timed)
             run_steps(drv, reqs, [windows], b.weight, check=True, sync=sync, leave=[all_leave[0]])
             t = [run_steps(drv, reqs, [windows], b.weight, check=False, sync=sync, leave=[all_leave[0]])[0]
@@ -102,6 +103,7 @@ def measure(b, sg, vl, repeat: int, names=None) -> dict:
             row[f"steady_{name}_host_us"] = statistics.median(x[0] for x in t)
             row[f"steady_{name}_wall_us"] = statistics.median(x[1] for x in t)
             drv.finish(list(reqs))
+            drv.close()
             logger.info("%s %s: first %.0f, walk %.0f, steady %.0f µs wall", b.scenario.name, name,
                         row[f"first_{name}_wall_us"], row[f"walk_{name}_wall_us"], row[f"steady_{name}_wall_us"])
     return row

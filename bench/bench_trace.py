@@ -30,7 +30,8 @@ import torch
 
 from bench.serving import Req, ReqItem, drivers, run_steps, summary
 
-TRACE_PATHS = ("sglang_routine", "ours_sglang_routine", "vllm", "ours_vllm", "assembler", "stateless")
+TRACE_PATHS = ("sglang_routine", "ours_sglang_routine", "vllm", "ours_vllm", "assembler", "stateless",
+               "plugin_sglang_routine", "plugin_vllm")
 
 
 def make_requests(n: int, hidden: int, device: str, seed: int, shrink: int = 1, vocab: int = 32000):
@@ -111,11 +112,11 @@ def main(argv=None) -> int:
     hidden = args.hidden if cuda else args.hidden // 8
     budget = args.budget if cuda else args.budget // shrink
     sg = vl = None
-    if any(p.startswith(("sglang", "ours_sglang")) for p in args.paths):
+    if any(p.startswith(("sglang", "ours_sglang", "plugin_sglang")) for p in args.paths):
         from mmassembler.testing.engine_code import load_sglang
 
         sg = load_sglang()
-    if any(p.startswith(("vllm", "ours_vllm")) for p in args.paths):
+    if any(p.startswith(("vllm", "ours_vllm", "plugin_vllm")) for p in args.paths):
         from mmassembler.testing.engine_code import load_vllm
 
         vl = load_vllm()
@@ -130,10 +131,11 @@ def main(argv=None) -> int:
     results = {}
     with torch.no_grad():
         limits = dict(max_tokens=budget, max_requests=256)  # the engine's chunked-prefill budget
-        for name, drv in drivers(reqs, weight, sg, vl, args.paths, limits).items():
+        for name, drv in drivers(reqs, weight, sg, vl, args.paths, limits):
             run_steps(drv, reqs, steps[:3], weight, check=True, sync=sync, leave=leave[:3])  # warm
             drv.finish(list(reqs))
             times = run_steps(drv, reqs, steps, weight, check=True, sync=sync, leave=leave)
+            drv.close()
             results[name] = dict(host=summary(t[0] for t in times), wall=summary(t[1] for t in times))
             w = results[name]["wall"]
             print(f"  {name:20s} wall mean {w['mean']:8.0f}  p50 {w['p50']:8.0f}  p99 {w['p99']:8.0f} µs",

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     budget = args.budget // shrink
     steps, leave = schedule(reqs, 4.0, budget, 0)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    drv = drivers(reqs, weight, sg, vl, [args.path], dict(max_tokens=budget, max_requests=256))[args.path]
+    drv = dict(drivers(reqs, weight, sg, vl, [args.path], dict(max_tokens=budget, max_requests=256)))[args.path]
     table: dict = collections.defaultdict(list)
     with torch.no_grad():
         run_steps(drv, reqs, steps, weight, check=True, sync=sync, leave=leave)

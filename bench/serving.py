@@ -17,7 +17,10 @@ Paths (``DRIVERS``):
   engine objects;
 - ``assembler``: an ``Assembler`` (register a step's new requests, the step, remove the
   finished ones, all timed) with the same encoder and an ``EmbeddingCache``;
-- ``stateless``: ``assemble`` on ``Request``s over ``Item``s made at admission.
+- ``stateless``: ``assemble`` on ``Request``s over ``Item``s made at admission;
+- ``plugin_sglang_routine`` / ``plugin_vllm``: the engine's own calling code with
+  mmassembler turned on through its plugin (made last, and the engine restored once
+  their path is done: ``Driver.close``).
 
 Each step's output of every path is compared bit for bit with ``reference`` (the torch
 backend on precomputed embeddings).
@@ -96,6 +99,9 @@ class Driver:
 
     def call(self, windows):
         raise NotImplementedError
+
+    def close(self) -> None:
+        """After the path's last step (the plugin paths restore the engine here)."""
 
 
 class Sglang(Driver):
@@ -214,6 +220,73 @@ class Vllm(Driver):
         return engine
 
 
+class PluginSglang(Sglang):
+    """SGLang's own routine, called as a model file calls it, with mmassembler turned on
+    through its plugin (``engines.sglang.apply``: what ``MMASSEMBLER_ENGINES=1`` does)."""
+
+    name = "plugin_sglang_routine"
+
+    def __init__(self, reqs, weight, sg, limits=None):
+        super().__init__(reqs, weight, sg, routine=True, limits=limits)
+        our_sglang.apply(**self.limits)
+
+    def call(self, windows):
+        mm = [self.live[r][0] for r, _, _ in windows]
+        ids = torch.cat([self.live[r][1][p:p + e] for r, p, e in windows])
+        fb = SimpleNamespace(
+            forward_mode=SimpleNamespace(is_decode=lambda: False, is_target_verify=lambda: False),
+            contains_mm_inputs=lambda: any(m is not None for m in mm), mm_inputs=list(mm),
+            extend_prefix_lens_cpu=[p for _, p, _ in windows], extend_seq_lens_cpu=[e for _, _, e in windows],
+            spec_algorithm=None, input_embeds=None)
+        routine = self.sg.mm_utils.general_mm_embed_routine  # the engine's name, now ours
+        return lambda: routine(ids.clone(), fb, self.lm, None, self.mapping)
+
+    def close(self) -> None:
+        our_sglang.unapply()
+
+
+class PluginVllm(Vllm):
+    """vLLM's runner path as ``execute_model`` calls it (``_gather_mm_embeddings`` then the
+    model's default ``embed_input_ids``), with mmassembler turned on through its plugin
+    (``engines.vllm.apply``)."""
+
+    name = "plugin_vllm"
+
+    def __init__(self, reqs, weight, vl, limits=None):
+        super().__init__(reqs, weight, vl, limits=limits)
+        embed = self.embed
+
+        class Model(vl.SupportsMultiModal):  # a VLM keeping the default embed_input_ids
+            _has_oov_mm_tokens = False
+
+            def get_language_model(self):
+                return SimpleNamespace(embed_input_ids=embed)
+        self.plugin_model = Model()
+        our_vllm.apply(**{k: v for k, v in self.limits.items() if v is not None})
+
+    def call(self, windows):
+        states = [self.live[r] for r, _, _ in windows]
+        for st, (_, p, _) in zip(states, windows):
+            st.num_computed_tokens = p
+        counts = {st.req_id: e for st, (_, _, e) in zip(states, windows)}
+        ids = step_ids(self.reqs, windows)
+        runner = SimpleNamespace(
+            input_batch=SimpleNamespace(req_ids=[s.req_id for s in states]), requests={s.req_id: s for s in states},
+            encoder_cache=self.encoder_cache, _get_encoder_output_from_cache=self.encoder_cache.get,
+            is_multimodal_pruning_enabled=False, uses_mrope=False, enable_prompt_embeds=False,
+            model=self.plugin_model, input_ids=SimpleNamespace(gpu=ids), max_num_tokens=None, max_num_reqs=None)
+        sched = SimpleNamespace(total_num_scheduled_tokens=int(ids.shape[0]), num_scheduled_tokens=counts)
+        gather = self.vl.runner.GPUModelRunner._gather_mm_embeddings  # the engine's name, now ours
+
+        def step():
+            mm, is_mm = gather(runner, sched)
+            return runner.model.embed_input_ids(ids, multimodal_embeddings=mm, is_multimodal=is_mm)
+        return step
+
+    def close(self) -> None:
+        our_vllm.unapply()
+
+
 class Ours(Driver):
     """The ``Assembler`` (``stateless=False``) or the stateless ``assemble``."""
 
@@ -262,8 +335,9 @@ class Ours(Driver):
         return step
 
 
-def drivers(reqs: dict, weight: torch.Tensor, sg=None, vl=None, names=None, limits: dict | None = None) -> dict:
-    """Every path that can run here (engines only when their code loaded). ``limits``
+def drivers(reqs: dict, weight: torch.Tensor, sg=None, vl=None, names=None, limits: dict | None = None):
+    """``(name, driver)`` for every path that can run here (engines only when their code
+    loaded), each made when reached (the plugin paths patch the engine). ``limits``
     (``max_tokens``: the step's token budget, ``max_requests``: requests running at once)
     are what an engine hands our adapters and Assembler, as it knows them."""
     made = {}
@@ -277,7 +351,14 @@ def drivers(reqs: dict, weight: torch.Tensor, sg=None, vl=None, names=None, limi
         made["ours_vllm"] = Vllm(reqs, weight, vl, ours=True, limits=limits)
     made["assembler"] = Ours(reqs, weight, limits=limits)
     made["stateless"] = Ours(reqs, weight, stateless=True)
-    return {k: v for k, v in made.items() if names is None or k in names}
+    # last: they point the engine's own functions at ours until their path is done
+    if sg is not None and (names is None or "plugin_sglang_routine" in names):
+        made["plugin_sglang_routine"] = lambda: PluginSglang(reqs, weight, sg, limits=limits)
+    if vl is not None and (names is None or "plugin_vllm" in names):
+        made["plugin_vllm"] = lambda: PluginVllm(reqs, weight, vl, limits=limits)
+    for k, v in made.items():
+        if names is None or k in names:
+            yield k, v() if callable(v) and not isinstance(v, Driver) else v
 
 
 def run_steps(driver: Driver, reqs: dict, steps, weight, *, check: bool, sync, leave=None):

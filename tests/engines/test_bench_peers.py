@@ -18,11 +18,12 @@ def test_every_path_gives_the_reference_in_every_mode(sg, vl, sc):
     b = build(sc, device="cpu", dtype=torch.float32, vocab=500)
     reqs, windows, walk = workload(b)
     with torch.no_grad():
-        for name, drv in drivers(reqs, b.weight, sg, vl).items():
+        for name, drv in drivers(reqs, b.weight, sg, vl):
             for _ in range(2):  # first contact twice: the second also removes the first's requests
                 run_steps(drv, reqs, [windows], b.weight, check=True, sync=lambda: None, leave=[list(reqs)])
             run_steps(drv, reqs, walk, b.weight, check=True, sync=lambda: None, leave=_leaves(walk))
             run_steps(drv, reqs, [windows] * 2, b.weight, check=True, sync=lambda: None)  # steady
+            drv.close()
 
 
 def test_trace_paths_give_the_reference_at_every_step(sg, vl):
@@ -31,5 +32,7 @@ def test_trace_paths_give_the_reference_at_every_step(sg, vl):
     assert len(steps) > 3 and any(len(w) > 1 for w in steps)
     with torch.no_grad():
         for name, drv in drivers(reqs, weight, sg, vl, ["sglang_routine", "ours_sglang_routine", "vllm",
-                                                        "ours_vllm", "assembler", "stateless"]).items():
+                                                        "ours_vllm", "assembler", "stateless", "plugin_sglang_routine",
+                                                        "plugin_vllm"]):
             run_steps(drv, reqs, steps, weight, check=True, sync=lambda: None, leave=leave)
+            drv.close()

@@ -265,7 +265,7 @@ def general_mm_embed_routine(
     use_deepstack: Mapping | None = None,
     feature_dtypes: Mapping | None = None,
     **kwargs,
-):
+):  # noqa: D417
     """SGLang's ``general_mm_embed_routine``: ``prepare_mm_inputs``, then the language
     model on the embeddings. ``OPTIONS`` (``cache``, ``rows_fn``, ``backend``,
     ``max_tokens``: SGLang's ``chunked_prefill_size``, ``max_requests``: its
@@ -277,3 +277,96 @@ def general_mm_embed_routine(
                                      data_embedding_funcs, placeholder_tokens, use_deepstack,
                                      feature_dtypes, **ours)
     return language_model(input_ids=None, forward_batch=forward_batch, input_embeds=input_embeds, **kwargs)
+
+
+# -- turning it on in an unmodified SGLang --------------------------------------------------------
+_SIGNATURES = {
+    "embed_mm_inputs": ("mm_inputs_list", "extend_prefix_lens", "extend_seq_lens", "input_ids", "input_embedding",
+                        "multimodal_model", "data_embedding_func_mapping", "placeholder_tokens", "use_deepstack"),
+    "prepare_mm_inputs": ("input_ids", "forward_batch", "language_model", "kwargs", "multimodal_model",
+                          "data_embedding_funcs", "placeholder_tokens", "use_deepstack", "feature_dtypes"),
+    "general_mm_embed_routine": ("input_ids", "forward_batch", "language_model", "multimodal_model",
+                                 "data_embedding_funcs", "placeholder_tokens", "use_deepstack", "feature_dtypes"),
+}
+_applied = None  # the Patches of the active apply()
+
+
+def apply(*, backend: str | None = None, cache_bytes: int | None = None, max_tokens: int | None = None,
+          max_requests: int | None = None) -> bool:
+    """Point SGLang's ``general_mm_embed_routine``, ``prepare_mm_inputs`` and
+    ``embed_mm_inputs`` at ours, in ``sglang.srt.managers.mm_utils`` and in every module
+    that imported them by name (model files imported later read the patched module).
+    Options: ``backend``, ``cache_bytes`` (the adapter-wide cache), ``max_tokens``
+    (SGLang's ``chunked_prefill_size``) and ``max_requests`` (``max_running_requests``);
+    unset ones come from ``MMASSEMBLER_BACKEND``, ``MMASSEMBLER_CACHE_BYTES``,
+    ``MMASSEMBLER_MAX_TOKENS`` and ``MMASSEMBLER_MAX_REQUESTS``. Idempotent (a second call
+    changes nothing and returns False). ``EngineVersionError`` before anything changes when
+    SGLang's targets are not the ones these drop-ins were written for."""
+    global _applied, _default_cache
+    if _applied is not None:
+        logger.info("mmassembler: SGLang is already pointed at mmassembler")
+        return False
+    from mmassembler.engines.patching import EngineVersionError, Patches, check_signature
+
+    try:
+        from sglang.srt.managers import mm_utils
+    except ImportError as exc:
+        raise EngineVersionError(f"SGLang's sglang.srt.managers.mm_utils is not importable ({exc})") from None
+    for name, params in _SIGNATURES.items():
+        if not callable(getattr(mm_utils, name, None)):
+            raise EngineVersionError(f"sglang.srt.managers.mm_utils has no {name}: this SGLang version is not one "
+                                     "mmassembler's drop-in was written for; nothing was patched")
+        check_signature(getattr(mm_utils, name), params, f"sglang.srt.managers.mm_utils.{name}")
+    options = _options(backend, cache_bytes, max_tokens, max_requests)
+    if options.pop("cache_bytes", None) is not None:
+        _default_cache = EmbeddingCache(int(_option_env("cache_bytes", cache_bytes)))
+    patches = Patches("mmassembler (SGLang)")
+    ours = {"embed_mm_inputs": embed_mm_inputs, "prepare_mm_inputs": prepare_mm_inputs,
+            "general_mm_embed_routine": general_mm_embed_routine}
+    for name, fn in ours.items():
+        patches.replace(mm_utils, name, _with_options(fn, getattr(mm_utils, name), options), everywhere=True)
+    _applied = patches
+    return True
+
+
+def unapply() -> bool:
+    """Restore every original ``apply()`` replaced; False when nothing was applied."""
+    global _applied
+    if _applied is None:
+        return False
+    _applied.restore()
+    _applied = None
+    return True
+
+
+_ENV = {"backend": "MMASSEMBLER_BACKEND", "cache_bytes": "MMASSEMBLER_CACHE_BYTES",
+        "max_tokens": "MMASSEMBLER_MAX_TOKENS", "max_requests": "MMASSEMBLER_MAX_REQUESTS"}
+
+
+def _option_env(name: str, value):
+    if value is not None:
+        return value
+    raw = os.environ.get(_ENV[name])
+    if raw is None or raw == "":
+        return None
+    return raw if name == "backend" else int(raw)
+
+
+def _options(backend, cache_bytes, max_tokens, max_requests) -> dict:
+    """The options given, else from the environment (``_ENV``); unset ones left out."""
+    got = {name: _option_env(name, value) for name, value in
+           (("backend", backend), ("cache_bytes", cache_bytes), ("max_tokens", max_tokens),
+            ("max_requests", max_requests))}
+    return {k: v for k, v in got.items() if v is not None}
+
+
+def _with_options(fn, original, options: dict):
+    """``fn`` with ``options`` as keyword defaults, named like the engine's ``original``."""
+    import functools
+
+    if not options:
+        wrapped = functools.wraps(original)(lambda *a, **kw: fn(*a, **kw))
+    else:
+        wrapped = functools.wraps(original)(lambda *a, **kw: fn(*a, **{**options, **kw}))
+    wrapped.__mmassembler__ = fn
+    return wrapped

@@ -17,6 +17,7 @@ placeholders") but is a typed ``RowCountError`` raised before any write.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from itertools import chain
 
@@ -32,6 +33,8 @@ from mmassembler.engines._resident import resident_for
 from mmassembler.runs import NO_LIMIT, NewRequests
 from mmassembler.errors import BatchShapeError, EmbeddingFormatError, MissingEncoderError, RowCountError
 from mmassembler.step_inputs import check_buffer
+
+logger = logging.getLogger("mmassembler")
 
 
 def _flatten(embeddings) -> list[torch.Tensor]:
@@ -321,3 +324,111 @@ def _gather_stateless(requests, counts, encoder_cache, input_ids, shift, weight,
     if weight is not None:
         return assemble(reqs, input_ids, weight=weight, deepstack_out=deepstack_out, backend=backend)
     return assemble(reqs, input_ids, out=rows, deepstack_out=deepstack_out, backend=backend)
+
+
+# -- turning it on in an unmodified vLLM ----------------------------------------------------------
+_GATHER_PARAMS = ("self", "scheduler_output", "shift_computed_tokens")
+_MERGE_PARAMS = ("inputs_embeds", "multimodal_embeddings", "is_multimodal")
+_EMBED_PARAMS = ("self", "input_ids", "multimodal_embeddings")
+_applied = None  # the Patches of the active apply()
+
+
+class _Assembled(list):
+    """What the patched runner gather hands ``embed_input_ids``: the step's input
+    embeddings, already assembled (a one-element list, so the runner's checks pass)."""
+
+
+def apply(*, backend: str | None = None, max_tokens: int | None = None, max_requests: int | None = None) -> bool:
+    """Point vLLM's model runner at ours: ``GPUModelRunner._gather_mm_embeddings`` assembles
+    the whole step in one launch (for models that keep the default ``embed_input_ids``,
+    whose ``SupportsMultiModal.embed_input_ids`` then returns it), and
+    ``_merge_multimodal_embeddings`` (models that merge themselves) becomes ours, one launch
+    instead of a concatenation and a masked write. Steps the drop-in does not cover
+    (the drafter's look-ahead, prompt embeddings, multimodal pruning, out-of-vocabulary
+    media tokens, models with their own ``embed_input_ids``) keep the runner's own code.
+    Options: ``backend``, ``max_tokens`` and ``max_requests`` (the runner's own limits
+    when unset; ``MMASSEMBLER_BACKEND``, ``MMASSEMBLER_MAX_TOKENS``,
+    ``MMASSEMBLER_MAX_REQUESTS``). Idempotent; ``EngineVersionError`` before anything
+    changes when vLLM's targets are not the ones this drop-in was written for."""
+    global _applied
+    if _applied is not None:
+        logger.info("mmassembler: vLLM is already pointed at mmassembler")
+        return False
+    from mmassembler.engines.patching import EngineVersionError, Patches, check_signature
+    from mmassembler.engines.sglang import _options
+
+    try:
+        from vllm.model_executor.models import interfaces, utils
+        from vllm.v1.worker import gpu_model_runner
+    except ImportError as exc:
+        raise EngineVersionError(f"vLLM's model runner is not importable ({exc})") from None
+    runner_cls = getattr(gpu_model_runner, "GPUModelRunner", None)
+    mixin = getattr(interfaces, "SupportsMultiModal", None)
+    targets = ((runner_cls, "_gather_mm_embeddings", _GATHER_PARAMS), (utils, "_merge_multimodal_embeddings",
+               _MERGE_PARAMS), (mixin, "embed_input_ids", _EMBED_PARAMS))
+    for owner, name, params in targets:
+        fn = getattr(owner, name, None)
+        if not callable(fn):
+            raise EngineVersionError(f"vLLM has no {name} where mmassembler's drop-in expects it: this vLLM version "
+                                     "is not one it was written for; nothing was patched")
+        check_signature(fn, params, f"vLLM's {name}")
+    options = _options(backend, None, max_tokens, max_requests)
+    original_gather = runner_cls.__dict__["_gather_mm_embeddings"]
+    original_embed = mixin.__dict__["embed_input_ids"]
+    original_merge = utils._merge_multimodal_embeddings
+
+    def gather(self, scheduler_output, shift_computed_tokens: int = 0):
+        model = self.model
+        if (shift_computed_tokens or getattr(self, "enable_prompt_embeds", False)
+                or (getattr(self, "is_multimodal_pruning_enabled", False) and getattr(self, "uses_mrope", False))
+                or getattr(model, "_has_oov_mm_tokens", False)
+                or getattr(type(model), "embed_input_ids", None) is not patched_embed):
+            return original_gather(self, scheduler_output, shift_computed_tokens)
+        total = scheduler_output.total_num_scheduled_tokens
+        states = [self.requests[r] for r in self.input_batch.req_ids]
+        embeds = gather_mm_embeddings(
+            states, self.encoder_cache, self.input_ids.gpu[:total],
+            num_scheduled_tokens=scheduler_output.num_scheduled_tokens,
+            embed_tokens=model.get_language_model().embed_input_ids,
+            backend=options.get("backend", "auto"),
+            max_tokens=options.get("max_tokens", getattr(self, "max_num_tokens", None)),
+            max_requests=options.get("max_requests", getattr(self, "max_num_reqs", None)))
+        return _Assembled([embeds]), None
+
+    def patched_embed(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
+        if type(multimodal_embeddings) is _Assembled:
+            embeds = multimodal_embeddings[0]
+            if embeds.shape[0] != input_ids.shape[0]:
+                raise BatchShapeError(f"embed_input_ids got {input_ids.shape[0]} ids for a step assembled for "
+                                      f"{embeds.shape[0]}")
+            return embeds
+        return original_embed(self, input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+
+    def merge(inputs_embeds, multimodal_embeddings, is_multimodal):
+        if (not isinstance(is_multimodal, torch.Tensor) or is_multimodal.device.type != "cpu"
+                or not isinstance(inputs_embeds, torch.Tensor)):
+            # a mask on the device would be read back (a sync): the engine's own merge
+            return original_merge(inputs_embeds, multimodal_embeddings, is_multimodal)
+        return merge_multimodal_embeddings(inputs_embeds, multimodal_embeddings, is_multimodal)
+
+    import functools
+
+    gather = functools.wraps(original_gather)(gather)
+    patched_embed = functools.wraps(original_embed)(patched_embed)
+    merge = functools.wraps(original_merge)(merge)
+    patches = Patches("mmassembler (vLLM)")
+    patches.replace(runner_cls, "_gather_mm_embeddings", gather)
+    patches.replace(mixin, "embed_input_ids", patched_embed)
+    patches.replace(utils, "_merge_multimodal_embeddings", merge, everywhere=True)
+    _applied = patches
+    return True
+
+
+def unapply() -> bool:
+    """Restore every original ``apply()`` replaced; False when nothing was applied."""
+    global _applied
+    if _applied is None:
+        return False
+    _applied.restore()
+    _applied = None
+    return True

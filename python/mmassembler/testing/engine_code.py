@@ -32,6 +32,9 @@ SGLANG_REAL = {
     "sglang.srt.mem_cache.multimodal_cache",
     "sglang.srt.utils",  # flatten_nested_list, is_hip & co.: their real answers
     "sglang.srt.utils.common",
+    "sglang.srt.plugins",  # the plugin loader and its hook registry (our entry point is tested there)
+    "sglang.srt.plugins.hook_registry",
+    "sglang.srt.environ",
 }
 SGLANG_STUBBED = {"sgl_kernel", "flashinfer", "triton_kernels", "deep_gemm"}  # more are added when missing
 
@@ -44,14 +47,14 @@ def load_sglang() -> types.SimpleNamespace:
         sys.path.append(str(msgspec_root))
     root = wheels.source(SGLANG)
     importer = wheels.EngineImporter(root, "sglang", SGLANG_REAL, SGLANG_STUBBED)
-    mm_schedule, mm_utils, schedule_batch, modality = wheels.import_with_stubs(importer, [
+    mm_schedule, mm_utils, schedule_batch, modality, plugins = wheels.import_with_stubs(importer, [
         "sglang.srt.managers.mm_schedule", "sglang.srt.managers.mm_utils",
-        "sglang.srt.managers.schedule_batch", "sglang.srt.multimodal.modality"])
+        "sglang.srt.managers.schedule_batch", "sglang.srt.multimodal.modality", "sglang.srt.plugins"])
     Modality = modality.Modality
 
     return types.SimpleNamespace(mm_utils=mm_utils, mm_schedule=mm_schedule, Modality=Modality,
                                  MultimodalDataItem=schedule_batch.MultimodalDataItem,
-                                 MultimodalInputs=schedule_batch.MultimodalInputs)
+                                 MultimodalInputs=schedule_batch.MultimodalInputs, plugins=plugins)
 
 
 VLLM = "vllm==0.33.0"
@@ -65,6 +68,8 @@ VLLM_REAL = {
     "vllm.utils",
     "vllm.utils.collection_utils",
     "vllm.utils.jsontree",
+    "vllm.plugins",  # the general plugin loader (our entry point is tested there)
+    "vllm.envs",
 }
 VLLM_STUBBED = {"flashinfer", "xformers", "deep_gemm"}
 
@@ -73,17 +78,18 @@ VLLM_STUBBED = {"flashinfer", "xformers", "deep_gemm"}
 def load_vllm() -> types.SimpleNamespace:
     root = wheels.source(VLLM)
     importer = wheels.EngineImporter(root, "vllm", VLLM_REAL, VLLM_STUBBED)
-    utils, interfaces, inputs, mm_utils, input_batch, runner = wheels.import_with_stubs(importer, [
+    utils, interfaces, inputs, mm_utils, input_batch, runner, plugins = wheels.import_with_stubs(importer, [
         "vllm.model_executor.models.utils", "vllm.model_executor.models.interfaces",
         "vllm.multimodal.inputs", "vllm.multimodal.utils", "vllm.v1.worker.gpu_input_batch",
-        "vllm.v1.worker.gpu_model_runner"])
+        "vllm.v1.worker.gpu_model_runner", "vllm.plugins"])
     runner.PIN_MEMORY = torch.cuda.is_available()  # what vLLM has: pinned staging only with CUDA
     return types.SimpleNamespace(
         merge=utils._merge_multimodal_embeddings, SupportsMultiModal=interfaces.SupportsMultiModal,
         PlaceholderRange=inputs.PlaceholderRange, MultiModalFeatureSpec=inputs.MultiModalFeatureSpec,
         get_mm_features_in_window=mm_utils.get_mm_features_in_window,
         CachedRequestState=input_batch.CachedRequestState,
-        gather_mm_embeddings=runner.GPUModelRunner._gather_mm_embeddings, runner=runner)
+        gather_mm_embeddings=runner.GPUModelRunner._gather_mm_embeddings, runner=runner, plugins=plugins,
+        utils=utils, interfaces=interfaces)
 
 
 def export(dest: Path) -> None:
