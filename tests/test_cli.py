@@ -43,3 +43,17 @@ def test_demo_on_a_missing_device_says_so(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["demo", "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().out
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("args,says", [(["--requests", "0"], "--requests takes a number from 1"),
+                                       (["--requests", "x"], "--requests takes a whole number"),
+                                       (["--hidden", "-4"], "--hidden takes a number from 1"),
+                                       (["--device", "mps"], "--device takes cpu, cuda or cuda:N")])
+def test_bad_demo_arguments_get_one_line_naming_the_option(capsys, args, says):
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and says in err and "Traceback" not in err

@@ -204,10 +204,13 @@ def test_three_d_encoder_output_is_split_on_its_item_dimension():
 
     def enc(batch):
         calls.append(len(batch))
-        return stacked
+        return stacked[[it.hash % 3 for it in batch]]
     with torch.no_grad():
         out, _ = embed_mm_inputs([SgInputs(items)], [0], [15], torch.zeros(15, dtype=torch.long),
                                  nn.Embedding(2, h), data_embedding_func_mapping={Modality.IMAGE: enc})
-    assert calls == [3]
+        more = [SgItem(Modality.IMAGE, 3 + k, [(5 * k, 5 * k + 2)]) for k in range(3)]
+        again, _ = embed_mm_inputs([SgInputs(more)], [0], [15], torch.zeros(15, dtype=torch.long),
+                                   nn.Embedding(2, h), data_embedding_func_mapping={Modality.IMAGE: enc})
+    assert calls == [1, 2, 3]  # the first call learns the encoder's answer on one item, then batches
     for k in range(3):
-        assert torch.equal(out[5 * k:5 * k + 3], stacked[k])
+        assert torch.equal(out[5 * k:5 * k + 3], stacked[k]) and torch.equal(again[5 * k:5 * k + 3], stacked[k])

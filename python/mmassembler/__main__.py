@@ -54,6 +54,26 @@ def info() -> str:
     return "\n".join(lines)
 
 
+def _positive(flag: str, most: int):
+    """An argparse type: an int from 1 to ``most``, else a one-line error naming ``flag``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes a whole number, got {text!r}") from None
+        if not 1 <= value <= most:
+            raise argparse.ArgumentTypeError(f"{flag} takes a number from 1 to {most}, got {value}")
+        return value
+    return parse
+
+
+def _device(text: str) -> str:
+    """An argparse type: ``cpu``, ``cuda`` or ``cuda:N``."""
+    if text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"--device takes cpu, cuda or cuda:N, got {text!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from mmassembler import __version__
 
@@ -62,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="torch, Triton, the device and the backend 'auto' picks here")
     demo = sub.add_parser("demo", help="assemble a synthetic chunked-prefill batch and check it")
-    demo.add_argument("--requests", type=int, default=6, help="prompts prefilled together")
-    demo.add_argument("--hidden", type=int, default=256, help="embedding width")
-    demo.add_argument("--chunk", type=int, default=64, help="prefill tokens per request per step")
-    demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    demo.add_argument("--requests", type=_positive("--requests", 1024), default=6, help="prompts prefilled together")
+    demo.add_argument("--hidden", type=_positive("--hidden", 1 << 16), default=256, help="embedding width")
+    demo.add_argument("--chunk", type=_positive("--chunk", 1 << 16), default=64,
+                      help="prefill tokens per request per step")
+    demo.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
                       help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                       help="embedding dtype")

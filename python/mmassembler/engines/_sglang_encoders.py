@@ -2,8 +2,10 @@
 
 A function may return a list (one tensor per item), a ``[items, rows, hidden]`` tensor, or
 one concatenated 2-D tensor. A concatenated output is split by ``rows_fn`` (rows from the
-item's own metadata, e.g. its image grid), never by placeholder counts; without one, such
-an encoder is called one item at a time from then on (logged once).
+item's own metadata, e.g. its image grid), never by placeholder counts; without one, a
+function's first call of several items is made on one item alone, and one that answers
+with a single tensor is called one item at a time from then on (logged once): no batched
+call is made and thrown away. ``rows_fn`` keys that match no modality are refused.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import numpy as np
 
 from mmassembler.identity import ObjectState
 from mmassembler.encode import Encoder
-from mmassembler.errors import EncoderOutputError
+from mmassembler.errors import BatchShapeError, EncoderOutputError
 
 logger = logging.getLogger(__name__)
 
 RowsFn = Callable[[object], int]
 _concatenating = ObjectState()  # encoder (or bound method's instance) -> functions seen concatenating
+_listing = ObjectState()  # ... -> functions seen returning a list (one tensor per item)
 _warned = ObjectState()
 
 
@@ -65,8 +68,17 @@ def _make_encoder(func: Callable, rows_fn: RowsFn | None, name: str, why: str = 
         return [func([it]) for it in sg_items]
 
     def encode(sg_items):
-        if rows_fn is None and len(sg_items) > 1 and _seen(_concatenating, func):
-            return per_item(sg_items)
+        if rows_fn is None and len(sg_items) > 1:
+            if _seen(_concatenating, func):
+                return per_item(sg_items)
+            if not _seen(_listing, func):  # first call: one item tells what the encoder returns
+                first = func(sg_items[:1])
+                if isinstance(first, (list, tuple)) or (first.dim() == 3 and first.shape[0] == 1):
+                    _mark(_listing, func)  # one tensor per item, or [items, rows, hidden]: batchable
+                    rest = func(sg_items[1:])
+                    return list(first) + list(rest)
+                _mark(_concatenating, func)
+                return [first] + per_item(sg_items[1:])
         out = func(sg_items)
         if isinstance(out, (list, tuple)):
             return list(out)
@@ -96,6 +108,13 @@ class StepEncoders(Mapping):
     def __init__(self, mapping: Mapping | None, model, rows_fn):
         self._mapping, self._model, self._rows_fn, self._made = mapping, model, rows_fn, {}
         self._by_name: dict | None = None
+        if isinstance(rows_fn, Mapping):
+            unknown = [k for k in rows_fn if self._func(modality_name(k)) is None]
+            if unknown:
+                known = sorted(set(self._funcs) | {n[4:-8] for n in dir(model or object())
+                                                   if n.startswith("get_") and n.endswith("_feature")})
+                raise BatchShapeError(f"rows_fn has keys {unknown!r} that match no modality with an encoder "
+                                      f"({known}): its rows function would never be used")
 
     @property
     def _funcs(self) -> dict:

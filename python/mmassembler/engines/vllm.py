@@ -146,15 +146,38 @@ def _item_for(feature, embedding, req_id=None) -> Item:
 
 def _scheduled(requests: Sequence, num_scheduled_tokens) -> list[int]:
     """This step's token count per request, from the scheduler output's dict (by
-    ``req_id``), a sequence in request order, or each request's own attribute."""
+    ``req_id``), a sequence in request order, or each request's own attribute; a typed
+    error naming the request for anything missing."""
     if num_scheduled_tokens is None:
+        missing = [i for i, r in enumerate(requests) if not hasattr(r, "num_scheduled_tokens")]
+        if missing:
+            raise BatchShapeError("pass num_scheduled_tokens= (the scheduler output's num_scheduled_tokens dict): "
+                                  "the runner's request states do not carry this step's counts", request=missing[0])
         return [int(r.num_scheduled_tokens) for r in requests]
     if isinstance(num_scheduled_tokens, Mapping):
-        return [int(num_scheduled_tokens[r.req_id]) for r in requests]
+        counts = [num_scheduled_tokens.get(getattr(r, "req_id", None)) for r in requests]
+        if None in counts:
+            i = counts.index(None)
+            raise BatchShapeError(f"num_scheduled_tokens has no entry for request {getattr(requests[i], 'req_id', None)!r}"
+                                  " (a request of the batch the scheduler did not schedule?)", request=i)
+        return [int(n) for n in counts]
     if len(num_scheduled_tokens) != len(requests):
         raise BatchShapeError(f"num_scheduled_tokens has {len(num_scheduled_tokens)} entries for "
                               f"{len(requests)} requests")
     return [int(n) for n in num_scheduled_tokens]
+
+
+def _check_requests(requests) -> None:
+    """A list of request states in batch order (``[self.requests[r] for r in
+    self.input_batch.req_ids]``), each with ``mm_features`` and ``num_computed_tokens``."""
+    if isinstance(requests, Mapping) or not isinstance(requests, (list, tuple)):
+        raise BatchShapeError(f"requests must be a list of the runner's CachedRequestState in batch order "
+                              f"([self.requests[r] for r in self.input_batch.req_ids]), got "
+                              f"{type(requests).__name__}")
+    for i, r in enumerate(requests):
+        if not hasattr(r, "mm_features") or not hasattr(r, "num_computed_tokens"):
+            raise BatchShapeError(f"requests[{i}] is a {type(r).__name__}, not a request state (it needs "
+                                  "mm_features and num_computed_tokens)", request=i)
 
 
 def gather_mm_embeddings(requests: Sequence, encoder_cache: Mapping, input_ids: torch.Tensor, *,
@@ -189,6 +212,7 @@ def gather_mm_embeddings(requests: Sequence, encoder_cache: Mapping, input_ids: 
     ``max_num_batched_tokens`` and ``max_num_seqs``) size the resident tables once; without
     them a step that does not fit grows them.
     """
+    _check_requests(requests)
     counts = _scheduled(requests, num_scheduled_tokens)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1:
         raise BatchShapeError(f"input_ids must be a 1-D tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
