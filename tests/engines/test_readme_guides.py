@@ -97,3 +97,22 @@ def test_vllm_guide(vl):
         scope = dict(self=runner, scheduler_output=sched, num_scheduled_tokens=len(ids))
         exec(guide("vllm"), scope)
     assert torch.equal(scope["inputs_embeds"], want)
+
+
+def test_plugin_guide(sg, vl):
+    """The Python form of the plugin: after ``apply()`` the engines' own names are ours,
+    after ``unapply()`` every original is back."""
+    code = guide("plugin")
+    head, tail = code.split("# ... build and run the engine", 1)
+    before = (sg.mm_utils.general_mm_embed_routine, vl.runner.GPUModelRunner.__dict__["_gather_mm_embeddings"],
+              vl.utils._merge_multimodal_embeddings)
+    scope = {"__name__": "readme_plugin"}
+    try:
+        exec(compile(head, "README.md:plugin", "exec"), scope)
+        now = (sg.mm_utils.general_mm_embed_routine, vl.runner.GPUModelRunner.__dict__["_gather_mm_embeddings"],
+               vl.utils._merge_multimodal_embeddings)
+        assert all(a is not b for a, b in zip(now, before))
+    finally:
+        exec(compile("#" + tail, "README.md:plugin", "exec"), scope)
+    assert (sg.mm_utils.general_mm_embed_routine, vl.runner.GPUModelRunner.__dict__["_gather_mm_embeddings"],
+            vl.utils._merge_multimodal_embeddings) == before
