@@ -32,7 +32,8 @@ from mmassembler.counting import count_calls, count_numpy
 from mmassembler.items import Item, Request
 from mmassembler.oracle import assemble_oracle, item_positions
 
-__all__ = ["Batch", "Schedule", "Step", "assemble_oracle", "assert_assembled", "batches", "count_calls", "count_numpy",
+__all__ = ["Batch", "Schedule", "Step", "assemble_oracle", "assert_assembled", "assert_bitwise_equal", "batches", "bits",
+           "count_calls", "count_numpy",
            "encoded_rows", "encoder_outputs", "random_rows", "schedules", "segment_tables"]
 
 
@@ -250,12 +251,30 @@ def encoder_outputs(draw, tensors: list):
     return torch.cat(tensors), (rows if kind == "list" else torch.tensor(rows))
 
 
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bits as integers (NaN payloads and -0.0 compare as what they are)."""
+    return t.view(_INT_VIEW[t.dtype]) if t.dtype in _INT_VIEW else t
+
+
+def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor, what: str = "output") -> None:
+    """Exact equality of bits; the failure names the first mismatches. The one bitwise
+    comparison the tests use."""
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape, got.dtype, want.dtype)
+    a, b = bits(got.cpu()), bits(want.cpu())
+    if not torch.equal(a, b):
+        bad = (a != b).nonzero()[:5].tolist()
+        detail = [(i, got[tuple(i)].item(), want[tuple(i)].item()) for i in bad]
+        raise AssertionError(f"{what}: {(a != b).sum().item()} elements differ; first "
+                             f"(index, got, want): {detail}")
+
+
 def _first_wrong_row(got: torch.Tensor, want: torch.Tensor) -> int | None:
     if got.shape != want.shape:
         return -1
-    same = got.view(torch.int16) == want.view(torch.int16) if got.element_size() == 2 else (
-        got.view(torch.int32) == want.view(torch.int32)) if got.element_size() == 4 else got == want
-    bad = (~same).any(dim=1).nonzero()
+    bad = (bits(got) != bits(want)).any(dim=1).nonzero()
     return int(bad[0]) if len(bad) else None
 
 
