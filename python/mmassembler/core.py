@@ -132,7 +132,7 @@ class StepCore:
         if r <= PYTHON_FILL_MAX and type(handles) is list and type(prefix_lens) is list \
                 and type(extend_lens) is list:
             hl, pl, el = handles, prefix_lens, extend_lens
-            if not set(map(type, hl)) | set(map(type, pl)) | set(map(type, el)) <= _INTS:
+            if set(map(type, hl + pl + el)) != _INTS and (hl or pl or el):
                 hl, pl, el = (int_array(handles, "handles").tolist(), int_array(prefix_lens, "prefix_lens").tolist(),
                               int_array(extend_lens, "extend_lens").tolist())
             arrays = None
