@@ -36,6 +36,19 @@ def check_signature(fn, expected: tuple, where: str) -> None:
                                  "one mmassembler's drop-in was written for; nothing was patched")
 
 
+def _module_attributes():
+    """``(module, name, value)`` for every attribute of every loaded module."""
+    for mod in list(sys.modules.values()):
+        if not isinstance(mod, types.ModuleType):
+            continue
+        try:
+            items = list(vars(mod).items())
+        except TypeError:
+            continue
+        for attr, value in items:
+            yield mod, attr, value
+
+
 class Patches:
     """What one ``apply()`` replaced, for ``restore()``."""
 
@@ -50,18 +63,11 @@ class Patches:
         where = [f"{getattr(owner, '__module__', '')}.{owner.__qualname__}" if isinstance(owner, type)
                  else owner.__name__]
         if everywhere:
-            for mod in list(sys.modules.values()):
-                if mod is owner or not isinstance(mod, types.ModuleType):
-                    continue
-                try:
-                    items = list(vars(mod).items())
-                except TypeError:
-                    continue
-                for attr, value in items:
-                    if value is original:
-                        setattr(mod, attr, new)
-                        self.done.append((mod, attr, original, new))
-                        where.append(mod.__name__)
+            for mod, attr, value in _module_attributes():
+                if value is original and mod is not owner:
+                    setattr(mod, attr, new)
+                    self.done.append((mod, attr, original, new))
+                    where.append(mod.__name__)
         logger.info("%s: %s replaced in %s", self.label, name, ", ".join(where))
 
     def restore(self) -> None:
@@ -72,15 +78,33 @@ class Patches:
             if current is new:
                 setattr(owner, name, original)
         swept = {id(new): original for owner, _, original, new in self.done if not isinstance(owner, type)}
-        for mod in list(sys.modules.values()):
-            if not isinstance(mod, types.ModuleType):
-                continue
-            try:
-                items = list(vars(mod).items())
-            except TypeError:
-                continue
-            for attr, value in items:
-                if id(value) in swept and callable(value) and hasattr(value, "__wrapped__"):
-                    setattr(mod, attr, swept[id(value)])
+        for mod, attr, value in _module_attributes():
+            if id(value) in swept and callable(value) and hasattr(value, "__wrapped__"):
+                setattr(mod, attr, swept[id(value)])
         logger.info("%s: %d replacements restored", self.label, len(self.done))
         self.done = []
+
+
+class Switch:
+    """An engine's on/off state: the ``Patches`` of the active ``apply()``, if any."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.patches: Patches | None = None
+
+    @property
+    def on(self) -> bool:
+        return self.patches is not None
+
+    def begin(self) -> Patches:
+        """Patches to fill (after every check has passed); the switch is on from here."""
+        self.patches = Patches(self.label)
+        return self.patches
+
+    def end(self) -> bool:
+        """Restore every original; False when nothing was applied."""
+        if self.patches is None:
+            return False
+        self.patches.restore()
+        self.patches = None
+        return True

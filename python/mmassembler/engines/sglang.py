@@ -288,7 +288,7 @@ _SIGNATURES = {
     "general_mm_embed_routine": ("input_ids", "forward_batch", "language_model", "multimodal_model",
                                  "data_embedding_funcs", "placeholder_tokens", "use_deepstack", "feature_dtypes"),
 }
-_applied = None  # the Patches of the active apply()
+_switch = None  # patching.Switch: on while apply() is in effect (made on first use)
 
 
 def apply(*, backend: str | None = None, cache_bytes: int | None = None, max_tokens: int | None = None,
@@ -302,11 +302,13 @@ def apply(*, backend: str | None = None, cache_bytes: int | None = None, max_tok
     ``MMASSEMBLER_MAX_TOKENS`` and ``MMASSEMBLER_MAX_REQUESTS``. Idempotent (a second call
     changes nothing and returns False). ``EngineVersionError`` before anything changes when
     SGLang's targets are not the ones these drop-ins were written for."""
-    global _applied, _default_cache
-    if _applied is not None:
+    global _switch, _default_cache
+    from mmassembler.engines.patching import EngineVersionError, Switch, check_signature
+
+    _switch = _switch or Switch("mmassembler (SGLang)")
+    if _switch.on:
         logger.info("mmassembler: SGLang is already pointed at mmassembler")
         return False
-    from mmassembler.engines.patching import EngineVersionError, Patches, check_signature
 
     try:
         from sglang.srt.managers import mm_utils
@@ -320,23 +322,17 @@ def apply(*, backend: str | None = None, cache_bytes: int | None = None, max_tok
     options = _options(backend, cache_bytes, max_tokens, max_requests)
     if options.pop("cache_bytes", None) is not None:
         _default_cache = EmbeddingCache(int(_option_env("cache_bytes", cache_bytes)))
-    patches = Patches("mmassembler (SGLang)")
+    patches = _switch.begin()
     ours = {"embed_mm_inputs": embed_mm_inputs, "prepare_mm_inputs": prepare_mm_inputs,
             "general_mm_embed_routine": general_mm_embed_routine}
     for name, fn in ours.items():
         patches.replace(mm_utils, name, _with_options(fn, getattr(mm_utils, name), options), everywhere=True)
-    _applied = patches
     return True
 
 
 def unapply() -> bool:
     """Restore every original ``apply()`` replaced; False when nothing was applied."""
-    global _applied
-    if _applied is None:
-        return False
-    _applied.restore()
-    _applied = None
-    return True
+    return _switch is not None and _switch.end()
 
 
 _ENV = {"backend": "MMASSEMBLER_BACKEND", "cache_bytes": "MMASSEMBLER_CACHE_BYTES",

@@ -354,7 +354,7 @@ def _gather_stateless(requests, counts, encoder_cache, input_ids, shift, weight,
 _GATHER_PARAMS = ("self", "scheduler_output", "shift_computed_tokens")
 _MERGE_PARAMS = ("inputs_embeds", "multimodal_embeddings", "is_multimodal")
 _EMBED_PARAMS = ("self", "input_ids", "multimodal_embeddings")
-_applied = None  # the Patches of the active apply()
+_switch = None  # patching.Switch: on while apply() is in effect (made on first use)
 
 
 class _Assembled(list):
@@ -374,12 +374,14 @@ def apply(*, backend: str | None = None, max_tokens: int | None = None, max_requ
     when unset; ``MMASSEMBLER_BACKEND``, ``MMASSEMBLER_MAX_TOKENS``,
     ``MMASSEMBLER_MAX_REQUESTS``). Idempotent; ``EngineVersionError`` before anything
     changes when vLLM's targets are not the ones this drop-in was written for."""
-    global _applied
-    if _applied is not None:
+    global _switch
+    from mmassembler.engines.patching import EngineVersionError, Switch, check_signature
+    from mmassembler.engines.sglang import _options
+
+    _switch = _switch or Switch("mmassembler (vLLM)")
+    if _switch.on:
         logger.info("mmassembler: vLLM is already pointed at mmassembler")
         return False
-    from mmassembler.engines.patching import EngineVersionError, Patches, check_signature
-    from mmassembler.engines.sglang import _options
 
     try:
         from vllm.model_executor.models import interfaces, utils
@@ -440,19 +442,13 @@ def apply(*, backend: str | None = None, max_tokens: int | None = None, max_requ
     gather = functools.wraps(original_gather)(gather)
     patched_embed = functools.wraps(original_embed)(patched_embed)
     merge = functools.wraps(original_merge)(merge)
-    patches = Patches("mmassembler (vLLM)")
+    patches = _switch.begin()
     patches.replace(runner_cls, "_gather_mm_embeddings", gather)
     patches.replace(mixin, "embed_input_ids", patched_embed)
     patches.replace(utils, "_merge_multimodal_embeddings", merge, everywhere=True)
-    _applied = patches
     return True
 
 
 def unapply() -> bool:
     """Restore every original ``apply()`` replaced; False when nothing was applied."""
-    global _applied
-    if _applied is None:
-        return False
-    _applied.restore()
-    _applied = None
-    return True
+    return _switch is not None and _switch.end()
