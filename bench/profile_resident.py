@@ -93,11 +93,44 @@ def profile(b) -> None:
     print("\n".join(s.getvalue().splitlines()[6:24]))
 
 
+def fill_switch(device: str) -> None:
+    """Both fills of a steady step's windows (``mmassembler.fill``) at 1 to 96 windows,
+    host µs each (the windows as lists, as the adapters pass them): where the array fill
+    gets cheaper is ``PYTHON_FILL_MAX``."""
+    from mmassembler import Item
+    from mmassembler.fill import PYTHON_FILL_MAX, NumpyFill, fill_python, write_rows
+    from mmassembler.step_inputs import int_array
+
+    print(f"\nsteady fill, host µs (PYTHON_FILL_MAX = {PYTHON_FILL_MAX})\n| windows | Python | arrays |\n|---:|---:|---:|")
+    weight = torch.randn(10, 64, device=device)
+    for r in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96):
+        asm = Assembler(weight=weight, max_tokens=1 << 16, max_requests=r)
+        h = asm.add_requests([([Item(k, [(1, 2)], embedding=torch.randn(2, 64, device=device))], 4)
+                              for k in range(r)])
+        p, e = [0] * r, [4] * r
+        asm.assemble(h, p, e, torch.zeros(4 * r, dtype=torch.long, device=device))
+        reg, table, numpy_fill = asm.registry, asm.tables.staging_table(), NumpyFill(r)
+        reg.sync_req()
+
+        def python():
+            fill_python(table, reg.recs, reg.max_requests, h, p, e, 0)
+            write_rows(table, reg.recs, h, p, e)
+
+        def arrays():
+            numpy_fill.fill(table, reg.req, int_array(h, "h"), int_array(p, "p"), int_array(e, "e"))
+            table[0, 0], table[0, 1] = 4 * r, r
+        print(f"| {r} | {host_us(python, 2000, lambda: None):.1f} | {host_us(arrays, 2000, lambda: None):.1f} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenario", nargs="*", default=["1x1x256", "1x128x256", "64x4x64"])
+    ap.add_argument("--fill", action="store_true", help="only the two fills at 1 to 96 windows")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.fill:
+        fill_switch(device)
+        return 0
     for sc in RESIDENT_SCENARIOS:
         if any(k in sc.name for k in args.scenario):
             profile(build(sc, device=device))
