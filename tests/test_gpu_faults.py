@@ -109,3 +109,22 @@ def test_a_graph_replays_right_after_a_failed_step():
     then_b = asm.assemble([b], [0], [8], ids).clone()
     torch.cuda.synchronize()
     assert torch.equal(first, again) and torch.equal(first[1:5], _rows(1)) and torch.equal(then_b[1:5], _rows(2))
+
+
+def test_a_request_removed_between_plan_and_run_keeps_its_rows_until_the_step_ran():
+    """The plan reads an encoded source only the Assembler holds; removing the request
+    before ``run`` must not free it while the step's kernel is queued, or the memory is
+    handed to the next allocation and the step reads whatever that wrote."""
+    weight = torch.randn(20, H, device="cuda")
+    asm = Assembler(weight=weight, max_tokens=64, max_requests=4,
+                    encoders={"image": lambda items: [_rows(it.key) for it in items]})
+    a = asm.add_request([Item(7, [(1, 4)])], 8)
+    ids = torch.zeros(8, dtype=torch.long, device="cuda")
+    torch.cuda._sleep(SLEEP)
+    plan = asm.plan([a], [0], [8], ids)
+    asm.remove_request(a)
+    junk = [torch.full((4, H), -1.0, device="cuda") for _ in range(8)]  # would reuse freed blocks
+    got = asm.run(plan)
+    torch.cuda.synchronize()
+    assert torch.equal(got[1:5], _rows(7)), got[1:5]
+    del junk

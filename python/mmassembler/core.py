@@ -105,10 +105,14 @@ class StepCore:
         return handles
 
     def remove(self, handles) -> None:
-        """Remove requests; what they held is let go of once the queued steps have run."""
+        """Remove requests; what they held is let go of once the queued steps have run,
+        and the planned one too when a plan is waiting to run (it may read them)."""
         released = self.registry.remove(handles)
         self.stats.removed += len(handles)
-        self.tables.retire(released)
+        if self._unrun is not None:
+            self.tables.retire_now(released)
+        else:
+            self.tables.retire(released)
 
     # -- plan -------------------------------------------------------------------------------
     def plan(self, handles, prefix_lens, extend_lens, *, spec: StepSpec, op: StepOp | None,

@@ -94,7 +94,10 @@ class NumpyFill:
         if True not in bad:
             return [], None
         dup = None
-        if True in bad[4]:  # the earlier of two windows of one handle: name the later one
-            first = int(bad[4].nonzero()[0][0])
-            dup = int(self.mark[int(np.clip(h[first], 0, len(self.mark) - 1))])
+        if True in bad[4]:  # name the first window whose handle came before (as fill_python)
+            seen: set = set()
+            for dup, x in enumerate(h.tolist()):
+                if x in seen:
+                    break
+                seen.add(x)
         return bad.any(0).nonzero()[0].tolist(), dup
