@@ -57,7 +57,7 @@ class StepPlan:
     once, and only while it is its core's latest plan."""
 
     __slots__ = ("core", "serial", "num_tokens", "num_requests", "out", "deepstack_out", "input_ids",
-                 "weight", "op", "graph", "retired", "windows")
+                 "weight", "op", "graph", "retired", "windows", "twin")
 
     def __repr__(self) -> str:
         return f"StepPlan({self.num_requests} requests, {self.num_tokens} tokens)"
@@ -109,8 +109,8 @@ class StepCore:
         and the planned one too when a plan is waiting to run (it may read them)."""
         released = self.registry.remove(handles)
         self.stats.removed += len(handles)
-        if self._unrun is not None:
-            self.tables.retire_now(released)
+        if self._unrun is not None:  # the plan may read them: kept until it has run
+            self._unrun.retired = self._unrun.retired + released
         else:
             self.tables.retire(released)
 
@@ -188,6 +188,7 @@ class StepCore:
         plan.out, plan.deepstack_out, plan.input_ids, plan.weight = out, deepstack_out, input_ids, weight
         plan.op, plan.graph, plan.retired = op, graph, retired
         plan.windows = (hl, pl, el) if hl is not None else arrays
+        plan.twin = self._twin_tables(table, plan.windows[0]) if op is None and graph is None else None
         self._unrun = plan
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("plan %d: %d requests, %d tokens, %d windows met", serial, r, n, len(fail))
@@ -389,7 +390,7 @@ class StepCore:
             return graph.out[:n]
         out = plan.out
         if plan.op is None:
-            self._run_torch(plan)
+            assemble_step_ref(plan.out, plan.deepstack_out, plan.input_ids, plan.weight, *plan.twin)
         else:
             tables.send_runs()
             tables.upload_step(plan.num_requests)
@@ -397,14 +398,14 @@ class StepCore:
         tables.end_step(retired)
         return out
 
-    def _run_torch(self, plan: StepPlan) -> None:
-        """The torch backend: the kernel's twin on host tables built for this step."""
-        hl, pl, el = plan.windows
+    def _twin_tables(self, step_table: np.ndarray, hl) -> tuple:
+        """The torch backend: host tables for the kernel's twin, built in the plan (the
+        sources it reads are held by the plan, whatever changes before it runs)."""
         if type(hl) is not list:
             hl = hl.tolist()
         recs = self.registry.recs
         r = len(hl)
-        table = self.tables.staged_table()[:r + 2].copy()
+        table = step_table[:r + 2].copy()
         runs, sources, first_rows = [], [], []
         for i, h in enumerate(hl):
             rec = recs[h]
@@ -417,8 +418,7 @@ class StepCore:
                 sources.append(None if s is None else s[0])
                 first_rows.append(0 if s is None else s[1])
             table[1 + i, L.STEP_RUN_END] = len(runs)
-        assemble_step_ref(plan.out, plan.deepstack_out, plan.input_ids, plan.weight,
-                          np.array(runs, np.int64).reshape(-1, 4), table, sources, np.array(first_rows, np.int64))
+        return np.array(runs, np.int64).reshape(-1, 4), table, sources, np.array(first_rows, np.int64)
 
     # -- the check_stable debug option ------------------------------------------------------
     def _check_stable(self) -> None:
