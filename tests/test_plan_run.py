@@ -87,3 +87,26 @@ def test_removing_and_adding_between_plan_and_run(device, backend):
     got_c = asm.assemble([c], [0], [8], ids)
     assert torch.equal(got_c[0:3], _rows(3, 3, device))
     assert asm.stats()["live_requests"] == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compaction_between_plan_and_run(device, backend):
+    """Slots taken from the top run out between a plan and its run, so the registry moves
+    every live request down: the plan still reads its rows where it staged them, and the
+    next steps are right for the moved requests and the new one."""
+    weight = torch.randn(20, H, device=device)
+    asm = Assembler(weight=weight, max_tokens=64, max_requests=4, max_runs=3, max_items=3, backend=backend)
+    keep = asm.add_request([Item(1, [(1, 4)], embedding=_rows(1, device=device))], 8)
+    gone = asm.add_request([Item(2, [(0, 1)], embedding=_rows(2, 2, device))], 8)
+    last = asm.add_request([Item(3, [(2, 3)], embedding=_rows(3, 2, device))], 8)
+    ids = torch.zeros(8, dtype=torch.long, device=device)
+    asm.assemble([keep, gone], [0, 0], [8, 8], torch.zeros(16, dtype=torch.long, device=device))
+    plan = asm.plan([keep, last], [0, 0], [8, 8], torch.zeros(16, dtype=torch.long, device=device))
+    asm.remove_request(gone)
+    new = asm.add_request([Item(4, [(5, 7)], embedding=_rows(4, 3, device))], 8)  # compacts
+    got = asm.run(plan).clone()
+    assert torch.equal(got[1:5], _rows(1, device=device)) and torch.equal(got[10:12], _rows(3, 2, device))
+    after = asm.assemble([new, keep, last], [0, 0, 0], [8, 8, 8], torch.zeros(24, dtype=torch.long, device=device))
+    assert torch.equal(after[5:8], _rows(4, 3, device)) and torch.equal(after[9:13], _rows(1, device=device))
+    assert torch.equal(after[18:20], _rows(3, 2, device)) and torch.equal(after[0], weight[0])
+    del ids
