@@ -144,8 +144,7 @@ class Assembler:
         try:
             return self._core.add(new)
         finally:
-            self._owner = None
-            self._lock.release()
+            self._leave()
 
     def remove_request(self, handle: int) -> None:
         """Free a request's slots and every reference held to its sources."""
@@ -159,8 +158,7 @@ class Assembler:
         try:
             self._core.remove(handles)
         finally:
-            self._owner = None
-            self._lock.release()
+            self._leave()
 
     def stats(self) -> dict:
         """What the Assembler holds and has done: live requests and items, held sources and
@@ -208,8 +206,7 @@ class Assembler:
                 out=out, deepstack_out=deepstack_out, encoders=self.encoders if encoders is _KEEP else encoders,
                 cache=self.cache if cache is _KEEP else cache, graph=self._graph)
         finally:
-            self._owner = None
-            self._lock.release()
+            self._leave()
 
     def run(self, plan: StepPlan) -> torch.Tensor:
         """Send what ``plan`` staged and launch it (or replay the CUDA graph); returns the
@@ -218,8 +215,7 @@ class Assembler:
         try:
             return self._core.run(plan)
         finally:
-            self._owner = None
-            self._lock.release()
+            self._leave()
 
     def assemble(self, handles, prefix_lens, extend_lens, input_ids: torch.Tensor | None = None, *,
                  out: torch.Tensor | None = None, deepstack_out: torch.Tensor | None = None,
@@ -240,8 +236,7 @@ class Assembler:
                 out=out, deepstack_out=deepstack_out, encoders=self.encoders if encoders is _KEEP else encoders,
                 cache=self.cache if cache is _KEEP else cache, graph=self._graph))
         finally:
-            self._owner = None
-            self._lock.release()
+            self._leave()
 
     def _enter(self, what: str) -> None:
         """Take the Assembler's lock for call ``what``; a call made from inside another on
@@ -256,6 +251,11 @@ class Assembler:
                     "that calls it")
             lock.acquire()
         self._owner, self._inside = get_ident(), what
+
+    def _leave(self) -> None:
+        """Give the lock ``_enter`` took back."""
+        self._owner = None
+        self._lock.release()
 
 
 def _full_device(device) -> torch.device:
