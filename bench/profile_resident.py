@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import itertools
 import pstats
 import time
 
@@ -112,8 +113,10 @@ def fill_switch(device: str) -> None:
         reg, table, numpy_fill = asm.registry, asm.tables.staging_table(), NumpyFill(r)
         reg.sync_req()
 
+        serial = itertools.count(1 << 40)  # a new serial a call, as plan gives: no window is a repeat
+
         def python():
-            fill_python(table, reg.recs, reg.max_requests, h, p, e, 0)
+            fill_python(reg.recs, reg.max_requests, h, p, e, next(serial))
             write_rows(table, reg.recs, h, p, e)
 
         def arrays():

@@ -156,7 +156,7 @@ class StepCore:
         if r > self.max_requests:
             raise CapacityError(f"{r} requests in one step exceed max_requests {self.max_requests}")
         if arrays is None:
-            fail, dup = fill_python(table, recs, reg.max_requests, hl, pl, el, serial)
+            fail, dup = fill_python(recs, reg.max_requests, hl, pl, el, serial)
         else:
             if reg.stale:
                 reg.sync_req()

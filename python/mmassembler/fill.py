@@ -25,7 +25,7 @@ PYTHON_FILL_MAX = 24  # windows up to which the Python fill is the cheaper one (
 _INTS = {int}
 
 
-def fill_python(table: np.ndarray, recs: list, max_requests: int, hl: list, pl: list, el: list,
+def fill_python(recs: list, max_requests: int, hl: list, pl: list, el: list,
                 serial: int) -> tuple[list, int | None]:
     """Check the windows ``(hl[i], pl[i], el[i])`` (Python ints) against their requests'
     bounds; ``(failing windows, first repeated window or None)``. Marks each request seen
